@@ -1,0 +1,111 @@
+"""The layers a GPT is made of: Linear, Embedding, LayerNorm, Dropout.
+
+Shapes and initialisations follow PyTorch: ``Linear.weight`` is ``(out_features, in_features)`` and
+starts Kaiming-uniform, so ``U(-1/sqrt(in), 1/sqrt(in))``, as does its bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minilora import ops
+from minilora.errors import ConfigError, ShapeError
+from minilora.nn.module import Module, Parameter
+from minilora.tensor import Tensor
+
+
+def make_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    """A Generator from a Generator (used as is), a seed, or None (fresh, not reproducible)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Linear(Module):
+    """y = x W^T + b.   x: (..., in_features) -> (..., out_features); weight (out, in), bias (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32,
+                 rng: np.random.Generator | int | None = None):
+        super().__init__()
+        self.in_features = _positive_int("Linear", "in_features", in_features)
+        self.out_features = _positive_int("Linear", "out_features", out_features)
+        rng = make_rng(rng)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """A lookup table: idx (...) of integers in [0, num_embeddings) -> (..., embedding_dim)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=np.float32,
+                 rng: np.random.Generator | int | None = None):
+        super().__init__()
+        self.num_embeddings = _positive_int("Embedding", "num_embeddings", num_embeddings)
+        self.embedding_dim = _positive_int("Embedding", "embedding_dim", embedding_dim)
+        self.weight = Parameter(make_rng(rng).standard_normal((num_embeddings, embedding_dim)).astype(dtype))
+
+    def forward(self, idx) -> Tensor:
+        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise ShapeError(f"Embedding: indices must be integers, got dtype {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_embeddings):
+            bad = idx.min() if idx.min() < 0 else idx.max()
+            raise ShapeError(f"Embedding({self.num_embeddings}, {self.embedding_dim}): index {bad} "
+                             f"is outside [0, {self.num_embeddings})")
+        return ops.getitem(self.weight, idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    """Normalise the last axis to zero mean and unit variance, then scale and shift. x: (..., C)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True, dtype=np.float32):
+        super().__init__()
+        self.normalized_shape = _positive_int("LayerNorm", "normalized_shape", normalized_shape)
+        self.eps = float(eps)
+        self.weight = Parameter(np.ones(normalized_shape, dtype=dtype))
+        self.bias = Parameter(np.zeros(normalized_shape, dtype=dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"({self.normalized_shape},), eps={self.eps}"
+
+
+class Dropout(Module):
+    """Inverted dropout with probability ``p`` while training; identity in eval mode.
+
+    The mask is drawn from ``rng``; modules of one model usually share the model's generator, so
+    one seed (and one saved generator state) fixes every mask.
+    """
+
+    def __init__(self, p: float = 0.0, rng: np.random.Generator | int | None = None):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ConfigError(f"Dropout: p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.rng = make_rng(rng)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.dropout(x, self.p, self.rng, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
