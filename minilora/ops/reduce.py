@@ -13,11 +13,12 @@ def _axes(axis, ndim: int) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    limit = ndim if ndim else 1  # not max(ndim, 1): in this module, max is the op below
     out = []
     for ax in axes:
-        if not -ndim <= ax < max(ndim, 1):
+        if not -ndim <= ax < limit:
             raise ShapeError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
-        out.append(int(ax) % max(ndim, 1))
+        out.append(int(ax) % limit)
     return tuple(sorted(set(out)))
 
 

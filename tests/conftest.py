@@ -1,0 +1,34 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import minilora.ops
+from minilora.ops import backend
+
+
+@pytest.fixture
+def mm_calls(monkeypatch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Every matrix product the ops compute from here on, as (a.shape, b.shape, out.shape).
+
+    All matmuls go through ``minilora.ops.backend.mm`` (imported by name into each op module), so
+    counting them shows which products a backward pass really runs: for a frozen weight, the one
+    that would give its gradient must not be among them.
+    """
+    calls = []
+    real = backend.mm
+
+    def counting_mm(a, b):
+        out = real(a, b)
+        calls.append((a.shape, b.shape, out.shape))
+        return out
+
+    for info in pkgutil.iter_modules(minilora.ops.__path__, "minilora.ops."):
+        module = importlib.import_module(info.name)
+        if getattr(module, "mm", None) is real:
+            monkeypatch.setattr(module, "mm", counting_mm)
+    return calls
