@@ -13,7 +13,7 @@ import numpy as np
 from minilora import ops
 from minilora.errors import ConfigError, ShapeError
 from minilora.nn.module import Module, Parameter
-from minilora.tensor import Tensor
+from minilora.tensor import Tensor, as_tensor
 
 
 def make_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
@@ -30,7 +30,7 @@ def _positive_int(owner: str, name: str, value) -> int:
 
 
 class Linear(Module):
-    """y = x W^T + b.   x: (..., in_features) -> (..., out_features); weight (out, in), bias (out,)."""
+    """y = x W^T + b.   x: (..., in) -> (..., out); weight W: (out, in), bias b: (out,)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32,
                  rng: np.random.Generator | int | None = None):
@@ -39,14 +39,39 @@ class Linear(Module):
         self.out_features = _positive_int("Linear", "out_features", out_features)
         rng = make_rng(rng)
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype))
-        self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(dtype)) if bias else None
+        weight = rng.uniform(-bound, bound, (out_features, in_features))
+        self.weight = Parameter(weight.astype(dtype))
+        self.bias = None
+        if bias:
+            self.bias = Parameter(rng.uniform(-bound, bound, out_features).astype(dtype))
+
+    @classmethod
+    def from_weights(cls, weight: Tensor | np.ndarray,
+                     bias: Tensor | np.ndarray | None = None) -> Linear:
+        """A Linear around existing Parameters (shared, not copied) or arrays (wrapped).
+
+        weight: (out, in); bias: (out,) or None.
+        No random initialisation runs; this is how ``merge_and_unload`` turns a LoRALinear back
+        into a plain Linear that owns the same (merged) parameters.
+        """
+        weight = weight if isinstance(weight, Parameter) else Parameter(weight)
+        if bias is not None:
+            bias = bias if isinstance(bias, Parameter) else Parameter(bias)
+        if weight.ndim != 2 or (bias is not None and bias.shape != weight.shape[:1]):
+            raise ShapeError(f"Linear.from_weights: weight {weight.shape} must be (out, in) and "
+                             f"bias {None if bias is None else bias.shape} must be (out,)")
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer.out_features, layer.in_features = weight.shape
+        layer.weight, layer.bias = weight, bias
+        return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(as_tensor(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 class Embedding(Module):
@@ -57,7 +82,8 @@ class Embedding(Module):
         super().__init__()
         self.num_embeddings = _positive_int("Embedding", "num_embeddings", num_embeddings)
         self.embedding_dim = _positive_int("Embedding", "embedding_dim", embedding_dim)
-        self.weight = Parameter(make_rng(rng).standard_normal((num_embeddings, embedding_dim)).astype(dtype))
+        weight = make_rng(rng).standard_normal((num_embeddings, embedding_dim))
+        self.weight = Parameter(weight.astype(dtype))
 
     def forward(self, idx) -> Tensor:
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
@@ -76,7 +102,8 @@ class Embedding(Module):
 class LayerNorm(Module):
     """Normalise the last axis to zero mean and unit variance, then scale and shift. x: (..., C)."""
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True, dtype=np.float32):
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True,
+                 dtype=np.float32):
         super().__init__()
         self.normalized_shape = _positive_int("LayerNorm", "normalized_shape", normalized_shape)
         self.eps = float(eps)

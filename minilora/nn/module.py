@@ -1,9 +1,9 @@
 """Module and Parameter: a registry of named parameters and submodules, as in PyTorch.
 
 Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers it under that name;
-``named_parameters()`` then yields dotted names (``transformer.h.0.attn.c_attn.weight``) in the order
-they were assigned. A parameter shared by two modules (tied weights) is listed once, under the first
-name that reaches it.
+``named_parameters()`` then yields dotted names (``transformer.h.0.attn.c_attn.weight``) in the
+order they were assigned. A parameter shared by two modules (tied weights) is listed once, under the
+first name that reaches it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora.errors import ShapeError, StateDictError
+from minilora.errors import ConfigError, ShapeError, StateDictError
 from minilora.tensor import Tensor
 
 
 class Parameter(Tensor):
-    """A Tensor that a Module owns and an optimizer may train: ``requires_grad`` is True by default."""
+    """A Tensor that a Module owns and an optimizer may train (requires_grad is True by default)."""
 
     __slots__ = ()
 
@@ -48,13 +48,19 @@ class Module:
     # ---- registration ----------------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
         if "_parameters" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
-        self._parameters.pop(name, None)
-        self._modules.pop(name, None)
+            raise AttributeError(f"{type(self).__name__}.__init__ must call "
+                                 "super().__init__() first")
+        # A new value of the same kind keeps its place in the order (as in PyTorch), so replacing a
+        # Linear by a LoRALinear does not reorder named_parameters() or state_dict().
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._parameters.pop(name, None)
             self._modules[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
@@ -111,7 +117,8 @@ class Module:
         for part in target.split(".") if target else []:
             child = module._modules.get(part)
             if child is None:
-                raise StateDictError(f"{type(module).__name__} has no submodule {part!r} (in {target!r})")
+                raise StateDictError(f"{type(module).__name__} has no submodule {part!r} "
+                                     f"(in {target!r})")
             module = child
         return module
 
@@ -120,7 +127,8 @@ class Module:
         parent_name, _, leaf = target.rpartition(".")
         parent = self.get_submodule(parent_name)
         if leaf not in parent._modules:
-            raise StateDictError(f"{type(parent).__name__} has no submodule {leaf!r} (in {target!r})")
+            raise StateDictError(f"{type(parent).__name__} has no submodule {leaf!r} "
+                                 f"(in {target!r})")
         setattr(parent, leaf, new)
 
     # ---- modes and bulk changes ------------------------------------------------------------
@@ -143,8 +151,14 @@ class Module:
             p.grad = None
 
     def astype(self, dtype) -> Module:
-        """Convert every parameter to ``dtype`` in place (e.g. ``np.float64`` for gradient checks)."""
+        """Convert every parameter to ``dtype`` in place (e.g. ``np.float64`` for gradient checks).
+
+        Only floating-point dtypes: a parameter must be able to carry a gradient.
+        """
         dtype = np.dtype(dtype)
+        if not np.issubdtype(dtype, np.floating):
+            raise ConfigError(f"{type(self).__name__}.astype: parameters must be floating point, "
+                              f"got {dtype}")
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None if p.grad is None else p.grad.astype(dtype)
@@ -184,8 +198,10 @@ class Module:
                     f"{type(self).__name__}.load_state_dict: {name!r} has shape {value.shape}, "
                     f"the model expects {p.shape}"
                 )
-            if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-                raise StateDictError(f"load_state_dict: {name!r} has non-numeric dtype {value.dtype}")
+            if not (np.issubdtype(value.dtype, np.floating)
+                    or np.issubdtype(value.dtype, np.integer)):
+                raise StateDictError(f"load_state_dict: {name!r} has non-numeric dtype "
+                                     f"{value.dtype}")
             updates.append((p, value))
         for p, value in updates:  # all checked: now change the model
             p.data = np.array(value, dtype=p.dtype)

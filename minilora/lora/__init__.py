@@ -1,0 +1,31 @@
+"""LoRA: the config, the adapted Linear layer, applying it to a model by name, and undoing it."""
+
+from minilora.lora.accounting import (
+    LoRALayerCount,
+    get_nb_trainable_parameters,
+    lora_parameter_counts,
+    print_trainable_parameters,
+    trainable_parameters_report,
+)
+from minilora.lora.config import LoRAConfig, lora_scaling, matches_target
+from minilora.lora.layer import LoRALinear
+from minilora.lora.model import (
+    apply_lora,
+    disable_adapters,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_adapter,
+    merge_and_unload,
+    named_lora_layers,
+    unload,
+    unmerge_adapter,
+)
+
+__all__ = [
+    "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapters",
+    "get_nb_trainable_parameters", "load_lora_state_dict", "lora_parameter_counts", "lora_scaling",
+    "lora_state_dict", "mark_only_lora_as_trainable", "matches_target", "merge_adapter",
+    "merge_and_unload", "named_lora_layers", "print_trainable_parameters",
+    "trainable_parameters_report", "unload", "unmerge_adapter",
+]

@@ -1,0 +1,320 @@
+"""LoRA on a whole model: adapt the Linear layers a config names, and undo it.
+
+``apply_lora`` checks everything first (every target matches a Linear, no layer is adapted twice,
+every pattern matches) and only then changes the model, so a mistake leaves the model as it was.
+The config is kept on the model as ``model.lora_config``: it says which parameters the adapter owns
+(``lora_A``, ``lora_B``, plus trained biases and ``modules_to_save``), which is what
+``lora_state_dict`` saves and ``load_lora_state_dict`` loads back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from minilora.errors import ConfigError, ShapeError, StateDictError, TargetModuleError
+from minilora.lora.config import (
+    BIAS_MODES,
+    LoRAConfig,
+    check_choice,
+    matches_pattern,
+    matches_target,
+)
+from minilora.lora.layer import LoRALinear
+from minilora.nn import Linear, Module, Parameter, make_rng
+
+
+def named_lora_layers(model: Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(dotted name, layer) for every LoRALinear in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def _names(names: list[str], limit: int = 24) -> str:
+    """A readable list: the distinct last parts, then the full names (cut after ``limit``)."""
+    if not names:
+        return "none"
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    shown = ", ".join(names[:limit]) + more
+    return f"{', '.join(leaves)} (full names: {shown})"
+
+
+def _matching(names: list[str], target: str, regex: bool) -> list[str]:
+    return [n for n in names if (re.fullmatch(target, n) if regex else matches_target(n, target))]
+
+
+def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], list[str]]:
+    """Check ``config`` against ``model``, changing nothing: (targets to adapt, modules to save)."""
+    if not isinstance(config, LoRAConfig):
+        raise ConfigError(f"apply_lora: config must be a LoRAConfig, got {type(config).__name__}")
+    if not isinstance(model, Module):
+        raise ConfigError(f"apply_lora: model must be a Module, got {type(model).__name__}")
+    modules = {n: m for n, m in model.named_modules() if n}
+    names = list(modules)
+    linears = [n for n, m in modules.items() if isinstance(m, (Linear, LoRALinear))]
+
+    regex = isinstance(config.target_modules, str)
+    targets = [config.target_modules] if regex else list(config.target_modules)
+    matched: list[str] = []
+    for target in targets:
+        hits = _matching(names, target, regex)
+        if not hits:
+            raise TargetModuleError(f"apply_lora: target_modules entry {target!r} matches no "
+                                    f"module; the model's Linear modules are {_names(linears)}")
+        for name in hits:
+            module = modules[name]
+            if isinstance(module, LoRALinear):
+                raise TargetModuleError(f"apply_lora: {name!r} (matched by {target!r}) is already "
+                                        f"a LoRALinear (r={module.r}); unload() or "
+                                        "merge_and_unload() it first")
+            if not isinstance(module, Linear):
+                raise TargetModuleError(f"apply_lora: {name!r} (matched by {target!r}) is a "
+                                        f"{type(module).__name__}, not a Linear; LoRA adapts "
+                                        f"Linear modules: {_names(linears)}")
+            if name not in matched:
+                matched.append(name)
+    matched.sort(key=names.index)  # model order: a seed gives the same A in any target order
+
+    adapted = [n for n, _ in named_lora_layers(model)]
+    if adapted:
+        raise TargetModuleError(f"apply_lora: the model already has LoRA layers "
+                                f"({_names(adapted)}); minilora keeps one adapter per model: "
+                                "unload() or merge_and_unload() first")
+
+    owners: dict[int, list[str]] = {}  # parameter -> every module name that holds it
+    for name, module in modules.items():
+        for p in module._parameters.values():
+            owners.setdefault(id(p), []).append(name)
+    for name in matched:
+        tied = [o for o in owners[id(modules[name].weight)] if o != name]
+        if tied:
+            raise TargetModuleError(f"apply_lora: the weight of {name!r} is shared with {tied} "
+                                    "(tied weights); merging would change both, so LoRA does not "
+                                    "adapt it")
+
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) or {}:
+            if not any(matches_pattern(n, key) for n in matched):
+                raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
+                                        f"adapted modules: {_names(matched)}")
+
+    saved: list[str] = []
+    for entry in config.modules_to_save or ():
+        hits = _matching(names, entry, regex=False)
+        if not hits:
+            raise TargetModuleError(f"apply_lora: modules_to_save entry {entry!r} matches no "
+                                    f"module; the model's modules are {_names(names)}")
+        for name in hits:
+            clash = [t for t in matched
+                     if t == name or t.startswith(name + ".") or name.startswith(t + ".")]
+            if clash:
+                raise TargetModuleError(f"apply_lora: {name!r} is both in modules_to_save and "
+                                        f"adapted ({clash}); a module is either trained in full "
+                                        "or adapted")
+            saved.append(name)
+    return [(n, modules[n]) for n in matched], saved
+
+
+def apply_lora(model: Module, config: LoRAConfig,
+               rng: np.random.Generator | int | None = None) -> Module:
+    """Replace each Linear that ``config.target_modules`` names by a LoRALinear, freeze the rest.
+
+    Trainable afterwards: every ``lora_A``/``lora_B``, the biases ``config.bias`` names and the
+    ``modules_to_save``. ``rng`` (a Generator or seed) draws the ``lora_A`` values in module order
+    and, shared by all adapted layers, their dropout masks. Returns ``model``, changed in place.
+    """
+    targets, saved = _plan(model, config)  # raises before anything changes
+    rng = make_rng(rng)
+    for name, linear in targets:
+        r, alpha = config.rank_and_alpha(name)
+        layer = LoRALinear(linear, r, alpha, config.lora_dropout, config.use_rslora,
+                           config.init_lora_weights, rng)
+        model.set_submodule(name, layer)
+    mark_only_lora_as_trainable(model, config.bias)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
+    model.lora_config = config
+    return model
+
+
+def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> Module:
+    """Freeze every parameter but ``lora_A``/``lora_B`` (and the biases ``bias`` names), as loralib.
+
+    bias: "none", "all" (every parameter named ``bias``), "lora_only" (biases of LoRA layers).
+    Frozen parameters lose any gradient they held, so no optimizer can step them.
+    """
+    check_choice("mark_only_lora_as_trainable", "bias", bias, BIAS_MODES)
+    layers = [layer for _, layer in named_lora_layers(model)]
+    if not layers:
+        raise TargetModuleError("mark_only_lora_as_trainable: the model has no LoRA layers")
+    train = {id(p) for layer in layers for p in (layer.lora_A, layer.lora_B)}
+    if bias == "all":
+        train |= {id(m.bias) for m in model.modules()
+                  if isinstance(getattr(m, "bias", None), Parameter)}
+    elif bias == "lora_only":
+        train |= {id(layer.bias) for layer in layers if layer.bias is not None}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in train)
+        if id(p) not in train:
+            p.grad = None
+    return model
+
+
+def _lora_layers_or_raise(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
+    layers = list(named_lora_layers(model))
+    if not layers:
+        raise TargetModuleError(f"{what}: the model has no LoRA layers")
+    return layers
+
+
+def merge_adapter(model: Module) -> Module:
+    """Merge every LoRA layer in place (``W <- W + s B A``); the layers stay LoRALinear."""
+    for _, layer in _lora_layers_or_raise(model, "merge_adapter"):
+        layer.merge()
+    return model
+
+
+def unmerge_adapter(model: Module) -> Module:
+    """Undo ``merge_adapter`` (``W <- W - s B A``)."""
+    for _, layer in _lora_layers_or_raise(model, "unmerge_adapter"):
+        layer.unmerge()
+    return model
+
+
+def _unload(model: Module, merge: bool, what: str) -> Module:
+    for name, layer in _lora_layers_or_raise(model, what):
+        layer.merge() if merge else layer.unmerge()
+        plain = Linear.from_weights(layer.weight, layer.bias)
+        plain.train(layer.training)
+        if name == "":  # the model is itself one LoRALinear
+            return plain
+        model.set_submodule(name, plain)
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    return model
+
+
+def merge_and_unload(model: Module) -> Module:
+    """Merge every adapter into its weight and put plain Linear layers back: the model costs what
+    the base costs at inference. Parameters keep their ``requires_grad``. Returns the model."""
+    return _unload(model, merge=True, what="merge_and_unload")
+
+
+def unload(model: Module) -> Module:
+    """Put plain Linear layers back without merging (a merged layer is unmerged first): the base
+    model again, up to round-off in unmerged weights. Trained biases keep their trained values."""
+    return _unload(model, merge=False, what="unload")
+
+
+@contextlib.contextmanager
+def disable_adapters(model: Module) -> Iterator[Module]:
+    """Inside the block every LoRA layer computes its base output, exactly; after it, as before.
+
+    Only the low-rank path is switched off: biases and ``modules_to_save`` trained in full stay as
+    trained. A merged model cannot give its base output exactly, so that is an error.
+    """
+    layers = _lora_layers_or_raise(model, "disable_adapters")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ConfigError(f"disable_adapters: layers {merged} are merged; "
+                          "unmerge_adapter(model) first")
+    before = [layer.disable_adapters for _, layer in layers]
+    for _, layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for (_, layer), was_disabled in zip(layers, before, strict=True):
+            layer.enable_adapters(not was_disabled)
+
+
+# ---- the adapter's own state --------------------------------------------------------------
+
+def _adapter_parameters(model: Module) -> dict[str, Parameter]:
+    """name -> Parameter for what the adapter owns: every lora_A, lora_B and, per the config kept
+    by ``apply_lora``, the trained biases and ``modules_to_save``; each once, in module order."""
+    config = model.__dict__.get("lora_config")
+    bias = config.bias if config is not None else "none"
+    saved = []
+    all_names = [n for n, _ in model.named_modules() if n]
+    for entry in (config.modules_to_save or ()) if config is not None else ():
+        saved += _matching(all_names, entry, regex=False)
+
+    out: dict[str, Parameter] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        in_saved = any(mod_name == s or mod_name.startswith(s + ".") for s in saved)
+        for pname, p in module._parameters.items():
+            is_lora = isinstance(module, LoRALinear)
+            wanted = (
+                in_saved
+                or (is_lora and pname in ("lora_A", "lora_B"))
+                or (pname == "bias" and (bias == "all" or (bias == "lora_only" and is_lora)))
+            )
+            if wanted and id(p) not in seen:
+                seen.add(id(p))
+                out[f"{mod_name}.{pname}" if mod_name else pname] = p
+    return out
+
+
+def lora_state_dict(model: Module) -> dict[str, np.ndarray]:
+    """name -> a copy of each adapter array (see ``_adapter_parameters``): all a LoRA run needs to
+    save beside a reference to its base model. Names are the model's own parameter names."""
+    _lora_layers_or_raise(model, "lora_state_dict")
+    return {name: p.data.copy() for name, p in _adapter_parameters(model).items()}
+
+
+def load_lora_state_dict(model: Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy an adapter saved by ``lora_state_dict`` into an adapted ``model`` (same config).
+
+    Strict: a missing or unexpected name, a shape (or rank) that differs, a non-numeric dtype or a
+    NaN/inf is an error naming it, raised before any parameter changes. Arrays take the model's
+    dtype.
+    """
+    layers = dict(_lora_layers_or_raise(model, "load_lora_state_dict"))
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise ConfigError(f"load_lora_state_dict: layers {merged} are merged; "
+                          "unmerge_adapter(model) first")
+    if not isinstance(state, Mapping):
+        raise StateDictError("load_lora_state_dict: expected a mapping name -> array, "
+                             f"got {type(state).__name__}")
+    expected = _adapter_parameters(model)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise StateDictError(f"load_lora_state_dict: missing keys {missing}; "
+                             f"unexpected keys {unexpected}")
+    updates = []
+    for name, p in expected.items():
+        value = np.asarray(state[name])
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise StateDictError(f"load_lora_state_dict: {name!r} has non-numeric dtype "
+                                 f"{value.dtype}")
+        if value.shape != p.shape:
+            raise ShapeError(f"load_lora_state_dict: {name!r} has shape {value.shape}, the model "
+                             f"expects {p.shape}{_layer_facts(name, value.shape, layers)}")
+        if not np.all(np.isfinite(value)):
+            raise StateDictError(f"load_lora_state_dict: {name!r} contains NaN or infinity")
+        updates.append((p, value))
+    for p, value in updates:  # all checked: now change the model
+        p.data = np.array(value, dtype=p.dtype)
+
+
+def _layer_facts(name: str, got: tuple[int, ...], layers: dict[str, LoRALinear]) -> str:
+    layer_name, _, pname = name.rpartition(".")
+    layer = layers.get(layer_name)
+    if layer is None or pname not in ("lora_A", "lora_B"):
+        return ""
+    facts = f" (layer r={layer.r}, in={layer.in_features}, out={layer.out_features})"
+    rank_axis = 0 if pname == "lora_A" else 1
+    if len(got) == 2:
+        fixed_axis = 1 - rank_axis
+        if got[fixed_axis] == getattr(layer, pname).shape[fixed_axis]:
+            facts += f": an adapter of rank {got[rank_axis]}, not {layer.r}"
+    return facts
