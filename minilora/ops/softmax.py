@@ -33,7 +33,10 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """x - logsumexp(x) along ``axis``.   VJP: g - softmax(x) * sum(g)."""
-    out = x.data - logsumexp(x.data, axis=axis, keepdims=True)
+    # shift first: x - logsumexp(x) would carry logsumexp's rounding at the logits' scale (~1e-3
+    # in float32 for logits of 1e4); the shifted logits cancel exactly and the log-sum is small
+    out = x.data - x.data.max(axis=axis, keepdims=True)
+    out -= logsumexp(out, axis=axis, keepdims=True)
 
     def backward(g):
         return (g - np.exp(out) * g.sum(axis=axis, keepdims=True),)
@@ -64,13 +67,17 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
         raise ShapeError(f"cross_entropy: target {t[bad][0]} is outside [0, {vocab})")
     rows = np.flatnonzero(valid)
     picked = t[rows]
-    lse = logsumexp(x, axis=1)
+    # log-probabilities as (x - top) - lse, as in log_softmax: nothing of the logits' scale is lost
+    top = x.max(axis=1, keepdims=True)  # (N, 1)
+    lse = logsumexp(x - top, axis=1)  # (N,)
     count = len(rows)
     with np.errstate(invalid="ignore", divide="ignore"):
-        loss = (lse[rows].sum() - x[rows, picked].sum()) / np.asarray(count, dtype=x.dtype)
+        nll = lse[rows].sum() - (x[rows, picked] - top[rows, 0]).sum()
+        loss = nll / np.asarray(count, dtype=x.dtype)
 
     def backward(g):
-        p = x - lse[:, None]  # recomputed, not saved: (N, V) can be large for a big vocabulary
+        p = x - top  # recomputed, not saved: (N, V) can be large for a big vocabulary
+        p -= lse[:, None]
         np.exp(p, out=p)
         p[rows, picked] -= 1
         if count != len(t):
