@@ -90,9 +90,11 @@ def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
     Equal to splitting qkv into q, k, v, viewing each as (B, n_head, T, C/n_head), causal
     scaled_dot_product_attention, and merging the heads back.
     """
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):  # check before unpacking the shape
+        raise ShapeError(
+            f"causal_self_attention: qkv {qkv.shape} is not (B, T, 3C) with C divisible by {n_head}"
+        )
     b, t, c3 = qkv.shape
-    if qkv.ndim != 3 or c3 % (3 * n_head):
-        raise ShapeError(f"causal_self_attention: qkv {qkv.shape} is not (B, T, 3C) with C divisible by {n_head}")
     c = c3 // 3
     hd = c // n_head
     scale = 1.0 / math.sqrt(hd)

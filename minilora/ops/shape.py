@@ -22,15 +22,18 @@ def reshape(a: Tensor, shape) -> Tensor:
 
 def transpose(a: Tensor, axes=None) -> Tensor:
     """``a`` with its axes permuted (reversed by default), as ``np.transpose``."""
-    axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(int(x) % max(a.ndim, 1) for x in axes)
+    given = tuple(range(a.ndim))[::-1] if axes is None else tuple(int(x) for x in axes)
+    axes = tuple(x % a.ndim if -a.ndim <= x < a.ndim else x for x in given)  # wrap only valid axes
     if sorted(axes) != list(range(a.ndim)):
-        raise ShapeError(f"transpose axes {axes} are not a permutation of {a.ndim} axes")
+        raise ShapeError(f"transpose axes {given} are not a permutation of {a.ndim} axes")
     inverse = tuple(np.argsort(axes))
     return Tensor.from_op(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
 
 
 def swapaxes(a: Tensor, axis1: int, axis2: int) -> Tensor:
     """``a`` with two axes exchanged."""
+    if not (-a.ndim <= axis1 < a.ndim and -a.ndim <= axis2 < a.ndim):
+        raise ShapeError(f"swapaxes({axis1}, {axis2}) is out of range for a tensor of {a.shape}")
     axes = list(range(a.ndim))
     axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
     return transpose(a, axes)
