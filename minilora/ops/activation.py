@@ -44,5 +44,5 @@ def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None, trainin
         raise ConfigError("dropout with p > 0 needs an explicit rng (numpy.random.Generator)")
     dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
     keep = rng.random(x.shape, dtype=dtype) >= p
-    scaled_mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
+    scaled_mask = keep.astype(x.dtype) * (1.0 / (1.0 - float(p)))  # an np.float64 p would promote
     return Tensor.from_op(x.data * scaled_mask, (x,), lambda g: (g * scaled_mask,))

@@ -29,6 +29,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
             f"lora_linear: x {x.shape}, W {weight.shape}, A {lora_A.shape}, B {lora_B.shape} do not fit "
             f"(expected x (..., {in_f}), A (r, {in_f}), B ({out_f}, r))"
         )
+    scaling = float(scaling)  # an np.float64 scaling (alpha / np.sqrt(r)) would make dA, dB float64
+    if dropout_mask is not None:
+        dropout_mask = np.asarray(dropout_mask, dtype=x.dtype)  # so would a float64 mask
     x2 = x.data.reshape(-1, in_f)
     xd = x2 if dropout_mask is None else (x.data * dropout_mask).reshape(-1, in_f)
     h = mm(xd, lora_A.data.T)  # (N, r)
