@@ -94,6 +94,8 @@ def pow(a, exponent) -> Tensor:  # noqa: A001 - NumPy/PyTorch name
         out = _power(a.data, p)
 
         def backward_scalar(g):
+            if p == 0:  # a constant: zero gradient, also at a = 0 where 0 * a**-1 would be nan
+                return (np.zeros_like(g),)
             return (g * (p * _power(a.data, p - 1)).astype(a.dtype, copy=False),)
 
         return Tensor.from_op(out, (a,), backward_scalar)

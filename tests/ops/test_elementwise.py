@@ -72,6 +72,13 @@ def test_pow_with_an_integer_exponent_accepts_negative_bases(a, exponent):
     gradcheck(lambda x: ops.pow(x, exponent), a)
 
 
+def test_pow_with_exponent_zero_has_a_zero_gradient_even_at_zero():
+    """x**0 is the constant 1; a VJP of 0 * x**-1 would give nan at x = 0."""
+    x = Tensor(np.array([0.0, 1.0, -2.0]), requires_grad=True)
+    (x**0).backward(np.ones(3))
+    np.testing.assert_array_equal(x.grad, np.zeros(3))
+
+
 @FAST
 @given(data=st.data())
 def test_pow_with_a_tensor_exponent_gradient_matches_finite_differences(data):

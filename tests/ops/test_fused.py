@@ -385,11 +385,12 @@ def test_lora_linear_equals_its_composition(bias, mask, data):
 
 
 @FAST
-@given(data=st.data())
-def test_lora_linear_with_a_frozen_base_layer_gradient_matches_finite_differences(data):
-    """How LoRA trains: W and b frozen; x, A and B get their gradients, W and b none."""
+@given(data=st.data(), frozen=st.sampled_from([(1, 2), (0, 1, 2), (1, 2, 3), (1, 2, 4)]))
+def test_lora_linear_with_a_frozen_base_layer_gradient_matches_finite_differences(data, frozen):
+    """How LoRA trains: W and b frozen (x too in a first layer, or A or B in some variants);
+    whatever still trains gets its gradient, and nothing frozen gets one."""
     params, scaling, keep = data.draw(lora_operands(True, True))
-    gradcheck(lora_op(True, scaling, keep), *params, frozen=(1, 2))
+    gradcheck(lora_op(True, scaling, keep), *params, frozen=frozen)
 
 
 def test_lora_linear_gives_a_a_non_zero_gradient_once_b_is_non_zero():

@@ -62,10 +62,10 @@ def test_linear_without_bias_gradient_matches_finite_differences(operands):
 
 
 @FAST
-@given(operands=linear_operands())
-def test_linear_with_a_frozen_weight_gradient_matches_finite_differences(operands):
-    """LoRA's base layer: x and b still get the right gradients, W none at all."""
-    gradcheck(ops.linear, *operands, frozen=(1,))
+@given(operands=linear_operands(), frozen=st.sampled_from([(1,), (0,), (0, 1), (1, 2)]))
+def test_linear_with_frozen_inputs_gradient_matches_finite_differences(operands, frozen):
+    """E.g. LoRA's base layer (W frozen) or a first layer (x frozen): the rest stays right."""
+    gradcheck(ops.linear, *operands, frozen=frozen)
 
 
 @FAST
