@@ -1,0 +1,61 @@
+"""LoRAConfig: PEFT's defaults and meanings, the name rules, and the JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from minilora.lora import LoRAConfig, matches_target
+
+
+def test_defaults_are_pefts():
+    c = LoRAConfig()
+    assert (c.r, c.lora_alpha, c.lora_dropout, c.use_rslora) == (8, 8, 0.0, False)
+    assert (c.init_lora_weights, c.bias, c.modules_to_save) == ("kaiming", "none", None)
+    assert c.target_modules == ("c_attn",)  # PEFT's default target for GPT-2
+
+
+@pytest.mark.parametrize(("name", "target", "hit"), [
+    ("transformer.h.0.attn.c_proj", "c_proj", True),
+    ("transformer.h.0.mlp.c_proj", "c_proj", True),
+    ("transformer.h.0.mlp.c_proj", "attn.c_proj", False),
+    ("transformer.h.0.attn.c_proj", "attn.c_proj", True),
+    ("transformer.h.0.attn.c_proj", "proj", False),  # whole dotted parts, not substrings
+    ("transformer.h.0.attn.xc_proj", "c_proj", False),
+    ("lm_head", "lm_head", True),
+])
+def test_target_matches_the_whole_name_or_a_dotted_suffix(name, target, hit):
+    assert matches_target(name, target) is hit
+
+
+def test_lists_become_tuples_and_the_config_is_frozen():
+    c = LoRAConfig(target_modules=["c_attn", "c_proj"], modules_to_save=["ln_f"])
+    assert c.target_modules == ("c_attn", "c_proj") and c.modules_to_save == ("ln_f",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.r = 4
+
+
+def test_to_dict_is_json_and_from_dict_gives_the_same_config():
+    c = LoRAConfig(r=4, lora_alpha=16.5, lora_dropout=0.1, target_modules=["c_attn", "c_proj"],
+                   use_rslora=True, init_lora_weights="gaussian", bias="lora_only",
+                   modules_to_save=["ln_f"], rank_pattern={"h.0.attn.c_attn": 2},
+                   alpha_pattern={"c_proj": 3})
+    text = json.dumps(c.to_dict())
+    assert LoRAConfig.from_dict(json.loads(text)) == c
+    regex = LoRAConfig(target_modules=r".*\.c_attn")
+    assert LoRAConfig.from_dict(json.loads(json.dumps(regex.to_dict()))) == regex
+
+
+def test_from_dict_fills_missing_fields_with_defaults():
+    assert LoRAConfig.from_dict({"r": 2}) == LoRAConfig(r=2)
+
+
+def test_first_matching_pattern_wins_as_in_peft():
+    c = LoRAConfig(r=8, lora_alpha=16, rank_pattern={"h.0.attn.c_attn": 2, "c_attn": 4},
+                   alpha_pattern={"c_attn": 1})
+    assert c.rank_and_alpha("transformer.h.0.attn.c_attn") == (2, 1)
+    assert c.rank_and_alpha("transformer.h.1.attn.c_attn") == (4, 1)
+    assert c.rank_and_alpha("transformer.h.1.mlp.c_fc") == (8, 16)
+    assert c.rank_and_alpha("transformer.h.10.attn.c_attn") == (4, 1)  # "h.1" is not "h.10"

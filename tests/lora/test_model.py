@@ -1,0 +1,218 @@
+"""LoRA on a whole model: which layers a config adapts, what trains, merging, unloading, and the
+base-plus-adapter round trip a LoRA run's checkpoint makes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from minilora import Tensor
+from minilora.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    disable_adapters,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_adapter,
+    merge_and_unload,
+    named_lora_layers,
+    unload,
+    unmerge_adapter,
+)
+from minilora.models import GPT, GPTConfig
+from minilora.nn import Linear
+from tests.lora.helpers import ToyGPT, tokens
+
+
+def adapted_names(model) -> list[str]:
+    return [name for name, _ in named_lora_layers(model)]
+
+
+def trained(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, layer in named_lora_layers(model):
+        layer.lora_B.data = rng.normal(0, 0.5, layer.lora_B.shape).astype(layer.lora_B.dtype)
+    return model
+
+
+# ---- which layers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("targets", "expected"), [
+    (["c_proj"], ["h.0.attn.c_proj", "h.0.mlp.c_proj", "h.1.attn.c_proj", "h.1.mlp.c_proj"]),
+    (["attn.c_proj"], ["h.0.attn.c_proj", "h.1.attn.c_proj"]),
+    (["mlp.c_proj", "c_attn"], ["h.0.attn.c_attn", "h.0.mlp.c_proj", "h.1.attn.c_attn",
+                                "h.1.mlp.c_proj"]),
+    (["transformer.h.1.mlp.c_fc"], ["h.1.mlp.c_fc"]),
+    (r".*\.h\.0\.attn\.(c_attn|c_proj)", ["h.0.attn.c_attn", "h.0.attn.c_proj"]),  # str: regex
+])
+def test_targets_follow_peft_name_rule(targets, expected):
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=targets))
+    assert adapted_names(model) == ["transformer." + n for n in expected]
+
+
+def test_adapting_keeps_every_base_name_and_its_order():
+    base_names = list(ToyGPT().state_dict())
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn", "c_fc"]))
+    names = list(model.state_dict())
+    assert [n for n in names if "lora_" not in n] == base_names
+    i = names.index("transformer.h.0.attn.c_attn.bias")
+    assert names[i + 1: i + 3] == ["transformer.h.0.attn.c_attn.lora_A",
+                                   "transformer.h.0.attn.c_attn.lora_B"]
+    # so a base checkpoint loads into the adapted model as it is
+    result = model.load_state_dict(ToyGPT(seed=5).state_dict(), strict=False)
+    assert result.unexpected_keys == [] and all("lora_" in k for k in result.missing_keys)
+
+
+def test_rank_and_alpha_patterns_override_per_layer():
+    config = LoRAConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                        rank_pattern={"h.1.attn.c_attn": 8}, alpha_pattern={r"h\.\d\.mlp\.c_fc": 1})
+    layers = dict(named_lora_layers(apply_lora(ToyGPT(), config)))
+    got = {n.removeprefix("transformer."): (lay.r, lay.scaling) for n, lay in layers.items()}
+    assert got == {"h.0.attn.c_attn": (2, 2.0), "h.0.mlp.c_fc": (2, 0.5),
+                   "h.1.attn.c_attn": (8, 0.5), "h.1.mlp.c_fc": (2, 0.5)}
+
+
+def test_same_seed_gives_same_adapters_whatever_the_target_order():
+    a = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn", "c_fc"]), rng=3)
+    b = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=3)
+    for (name, value), other in zip(lora_state_dict(a).items(), lora_state_dict(b).values(),
+                                    strict=True):
+        np.testing.assert_array_equal(value, other, err_msg=name)
+
+
+# ---- what trains -------------------------------------------------------------------------------
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_bias_none_trains_only_lora_a_and_b():
+    model = apply_lora(ToyGPT(n_layer=1), LoRAConfig(target_modules=["c_fc"]))
+    assert trainable(model) == {"transformer.h.0.mlp.c_fc.lora_A",
+                                "transformer.h.0.mlp.c_fc.lora_B"}
+
+
+def test_bias_lora_only_also_trains_the_adapted_layers_biases():
+    model = apply_lora(ToyGPT(n_layer=1), LoRAConfig(target_modules=["c_fc"], bias="lora_only"))
+    layer = "transformer.h.0.mlp.c_fc."
+    assert trainable(model) == {layer + p for p in ("lora_A", "lora_B", "bias")}
+
+
+def test_bias_all_trains_every_bias_layer_norms_included():
+    model = apply_lora(ToyGPT(n_layer=1), LoRAConfig(target_modules=["c_fc"], bias="all"))
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert "transformer.ln_f.bias" in biases
+    assert trainable(model) == biases | {"transformer.h.0.mlp.c_fc.lora_A",
+                                         "transformer.h.0.mlp.c_fc.lora_B"}
+    assert set(lora_state_dict(model)) == trainable(model)  # and they are saved with the adapter
+
+
+def test_modules_to_save_train_in_full_and_are_saved_with_the_adapter():
+    config = LoRAConfig(target_modules=["c_fc"], modules_to_save=["ln_f"])
+    model = apply_lora(ToyGPT(n_layer=1), config)
+    expected = {"transformer.ln_f.weight", "transformer.ln_f.bias",
+                "transformer.h.0.mlp.c_fc.lora_A", "transformer.h.0.mlp.c_fc.lora_B"}
+    assert trainable(model) == expected and set(lora_state_dict(model)) == expected
+
+
+# ---- merging and unloading ---------------------------------------------------------------------
+
+def test_merge_and_unload_gives_plain_linears_with_merged_weights():
+    config = LoRAConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"])
+    model = trained(apply_lora(ToyGPT(), config))
+    idx, _ = tokens(0)
+    adapted = model(idx).data
+    expected = {f"{n}.weight": lay.weight.data + lay.delta_weight()
+                for n, lay in named_lora_layers(model)}
+    plain = merge_and_unload(model)
+    assert plain is model and not adapted_names(plain) and "lora_config" not in plain.__dict__
+    assert list(plain.state_dict()) == list(ToyGPT().state_dict())  # the base's names, no lora_*
+    for name, weight in expected.items():
+        assert type(plain.get_submodule(name.removesuffix(".weight"))) is Linear
+        np.testing.assert_array_equal(plain.state_dict()[name], weight)
+    # float64 through a few layers: the merged and unmerged paths agree to round-off
+    np.testing.assert_allclose(plain(idx).data, adapted, rtol=1e-12, atol=1e-12)
+
+
+def test_unload_gives_back_the_base_model_exactly():
+    idx, _ = tokens(1)
+    base = ToyGPT()(idx).data
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
+    assert not np.array_equal(model(idx).data, base)
+    plain = unload(model)
+    assert not adapted_names(plain)
+    np.testing.assert_array_equal(plain(idx).data, base)
+
+
+def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"])))
+    idx, _ = tokens(2)
+    before = model(idx).data
+    merge_adapter(model)
+    assert all(layer.merged for _, layer in named_lora_layers(model))
+    np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
+    unmerge_adapter(model)
+    assert not any(layer.merged for _, layer in named_lora_layers(model))
+    np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
+
+
+def test_disable_adapters_restores_the_adapters_even_after_an_exception():
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
+    idx, _ = tokens(3)
+    before = model(idx).data
+    with pytest.raises(RuntimeError), disable_adapters(model):
+        raise RuntimeError("boom")
+    np.testing.assert_array_equal(model(idx).data, before)
+
+
+def test_a_model_that_is_one_linear_can_be_merged_and_unloaded():
+    layer = LoRALinear(Linear(3, 2, rng=0), r=1, lora_alpha=1)
+    layer.lora_B.data[:] = 1.0
+    x = Tensor(np.ones((1, 3)))
+    adapted = layer(x).data
+    plain = merge_and_unload(layer)
+    assert type(plain) is Linear and plain.weight is layer.weight
+    np.testing.assert_allclose(plain(x).data, adapted, rtol=1e-6)  # float32 round-off
+
+
+# ---- on the GPT, as a LoRA run uses it ----------------------------------------------------------
+
+def tiny_gpt(seed=0):
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, dtype="float64")
+    return GPT(config, seed=seed)
+
+
+def test_fresh_adapter_on_the_gpt_gives_exactly_its_logits():
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    base = tiny_gpt()(idx).data
+    config = LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.1)
+    model = apply_lora(tiny_gpt(), config, rng=0)
+    np.testing.assert_array_equal(model(idx).data, base)
+    assert len(adapted_names(model)) == 6  # attn.c_attn, attn.c_proj and mlp.c_proj in 2 blocks
+
+
+def test_base_checkpoint_plus_adapter_reloads_and_merges(tmp_path):
+    """What `minilora train` with LoRA saves (the adapter and its config, beside a reference to
+    the base) and what `minilora merge` does with it."""
+    idx = np.random.default_rng(1).integers(0, 11, (2, 8))
+    base_state = tiny_gpt(seed=4).state_dict()  # the base checkpoint
+    config = LoRAConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], bias="lora_only")
+    run = trained(apply_lora(tiny_gpt(seed=4), config, rng=1))
+    for _, layer in named_lora_layers(run):
+        layer.bias.data = layer.bias.data + 0.1  # a trained bias travels with the adapter
+    logits = run(idx).data
+    np.savez(tmp_path / "adapter.npz", **lora_state_dict(run))
+    (tmp_path / "adapter.json").write_text(json.dumps(run.lora_config.to_dict()))
+
+    model = tiny_gpt(seed=99)  # any init: the base checkpoint overwrites it
+    model.load_state_dict(base_state)
+    apply_lora(model, LoRAConfig.from_dict(json.loads((tmp_path / "adapter.json").read_text())))
+    with np.load(tmp_path / "adapter.npz", allow_pickle=False) as f:
+        load_lora_state_dict(model, {k: f[k] for k in f.files})
+    np.testing.assert_array_equal(model(idx).data, logits)
+    merged = merge_and_unload(model)
+    assert list(merged.state_dict()) == list(base_state)
+    np.testing.assert_allclose(merged(idx).data, logits, rtol=1e-12, atol=1e-12)
