@@ -52,8 +52,7 @@ def test_same_seed_gives_bit_identical_initial_adapters():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_is_kept_through_forward_backward_and_merge(dtype):
-    layer = LayerSpec(4, 3, 2, 16, dtype, seed=0).build()
-    layer.lora_alpha = np.float64(16.0)  # an np.float64 must not leak into the computation
+    layer = LayerSpec(4, 3, 2, np.float64(16.0), dtype, seed=0).build()  # must not leak float64
     x = Tensor(np.ones((2, 4), dtype), requires_grad=True)
     y = layer(x)
     y.backward(np.ones(y.shape, dtype))

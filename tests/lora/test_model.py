@@ -75,6 +75,22 @@ def test_rank_and_alpha_patterns_override_per_layer():
                    "h.1.attn.c_attn": (8, 0.5), "h.1.mlp.c_fc": (2, 0.5)}
 
 
+def test_every_config_field_reaches_the_layers():
+    config = LoRAConfig(r=3, lora_alpha=12, lora_dropout=0.2, target_modules=["c_fc"],
+                        use_rslora=True, init_lora_weights="gaussian")
+    for _, layer in named_lora_layers(apply_lora(ToyGPT(), config)):
+        assert (layer.r, layer.lora_alpha, layer.lora_dropout) == (3, 12, 0.2)
+        assert layer.use_rslora and layer.scaling == 12 / 3**0.5
+        assert layer.init_lora_weights == "gaussian"
+
+
+def test_an_adapted_model_changes_dtype_as_a_whole():
+    model = apply_lora(ToyGPT(dtype=np.float32), LoRAConfig(target_modules=["c_fc"]))
+    model.astype(np.float64)
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    assert model(tokens(0)[0]).dtype == np.float64
+
+
 def test_same_seed_gives_same_adapters_whatever_the_target_order():
     a = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn", "c_fc"]), rng=3)
     b = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=3)
