@@ -139,7 +139,7 @@ def _digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> s
         a = tensors[name]
         frame = json.dumps([name, a.dtype.str, list(a.shape), a.nbytes])
         h.update(frame.encode("utf-8"))
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(a.tobytes(order="C"))
     for key in sorted(k for k in metadata if k != CHECKSUM_KEY):
         h.update(json.dumps([key, metadata[key]]).encode("utf-8"))
     return h.hexdigest()
@@ -165,7 +165,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
         if a.dtype.newbyteorder("=") not in _NATIVE:
             raise ConfigError(f"save_tensors({path}): {name!r} has dtype {a.dtype}, which "
                               f"safetensors cannot hold")
-        arrays[name] = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        arrays[name] = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # keeps 0-d
     metadata[CHECKSUM_KEY] = _digest(arrays, metadata)
     write_atomic_bytes(path, safetensors.numpy.save(arrays, metadata=metadata))
 
