@@ -12,8 +12,6 @@ from minilora.lora.layer import LoRALinear
 from minilora.lora.model import (
     apply_lora,
     disable_adapters,
-    load_lora_state_dict,
-    lora_state_dict,
     mark_only_lora_as_trainable,
     merge_adapter,
     merge_and_unload,
@@ -21,6 +19,7 @@ from minilora.lora.model import (
     unload,
     unmerge_adapter,
 )
+from minilora.lora.state import load_lora_state_dict, lora_state_dict
 
 __all__ = [
     "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapters",
