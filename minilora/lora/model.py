@@ -187,8 +187,15 @@ def unmerge_adapter(model: Module) -> Module:
 
 
 def _unload(model: Module, merge: bool, what: str) -> Module:
-    for name, layer in _lora_layers_or_raise(model, what):
-        layer.merge() if merge else layer.unmerge()
+    layers = _lora_layers_or_raise(model, what)
+    disabled = [name for name, layer in layers if layer.disable_adapters]
+    if merge and disabled:  # checked first: merge() would refuse halfway through the model
+        raise ConfigError(f"{what}: the adapters of {disabled} are disabled; enable them first")
+    for name, layer in layers:
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
         plain = Linear.from_weights(layer.weight, layer.bias)
         plain.train(layer.training)
         if name == "":  # the model is itself one LoRALinear
