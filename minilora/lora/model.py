@@ -172,9 +172,18 @@ def _lora_layers_or_raise(model: Module, what: str) -> list[tuple[str, LoRALinea
     return layers
 
 
+def _mergeable_layers(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
+    """The LoRA layers, checked first: ``merge()`` would refuse a disabled one halfway through."""
+    layers = _lora_layers_or_raise(model, what)
+    disabled = [name for name, layer in layers if layer.disable_adapters]
+    if disabled:
+        raise ConfigError(f"{what}: the adapters of {disabled} are disabled; enable them first")
+    return layers
+
+
 def merge_adapter(model: Module) -> Module:
     """Merge every LoRA layer in place (``W <- W + s B A``); the layers stay LoRALinear."""
-    for _, layer in _lora_layers_or_raise(model, "merge_adapter"):
+    for _, layer in _mergeable_layers(model, "merge_adapter"):
         layer.merge()
     return model
 
@@ -187,10 +196,7 @@ def unmerge_adapter(model: Module) -> Module:
 
 
 def _unload(model: Module, merge: bool, what: str) -> Module:
-    layers = _lora_layers_or_raise(model, what)
-    disabled = [name for name, layer in layers if layer.disable_adapters]
-    if merge and disabled:  # checked first: merge() would refuse halfway through the model
-        raise ConfigError(f"{what}: the adapters of {disabled} are disabled; enable them first")
+    layers = _mergeable_layers(model, what) if merge else _lora_layers_or_raise(model, what)
     for name, layer in layers:
         if merge:
             layer.merge()

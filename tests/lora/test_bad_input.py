@@ -242,12 +242,13 @@ def test_loading_into_a_merged_model_is_an_error():
 
 # ---- model-level state errors ------------------------------------------------------------------
 
-def test_merge_and_unload_with_a_disabled_adapter_changes_nothing():
+@pytest.mark.parametrize("merge", [merge_and_unload, merge_adapter])
+def test_merging_with_a_disabled_adapter_changes_nothing(merge):
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn", "c_fc"]))
     dict(named_lora_layers(model))["transformer.h.1.mlp.c_fc"].enable_adapters(False)
     before = snapshot(model)
     with pytest.raises(ConfigError, match=r"\['transformer.h.1.mlp.c_fc'\] are disabled"):
-        merge_and_unload(model)
+        merge(model)
     assert_unchanged(model, before)
 
 
