@@ -10,14 +10,16 @@ words, then the category that most of them belong to::
 
     fig cow owl plum fox: animal
 
-The base cannot do it (its exact match is ~0: it has never seen the format), and it cannot be done
+The base cannot do it (its exact match is 0: it has never seen the format), and it cannot be done
 by copying or by looking at one word: the model must recognise every word, know its category, and
 count. A pretrained base has the first two partly in hand, so fine-tuning learns it in a few hundred
-steps (in a trial, full fine-tuning of a 4x128 base reached ~90% after 400 steps of batch 12, LoRA
-r=4 ~70%), while copying-style tasks (reverse, shift, sort a random string) stayed at 0% in that
-budget: they need induction heads that a small char model grows only after ~1000 steps. Its metric
-is the exact match of greedy completions on held-out prompts (:attr:`Task.pairs`, never in the
-training text); always answering the most common category scores about 40%.
+steps. Measured on 2 CPU cores (base: 4 layers x 128, block 64, 600 steps of batch 12 on world;
+then 300 steps of batch 12 on majority): full fine-tuning (lr 2e-3) 90% exact match, LoRA on
+c_attn and c_proj with alpha = 2r (lr 5e-3) r=16 86%, r=4 79%, r=1 54%. Copying-style tasks
+(reverse, shift or sort a random string) stayed at 0% in that budget: they need induction heads,
+which a small char model grows only after ~1000 steps. The metric is the exact match of greedy
+completions on 200 held-out prompts (:attr:`Task.pairs`, never in the training text); always
+answering the most common category scores 41%.
 
 Both corpora are written in one fixed alphabet (:data:`ALPHABET`), so the base's tokenizer
 (:func:`builtin_tokenizer`) encodes the fine-tuning text, and every character of it appears in the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -247,8 +250,13 @@ def load_builtin(name: str, seed: int = 0, n_chars: int | None = None) -> Builti
                           f"{', '.join('builtin:' + n for n in _BUILTIN)}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ConfigError(f"load_builtin: seed must be a non-negative integer, got {seed!r}")
-    _, default, make = _BUILTIN[key]
-    n = default if n_chars is None else n_chars
+    n = _BUILTIN[key][1] if n_chars is None else n_chars
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ConfigError(f"load_builtin: n_chars must be a positive integer, got {n_chars!r}")
-    return make(int(seed), int(n))
+    return _generate(key, int(seed), int(n))
+
+
+@lru_cache(maxsize=8)
+def _generate(key: str, seed: int, n_chars: int) -> BuiltinCorpus:
+    """Generated once per (name, seed, size) in a process; a corpus is immutable, so shared."""
+    return _BUILTIN[key][2](seed, n_chars)
