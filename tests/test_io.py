@@ -21,11 +21,13 @@ from minilora.io import (
     append_jsonl,
     atomic_write,
     check_tensors,
+    generator_state,
     load_json,
     load_metadata,
     load_tensors,
     read_jsonl,
     remove_temp_files,
+    restore_generator,
     save_json,
     save_tensors,
     write_atomic_bytes,
@@ -303,6 +305,24 @@ def test_jsonl_drops_a_torn_last_line_only(tmp_path):
     path.write_bytes(b'{"iter": 0}\n{"it\n{"iter": 2}\n')
     with pytest.raises(FileFormatError, match="line 2"):
         read_jsonl(path)
+
+
+# ---- random generators ----------------------------------------------------------------------
+def test_generator_state_survives_json_and_continues_bit_identically():
+    rng = np.random.default_rng(42)
+    rng.integers(100, size=10)
+    state = json.loads(json.dumps(generator_state(rng)))
+    expected = rng.integers(1_000_000, size=20)
+    np.testing.assert_array_equal(restore_generator(state).integers(1_000_000, size=20), expected)
+
+
+@pytest.mark.parametrize("state", [
+    None, {}, {"bit_generator": "os.system"}, {"bit_generator": "PCG64"},
+    {"bit_generator": "PCG64", "state": {"state": "x", "inc": 1}, "has_uint32": 0, "uinteger": 0},
+])
+def test_a_damaged_generator_state_is_a_file_format_error(state):
+    with pytest.raises(FileFormatError, match=r"rng\.json"):
+        restore_generator(state, "run/rng.json")
 
 
 # ---- the run lock -------------------------------------------------------------------------
