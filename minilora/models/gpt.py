@@ -1,8 +1,8 @@
 """A GPT-2 language model as nanoGPT writes it, on minilora's engine.
 
 Module and parameter names are GPT-2's (``transformer.wte``, ``transformer.h.N.attn.c_attn``,
-``mlp.c_fc``, ``lm_head``, ...), so a LoRA target such as ``c_attn`` means here what it means in PEFT
-on GPT-2. One difference from Hugging Face: GPT-2's ``Conv1D`` stores weights as (in, out); our
+``mlp.c_fc``, ``lm_head``, ...), so a LoRA target such as ``c_attn`` means here what it means in
+PEFT on GPT-2. One difference from Hugging Face: GPT-2's ``Conv1D`` stores weights as (in, out); our
 ``Linear.weight`` is (out, in), the transpose.
 """
 
@@ -163,8 +163,8 @@ class GPT(nn.Module):
         self._init_weights(self.rng)
 
     def _init_weights(self, rng: np.random.Generator) -> None:
-        """nanoGPT's init: N(0, 0.02) for weights and embeddings, zero biases, and N(0, 0.02/sqrt(2L))
-        for the projections that write into the residual stream."""
+        """nanoGPT's init: N(0, 0.02) for weights and embeddings, zero biases, and
+        N(0, 0.02/sqrt(2L)) for the projections that write into the residual stream."""
         dtype = np.dtype(self.config.dtype)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
@@ -182,7 +182,8 @@ class GPT(nn.Module):
             raise ShapeError(f"GPT: idx must have shape (B, T), got {idx.shape}")
         t = idx.shape[1]
         if t > self.config.block_size:
-            raise ShapeError(f"GPT: sequence length {t} exceeds block_size {self.config.block_size}")
+            raise ShapeError(f"GPT: sequence length {t} exceeds block_size "
+                             f"{self.config.block_size}")
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(t)))  # (B, T, C)
         for block in tr.h:
@@ -200,10 +201,11 @@ class GPT(nn.Module):
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         Runs in eval mode and restores the previous mode after.
         """
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or temperature < 0:
             raise ConfigError(f"generate: temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                                  or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool)
+                                  or not isinstance(top_k, (int, np.integer)) or top_k < 1):
             raise ConfigError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
         idx = np.array(np.asarray(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
         if idx.ndim != 2 or idx.shape[1] == 0:

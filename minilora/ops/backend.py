@@ -1,17 +1,92 @@
-"""Where the heavy array work goes: matrix products.
+"""Where the heavy array work goes: matrix products, and how they use the cores.
 
-Every matmul in the engine, forward or backward, goes through :func:`mm`, so the way products are
-computed (plain ``np.matmul`` here) can be tuned in one place without touching any op.
+Every matmul in the engine, forward or backward, goes through :func:`mm`. By default that is plain
+``np.matmul``. Inside :func:`parallel` (which the training loop and the benchmark enter), BLAS is
+limited to one thread and each large product is split into row blocks computed by a small thread
+pool instead (NumPy releases the GIL inside BLAS). Measured on a 2-core machine, OpenBLAS's own
+threads cost ~5 ms per *small* product when the cores are busy (they spin and contend), and their
+spinning after each call slows the NumPy code around them; splitting ourselves keeps large products
+at full speed and makes small ones single-threaded and cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+# Products below this many multiply-adds run on one thread: a split would cost more than it saves.
+SPLIT_MIN_MACS = 1 << 20
+
+_pool: ThreadPoolExecutor | None = None
+_threads = 1
+
+
+@contextlib.contextmanager
+def parallel(threads: int | None = None) -> Iterator[None]:
+    """Scoped multi-threading for the engine: one BLAS thread, products split over ``threads``.
+
+    threads: how many to use (default: the number of CPUs). The previous BLAS thread count and
+    the previous setting are restored on exit, so minilora changes nothing outside this block.
+    """
+    global _pool, _threads
+    threads = max(1, int(threads or os.cpu_count() or 1))
+    previous = (_pool, _threads)
+    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="minilora-mm") \
+        if threads > 1 else None
+    with threadpool_limits(1, user_api="blas"):
+        _pool, _threads = pool, threads
+        try:
+            yield
+        finally:
+            _pool, _threads = previous
+            if pool is not None:
+                pool.shutdown()
+
+
+def threads() -> int:
+    """How many threads products use right now (1 outside :func:`parallel`)."""
+    return _threads
+
+
+def run_split(work, n: int) -> None:
+    """Call ``work(start, stop)`` on ``_threads`` contiguous blocks of ``range(n)`` in parallel."""
+    bounds = np.linspace(0, n, min(_threads, n) + 1).astype(int)
+    if _pool is None or len(bounds) <= 2:
+        work(0, n)
+        return
+    futures = [_pool.submit(work, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+    work(0, int(bounds[1]))  # the calling thread takes the first block
+    for f in futures:
+        f.result()
 
 
 def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a: (..., n, k) @ b: (..., k, m) -> (..., n, m), batch axes broadcast as in ``np.matmul``."""
-    return np.matmul(a, b)
+    if _pool is None or a.ndim < 2 or b.ndim < 2:
+        return np.matmul(a, b)
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    count = int(np.prod(batch))
+    if count * n * k * m < SPLIT_MIN_MACS:
+        return np.matmul(a, b)
+    out = np.empty((*batch, n, m), dtype=np.result_type(a, b))
+    if a.ndim == b.ndim > 2 and a.shape[0] == b.shape[0] >= _threads:
+        def work(lo, hi):  # split the leading batch axis: each block a stack of whole products
+            np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi])
+
+        run_split(work, a.shape[0])
+    else:
+        def work(lo, hi):  # split the rows of the product
+            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+
+        run_split(work, n)
+    return out
 
 
 def swap(x: np.ndarray) -> np.ndarray:
