@@ -107,7 +107,8 @@ def split(a: Tensor, indices_or_sections, axis: int = 0) -> list[Tensor]:
             raise ShapeError(f"split(): axis {axis} of length {n} does not divide into {sections}")
         bounds = list(range(0, n + 1, n // sections))
     else:
-        bounds = [0, *(min(int(i), n) for i in indices_or_sections), n]
+        cuts = (int(i) + n if i < 0 else int(i) for i in indices_or_sections)  # as slicing reads them
+        bounds = [0, *(min(max(i, 0), n) for i in cuts), n]
     pieces = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         index = (slice(None),) * axis + (slice(start, max(start, stop)),)
