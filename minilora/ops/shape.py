@@ -93,13 +93,17 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     if len(shapes) != 1:
         raise ShapeError(f"stack() needs tensors of one shape, got {sorted(shapes)}")
     ndim = tensors[0].ndim + 1
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"stack(): axis {axis} is out of range for {ndim} dimensions")
     axis = axis % ndim
     return concatenate([reshape(t, t.shape[:axis] + (1,) + t.shape[axis:]) for t in tensors], axis)
 
 
 def split(a: Tensor, indices_or_sections, axis: int = 0) -> list[Tensor]:
     """Split along ``axis`` into equal sections or at the given indices, as ``np.split``."""
-    axis = axis % a.ndim if a.ndim else 0
+    if not -a.ndim <= axis < a.ndim:
+        raise ShapeError(f"split(): axis {axis} is out of range for a tensor of shape {a.shape}")
+    axis = axis % a.ndim
     n = a.shape[axis]
     if isinstance(indices_or_sections, (int, np.integer)):
         sections = int(indices_or_sections)
