@@ -264,7 +264,7 @@ class Tensor:
     def __ge__(self, other):
         return self.data >= _raw(other)
 
-    def __eq__(self, other):  # noqa: D105 - elementwise, as in NumPy
+    def __eq__(self, other):
         return self.data == _raw(other)
 
     def __ne__(self, other):

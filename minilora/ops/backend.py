@@ -60,7 +60,7 @@ def run_split(work, n: int) -> None:
     if _pool is None or len(bounds) <= 2:
         work(0, n)
         return
-    futures = [_pool.submit(work, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds)]
+    futures = [_pool.submit(work, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds[1:])]
     work(0, int(bounds[1]))  # the calling thread takes the first block
     for f in futures:
         f.result()

@@ -86,7 +86,7 @@ def _power(x: np.ndarray, p: float) -> np.ndarray:
     return np.power(x, np.asarray(p, dtype=x.dtype))
 
 
-def pow(a, exponent) -> Tensor:  # noqa: A001 - NumPy/PyTorch name
+def pow(a, exponent) -> Tensor:
     """a ** exponent; the exponent may be a number or a Tensor (then a must be positive)."""
     if not isinstance(exponent, Tensor) and np.ndim(exponent) == 0:
         a = as_tensor(a)

@@ -29,7 +29,7 @@ def _expand(g: np.ndarray, axes: tuple[int, ...], keepdims: bool, shape) -> np.n
     return np.broadcast_to(g, shape)
 
 
-def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy name
+def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     """Sum over ``axis`` (all axes by default)."""
     axes = _axes(axis, a.ndim)
     out = np.sum(a.data, axis=axes, keepdims=keepdims)
@@ -48,7 +48,7 @@ def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return Tensor.from_op(np.asarray(out), (a,), backward)
 
 
-def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001 - NumPy name
+def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     """Maximum over ``axis``; the gradient is shared equally among tied maxima."""
     axes = _axes(axis, a.ndim)
     if a.size == 0:

@@ -112,6 +112,9 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
                 history = run.metrics_until(start)
             else:
                 run.start_fresh()
+        if not resume:  # dropout masks follow the run's seed, not the model's history
+            fresh = np.random.default_rng([config.seed, 2])
+            model.rng.bit_generator.state = fresh.bit_generator.state
 
         tokens_per_step = config.batch_size * block_size
         step_times: list[float] = []

@@ -1,0 +1,129 @@
+"""Whole runs: pretrain a new model, fine-tune a saved one (in full or with LoRA), resume.
+
+These put together what a run needs (the data and its tokenizer, the model, LoRA, the facts saved
+beside the weights) and call :func:`minilora.train.train`. The CLI and the demo both use them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from minilora.data import load_dataset, tokenizer_from_dict
+from minilora.errors import ConfigError, FileFormatError
+from minilora.lora import LoRAConfig, apply_lora
+from minilora.models import GPT, GPTConfig
+from minilora.train.checkpoint import (
+    CHECKPOINT,
+    load_run,
+    model_fingerprint,
+    read_checkpoint,
+)
+from minilora.train.config import TrainConfig
+from minilora.train.loop import TrainResult, train
+
+DATA_SEED = 0  # built-in corpora (and their held-out prompts) are always generated from seed 0
+
+
+def _source(data: str | os.PathLike) -> str:
+    """What is saved to find the data again: ``builtin:NAME`` or an absolute file path."""
+    data = str(data)
+    return data if data.startswith("builtin:") else str(Path(data).resolve())
+
+
+def _fresh_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if (out / CHECKPOINT).exists():
+        raise ConfigError(f"{out} already holds a run ({CHECKPOINT}); continue it with --resume "
+                          "or choose another --out")
+    return out
+
+
+def pretrain(data: str | os.PathLike, out_dir, model_config: dict, config: TrainConfig, *,
+             quiet: bool = False, threads: int | None = None, extra_eval=None) -> TrainResult:
+    """Train a new GPT on ``data``. ``model_config``: GPTConfig fields but ``vocab_size``, which the
+    tokenizer gives (the built-in alphabet, or the characters of the file)."""
+    out = _fresh_dir(out_dir)
+    dataset = load_dataset(data, seed=DATA_SEED)
+    cfg = GPTConfig(**{**model_config, "vocab_size": dataset.tokenizer.vocab_size})
+    model = GPT(cfg, seed=config.seed)
+    info = {"tokenizer": dataset.tokenizer.to_dict(),
+            "data": {"source": _source(data), "seed": DATA_SEED}}
+    return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
+                 extra_eval=extra_eval)
+
+
+def load_base(base_dir) -> tuple:
+    """(model, tokenizer) of a full model run, to fine-tune from."""
+    base = load_run(base_dir)
+    if base.meta["kind"] != "full":
+        raise ConfigError(f"--init-from {base_dir}: it is a LoRA run; merge it first "
+                          f"(minilora merge --model {base_dir} --out DIR)")
+    if base.tokenizer is None:
+        raise FileFormatError(f"{base_dir}: the checkpoint holds no tokenizer")
+    return base.model, tokenizer_from_dict(base.tokenizer, source=str(Path(base_dir) / CHECKPOINT))
+
+
+def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
+             lora: LoRAConfig | None = None, *, dropout: float | None = None, quiet: bool = False,
+             threads: int | None = None, extra_eval=None) -> TrainResult:
+    """Fine-tune the model in ``base_dir`` on ``data``: in full, or with the adapter ``lora``.
+
+    A LoRA run saves only the adapter, with the base's path (relative to ``out_dir``) and the
+    fingerprint of its weights.
+    """
+    out = _fresh_dir(out_dir)
+    model, tokenizer = load_base(base_dir)
+    dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
+    if dropout is not None:
+        _set_dropout(model, dropout)
+    info = {"tokenizer": tokenizer.to_dict(), "data": {"source": _source(data), "seed": DATA_SEED},
+            "init_from": str(Path(base_dir).resolve())}
+    model.train()
+    if lora is not None:
+        info["base"] = {"path": os.path.relpath(Path(base_dir).resolve(), out.resolve()),
+                        "sha256": model_fingerprint(model)}
+        apply_lora(model, lora, rng=model.rng)
+    return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
+                 extra_eval=extra_eval)
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    from minilora.nn import Dropout
+
+    model.config = GPTConfig(**{**model.config.to_dict(), "dropout": p})  # checks p
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = float(p)
+
+
+def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
+           extra_eval=None) -> TrainResult:
+    """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with."""
+    out = Path(out_dir)
+    if not (out / CHECKPOINT).exists():
+        raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
+    meta = read_checkpoint(out).meta
+    try:
+        config = TrainConfig.from_dict(meta.get("train_config"))
+        tokenizer = tokenizer_from_dict(meta.get("tokenizer"), source=str(out / CHECKPOINT))
+        data = meta["data"]["source"]
+    except (ConfigError, KeyError, TypeError) as e:
+        raise FileFormatError(f"{out / CHECKPOINT}: cannot resume from it: {e}") from None
+    model_config = GPTConfig.from_dict(meta["model_config"])
+    info = {k: meta[k] for k in ("tokenizer", "data", "init_from", "base") if k in meta}
+    if meta["kind"] == "lora":
+        base_dir = (out / meta["base"]["path"]).resolve()
+        model, _ = load_base(base_dir)
+        if model_fingerprint(model) != meta["base"].get("sha256"):
+            raise FileFormatError(f"{out / CHECKPOINT}: its base {base_dir} has changed since "
+                                  "the run started")
+        model.config = model_config
+        apply_lora(model, LoRAConfig.from_dict(meta["lora_config"]), rng=model.rng)
+    else:
+        model = GPT(model_config, seed=config.seed)
+    _set_dropout(model, model_config.dropout)
+    dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
+    model.train()
+    return train(model, dataset, config, out, resume=True, quiet=quiet, run_info=info,
+                 threads=threads, extra_eval=extra_eval)
