@@ -6,9 +6,18 @@ import importlib
 import pkgutil
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 import minilora.ops
 from minilora.ops import backend
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_blas_thread():
+    """Tests use small products: OpenBLAS's threads only contend for the cores there (measured
+    ~5 ms per small product on a busy 2-core machine), so the suite runs BLAS on one thread."""
+    with threadpool_limits(1, user_api="blas"):
+        yield
 
 
 @pytest.fixture
