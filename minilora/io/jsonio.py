@@ -6,6 +6,7 @@ FileFormatError naming the file; JSON-lines logs that survive a crash; generator
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -17,8 +18,10 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 def strict_loads(text: str):
-    """json.loads that refuses NaN/Infinity and duplicate keys (ValueError, RecursionError)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    """json.loads that refuses NaN/Infinity, numbers too large for a float (``1e400``, which
+    json.loads reads as infinity) and duplicate keys (ValueError, RecursionError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                      parse_float=_finite_float)
 
 
 def _no_duplicates(pairs):
@@ -26,6 +29,13 @@ def _no_duplicates(pairs):
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
     return dict(pairs)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range for a float")
+    return value
 
 
 def _no_constants(name):

@@ -38,9 +38,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if not self._lock(fd):
-                    raise RunLockedError(f"{self.directory} is in use by process "
-                                         f"{_read_pid(fd)} (lock file {self.path}); wait for "
-                                         f"that run to end or stop it")
+                    raise self._in_use(fd)
                 if _same_file(fd, self.path):  # not unlinked by a releasing owner meanwhile
                     os.ftruncate(fd, 0)
                     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -50,6 +48,26 @@ class RunLock:
                 if fd is not None:
                     os.close(fd)
         return self
+
+    def check_free(self) -> None:
+        """A RunLockedError if a live process holds the lock; changes nothing (a probe, so that
+        a second run is refused before it does any work)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or none we can open): nobody to refuse for
+        try:
+            if not self._lock(fd):
+                raise self._in_use(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _in_use(self, fd: int) -> RunLockedError:
+        pid = _read_pid(fd)
+        who = f"process {pid}" if pid is not None else "another process"
+        return RunLockedError(f"{self.directory} is in use by {who} (lock file {self.path}); "
+                              "wait for that run to end or stop it")
 
     @staticmethod
     def _lock(fd: int) -> bool:

@@ -5,12 +5,23 @@ only the adapter for a LoRA run: ``model.<name>``), the optimizer state (``optim
 and, as JSON in the metadata, the iteration, the random generators' states, the configs, the
 tokenizer and, for a LoRA run, a reference to its base: the base's directory and a SHA-256
 fingerprint of its weights, so an adapter is never loaded onto the wrong base.
+
+Reading trusts nothing: the file's checksum, then every JSON fact (its type, then its meaning:
+configs are rebuilt, generator states restored into fresh generators, the tokenizer checked against
+the model), then every tensor's name, shape, dtype and finiteness against the model it is for. Only
+then does anything change, so a damaged or hostile file is a FileFormatError naming the file and the
+fault, and a refused file leaves the model, optimizer and generators as they were.
+
+Crash safety comes from the order of writes in the training loop (the metrics record of an
+evaluation is appended before the checkpoint holding it is renamed into place) and from the lock:
+see ``RunDir`` and docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +29,29 @@ from pathlib import Path
 import numpy as np
 
 from minilora import io
-from minilora.errors import ConfigError, FileFormatError
+from minilora.data import tokenizer_from_dict
+from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
 from minilora.models import GPT, GPTConfig
+from minilora.nn import Parameter
+from minilora.optim import SGD, AdamW
+from minilora.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 FORMAT = "minilora.run/1"
+
+# The JSON facts a checkpoint may hold, and their types (see io.check_schema; "?" = optional).
+# Written by write_checkpoint from the loop (RunDir.save), `minilora merge` and the demo.
+_META_SCHEMA = {
+    "format": str, "kind": str, "model_config": dict,
+    "lora_config?": dict, "base?": {"path": str, "sha256": str},
+    "train_config?": dict, "optimizer?": dict, "tokenizer?": (dict, type(None)),
+    "iter?": int, "elapsed_s?": float, "skipped_steps?": int, "rng?": [dict],
+    "last_eval?": dict, "data?": {"source": str, "seed": int},
+    "init_from?": str, "merged_from?": str,
+}
+_RUN_FACTS = ("train_config", "optimizer", "iter", "elapsed_s", "rng")  # what resume needs
 
 
 def model_fingerprint(model) -> str:
@@ -60,37 +87,140 @@ def write_checkpoint(path: str | Path, model, info: dict, optimizer=None) -> Non
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint file holds: weights, optimizer arrays, and the JSON facts."""
+    """What a checkpoint file holds, checked: weights, optimizer arrays, the JSON facts, and the
+    configs rebuilt from them (``lora_config`` and ``train_config`` are None where absent)."""
 
     path: Path
     weights: dict[str, np.ndarray]
     optim_arrays: dict[str, np.ndarray]
     meta: dict
+    model_config: GPTConfig | None = None
+    lora_config: LoRAConfig | None = None
+    train_config: TrainConfig | None = None
+
+
+def _config(cls, d, path: Path, what: str):
+    try:
+        return cls.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise FileFormatError(f"{path}: bad {what}: {e}") from None
+
+
+def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None]:
+    """Every JSON fact, by type and by meaning; returns the configs they describe."""
+    try:
+        io.check_schema(meta, _META_SCHEMA, "metadata")
+    except ConfigError as e:
+        raise FileFormatError(f"{path}: {e}") from None
+    if meta["format"] != FORMAT:
+        raise FileFormatError(f"{path}: not a minilora checkpoint: format {meta['format']!r}, "
+                              f"expected {FORMAT!r}")
+    if meta["kind"] not in ("full", "lora"):
+        raise FileFormatError(f"{path}: kind must be 'full' or 'lora', got {meta['kind']!r}")
+    model_config = _config(GPTConfig, meta["model_config"], path, "model_config")
+    lora_config = None
+    if meta["kind"] == "lora":
+        if "base" not in meta or "lora_config" not in meta:
+            raise FileFormatError(f"{path}: a LoRA checkpoint needs 'base' (the reference to its "
+                                  "base model) and 'lora_config'")
+        lora_config = _config(LoRAConfig, meta["lora_config"], path, "lora_config")
+    train_config = None
+    if "train_config" in meta:
+        train_config = _config(TrainConfig, meta["train_config"], path, "train_config")
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None:
+        vocab = tokenizer_from_dict(tokenizer, source=str(path)).vocab_size
+        if vocab != model_config.vocab_size:
+            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, the model "
+                                  f"{model_config.vocab_size}")
+    for key in ("iter", "skipped_steps", "elapsed_s"):
+        value = meta.get(key, 0)
+        if not (math.isfinite(value) and value >= 0):
+            raise FileFormatError(f"{path}: {key} must be >= 0, got {value!r}")
+    if train_config is not None and meta.get("iter", 0) > train_config.max_iters:
+        raise FileFormatError(f"{path}: iter {meta['iter']} is past max_iters "
+                              f"{train_config.max_iters}")
+    for i, state in enumerate(meta.get("rng", [])):
+        io.restore_generator(state, f"{path}: rng[{i}]")  # a FileFormatError if damaged
+    present = [k for k in _RUN_FACTS if k in meta]
+    if present and len(present) != len(_RUN_FACTS):
+        missing = [k for k in _RUN_FACTS if k not in meta]
+        raise FileFormatError(f"{path}: holds {present} but not {missing}: a training checkpoint "
+                              "needs all of them")
+    return model_config, lora_config, train_config
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint file; anything wrong is a FileFormatError naming the file."""
+    """Read and check a checkpoint file (or the one in a run directory).
+
+    Anything wrong (the bytes, the JSON facts, a tensor's name, dtype or values) is a
+    FileFormatError naming the file and the fault. Shapes are checked against a model by
+    :func:`load_run` and :meth:`RunDir.restore`.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
         raise FileFormatError(f"{path}: no checkpoint here (is this a minilora run directory?)")
-    metadata = io.load_metadata(path)
-    try:
-        meta = json.loads(metadata.get("minilora", ""))
-    except ValueError:
-        meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FileFormatError(f"{path}: not a minilora checkpoint (format {FORMAT!r} missing)")
-    if meta.get("kind") not in ("full", "lora") or not isinstance(meta.get("model_config"), dict):
-        raise FileFormatError(f"{path}: checkpoint lacks a valid 'kind' or 'model_config'")
     tensors = io.load_tensors(path)
+    metadata = io.load_metadata(path)
+    if set(metadata) != {"minilora"}:
+        raise FileFormatError(f"{path}: not a minilora checkpoint: metadata keys "
+                              f"{sorted(metadata)[:5]}, expected ['minilora']")
+    try:
+        meta = io.strict_loads(metadata["minilora"])
+    except RecursionError:
+        raise FileFormatError(f"{path}: metadata JSON nested too deeply") from None
+    except ValueError as e:
+        raise FileFormatError(f"{path}: metadata is not valid JSON: {e}") from None
+    model_config, lora_config, train_config = _check_meta(path, meta)
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
     if len(weights) + len(optim) != len(tensors):
         odd = sorted(k for k in tensors if not k.startswith(("model.", "optim.")))
         raise FileFormatError(f"{path}: unexpected tensors {odd[:5]}")
-    return Checkpoint(path, weights, optim, meta)
+    if optim and "optimizer" not in meta:
+        raise FileFormatError(f"{path}: optimizer arrays without the optimizer's state")
+    if "optimizer" in meta:
+        _check_optimizer(path, meta["optimizer"], weights, optim)
+    dtype = np.dtype(model_config.dtype)
+    for prefix, arrays in (("model.", weights), ("optim.", optim)):
+        for name, a in arrays.items():
+            if a.dtype != dtype:
+                raise FileFormatError(f"{path}: tensor {prefix + name!r} has dtype {a.dtype}, "
+                                      f"the model is {dtype}")
+            if not np.isfinite(a).all():
+                raise FileFormatError(f"{path}: tensor {prefix + name!r} holds NaN or infinity")
+    return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config)
+
+
+_OPTIMIZERS = {"AdamW": AdamW, "SGD": SGD}
+_OPTIM_SCHEMA = {"type": str, "param_groups": [{"params": [str]}]}
+
+
+def _check_optimizer(path: Path, meta, weights: dict, arrays: dict) -> None:
+    """Load the optimizer state into a stand-in optimizer over the checkpoint's own weights: the
+    checks a resumed run will make, made now, so a damaged state is refused by every reader."""
+    try:
+        io.check_schema(meta, _OPTIM_SCHEMA, "metadata.optimizer")
+    except ConfigError as e:
+        raise FileFormatError(f"{path}: {e}") from None
+    cls = _OPTIMIZERS.get(meta["type"])
+    if cls is None:
+        raise FileFormatError(f"{path}: optimizer type must be one of {sorted(_OPTIMIZERS)}, got "
+                              f"{meta['type']!r}")
+    groups = []
+    for group in meta["param_groups"]:
+        unknown = [n for n in group["params"] if n not in weights]
+        if unknown:
+            raise FileFormatError(f"{path}: optimizer state for parameters the checkpoint does not "
+                                  f"hold: {unknown[:5]}")
+        groups.append({"params": [(n, Parameter(weights[n])) for n in group["params"]]})
+    try:
+        stand_in = cls(groups, lr=1.0)
+        stand_in.load_state_dict({"meta": meta, "arrays": arrays})
+    except (MiniLoRAError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise FileFormatError(f"{path}: optimizer state: {e}") from None
 
 
 @dataclass
@@ -103,76 +233,75 @@ class LoadedRun:
     base_dir: Path | None = None
 
 
-def _config(cls, d, path: Path, what: str):
-    try:
-        return cls.from_dict(d)
-    except (ConfigError, TypeError) as e:
-        raise FileFormatError(f"{path}: bad {what}: {e}") from None
+def _check_weights(path: Path, weights: dict, expected: dict[str, np.ndarray]) -> None:
+    """The weights must be exactly ``expected``'s names, shapes and dtypes."""
+    io.check_tensors(path, {f"model.{k}": v for k, v in weights.items()},
+                     {f"model.{k}": (v.shape, v.dtype) for k, v in expected.items()})
+
+
+def _full_model(ckpt: Checkpoint) -> GPT:
+    model = GPT(ckpt.model_config, seed=0)
+    _check_weights(ckpt.path, ckpt.weights, model.state_dict())
+    model.load_state_dict(ckpt.weights)
+    return model
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """The model a run directory holds: a full model, or its base with the adapter applied.
 
     A LoRA run's base is found where the checkpoint says (relative to the run directory if the
-    path is relative) and must have the weights the adapter was trained on.
+    path is relative); it must be a full model with the architecture and the exact weights (by
+    fingerprint) the adapter was trained on.
     """
     ckpt = read_checkpoint(run_dir)
-    run_dir = ckpt.path.parent
     meta = ckpt.meta
-    config = _config(GPTConfig, meta["model_config"], ckpt.path, "model_config")
     base_dir = None
     if meta["kind"] == "full":
-        model = GPT(config, seed=0)
-        _load(model.load_state_dict, ckpt.weights, ckpt.path)
+        model = _full_model(ckpt)
     else:
-        base = meta.get("base")
-        if not isinstance(base, dict) or not isinstance(base.get("path"), str):
-            raise FileFormatError(f"{ckpt.path}: LoRA checkpoint without a base reference")
-        base_dir = (run_dir / base["path"]).resolve()
-        if not (base_dir / CHECKPOINT).exists():
+        base_dir = (ckpt.path.parent / meta["base"]["path"]).resolve()
+        if not (base_dir / CHECKPOINT).is_file():
             raise FileFormatError(f"{ckpt.path}: the adapter's base model {base_dir} is missing")
-        base_run = load_run(base_dir)
-        model = base_run.model
-        if base_run.meta["kind"] != "full" or model.config != config:
+        base = read_checkpoint(base_dir)
+        if base.meta["kind"] != "full":
+            raise FileFormatError(f"{ckpt.path}: its base {base_dir} is a LoRA run, not a model")
+        if base.model_config != ckpt.model_config:
             raise FileFormatError(f"{ckpt.path}: the base in {base_dir} has a different "
                                   f"architecture than the adapter was made for")
-        if model_fingerprint(model) != base.get("sha256"):
+        model = _full_model(base)
+        if model_fingerprint(model) != meta["base"]["sha256"]:
             raise FileFormatError(f"{ckpt.path}: the base in {base_dir} is not the model this "
                                   "adapter was trained on (weights fingerprint differs)")
-        lora_config = _config(LoRAConfig, meta.get("lora_config"), ckpt.path, "lora_config")
-        apply_lora(model, lora_config, rng=0)
-        _load(lambda w: load_lora_state_dict(model, w), ckpt.weights, ckpt.path)
+        try:
+            apply_lora(model, ckpt.lora_config, rng=0)
+        except MiniLoRAError as e:
+            raise FileFormatError(f"{ckpt.path}: its lora_config does not fit the base: {e}") \
+                from None
+        _check_weights(ckpt.path, ckpt.weights, lora_state_dict(model))
+        load_lora_state_dict(model, ckpt.weights)
     model.eval()
-    tokenizer = meta.get("tokenizer")
-    return LoadedRun(model, tokenizer if isinstance(tokenizer, dict) else None, meta, base_dir)
-
-
-def _load(loader, weights, path: Path) -> None:
-    try:
-        loader(weights)
-    except (KeyError, ValueError) as e:  # the MiniLoRAError subclasses name the key and shapes
-        raise FileFormatError(f"{path}: weights do not fit the model: {e}") from None
-
-
-def _rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
-def _set_rng_state(rng: np.random.Generator, state, path: Path) -> None:
-    try:
-        rng.bit_generator.state = state
-    except (TypeError, ValueError, KeyError) as e:
-        raise FileFormatError(f"{path}: bad random generator state: {e}") from None
+    return LoadedRun(model, meta.get("tokenizer"), meta, base_dir)
 
 
 class RunDir:
-    """A training run's directory: its lock, ``metrics.jsonl`` and ``checkpoint.safetensors``."""
+    """A training run's directory: its lock, ``metrics.jsonl`` and ``checkpoint.safetensors``.
+
+    The loop appends an evaluation's metrics record, then writes the checkpoint that holds that
+    evaluation (atomically: a temporary file renamed into place). A crash between the two leaves a
+    record newer than the checkpoint, which :meth:`metrics_until` drops on resume; the resumed run
+    writes it again, bit for bit the same.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.checkpoint_path = self.path / CHECKPOINT
         self.metrics_path = self.path / METRICS
+        self.restored: Checkpoint | None = None  # what restore() loaded
         self._lock: io.RunLock | None = None
+
+    def check_free(self) -> None:
+        """A RunLockedError if another live process is using this directory (changes nothing)."""
+        io.RunLock(self.path).check_free()
 
     def lock(self) -> None:
         """Become the one writer of this directory (made if missing)."""
@@ -200,45 +329,84 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         io.append_jsonl(self.metrics_path, record)
 
-    def metrics_until(self, it: int) -> list[dict]:
-        """Keep the metrics records up to iteration ``it`` (what a resumed run already wrote)."""
+    def read_metrics(self) -> list[dict]:
+        """The metrics records, checked: objects with an integer ``iter`` that increases and
+        numeric ``train_loss`` and ``val_loss``. A torn last line (a crash mid-append) is dropped;
+        anything else wrong is a FileFormatError naming the line."""
         records = io.read_jsonl(self.metrics_path) if self.metrics_path.exists() else []
-        kept = [r for r in records if isinstance(r, dict) and isinstance(r.get("iter"), int)
-                and r["iter"] <= it]
+        schema = {"iter": int, "train_loss": float, "val_loss": float}
+        previous = -1
+        for i, r in enumerate(records, 1):
+            try:
+                io.check_schema(r, schema, f"line {i}")
+            except ConfigError as e:
+                raise FileFormatError(f"{self.metrics_path}: {e}") from None
+            if r["iter"] <= previous:
+                raise FileFormatError(f"{self.metrics_path}: line {i}: iter {r['iter']} does not "
+                                      f"follow iter {previous}")
+            previous = r["iter"]
+        return records
+
+    def metrics_until(self, it: int, last_eval: dict | None = None) -> list[dict]:
+        """Keep the metrics records up to iteration ``it`` (what the checkpoint being resumed had
+        written) and drop the rest, rewriting the file atomically. If the record of ``it`` itself
+        is missing, ``last_eval`` (the checkpoint's copy of it) takes its place."""
+        kept = [r for r in self.read_metrics() if r["iter"] <= it]
+        if (not kept or kept[-1]["iter"] != it) and isinstance(last_eval, dict) \
+                and last_eval.get("iter") == it:
+            kept.append(last_eval)
         io.write_atomic_text(self.metrics_path, "".join(io.dumps_json(r, indent=None) + "\n"
                                                         for r in kept))
         return kept
 
     def save(self, model, optimizer, rngs, it: int, elapsed: float, run_info: dict,
-             record: dict) -> None:
+             record: dict, skipped: int = 0) -> None:
         info = {**run_info, "iter": it, "elapsed_s": elapsed, "last_eval": record,
-                "rng": [_rng_state(r) for r in rngs]}
+                "skipped_steps": skipped, "rng": [io.generator_state(r) for r in rngs]}
         write_checkpoint(self.checkpoint_path, model, info, optimizer)
 
     def restore(self, model, optimizer, rngs, config) -> tuple[int, float]:
-        """Load weights, optimizer state and generator states; return (iteration, elapsed s)."""
+        """Load weights, optimizer state and generator states; return (iteration, elapsed s).
+
+        Everything is checked before anything changes: a refused checkpoint leaves ``model``,
+        ``optimizer`` and ``rngs`` as they were. The checkpoint is kept in ``self.restored``.
+        """
         if not self.checkpoint_path.exists():
             raise ConfigError(f"--resume: {self.path} holds no checkpoint to resume from")
         ckpt = read_checkpoint(self.checkpoint_path)
-        meta = ckpt.meta
-        saved_config = meta.get("train_config")
-        if saved_config != config.to_dict():
+        meta, path = ckpt.meta, ckpt.path
+        if "train_config" not in meta:
+            raise FileFormatError(f"{path}: not a training checkpoint (no train_config, "
+                                  "optimizer state or iteration): nothing to resume")
+        if meta["train_config"] != config.to_dict():
             raise ConfigError(f"--resume: the checkpoint in {self.path} was made with other "
-                              f"training settings ({saved_config}); resume with the same ones")
+                              f"training settings ({meta['train_config']}); resume with the same "
+                              "ones")
         if meta["model_config"] != model.config.to_dict() or meta["kind"] != (
                 "lora" if is_lora(model) else "full"):
             raise ConfigError(f"--resume: the checkpoint in {self.path} is for another model")
-        it, elapsed, rng_states = meta.get("iter"), meta.get("elapsed_s"), meta.get("rng")
-        if not isinstance(it, int) or not isinstance(elapsed, (int, float)) \
-                or not isinstance(rng_states, list) or len(rng_states) != len(rngs):
-            raise FileFormatError(f"{self.checkpoint_path}: bad iteration or generator states")
-        loader = (lambda w: load_lora_state_dict(model, w)) if is_lora(model) \
-            else model.load_state_dict
-        _load(loader, ckpt.weights, self.checkpoint_path)
-        try:
-            optimizer.load_state_dict({"meta": meta.get("optimizer"), "arrays": ckpt.optim_arrays})
-        except (KeyError, ValueError) as e:
-            raise FileFormatError(f"{self.checkpoint_path}: optimizer state: {e}") from None
-        for rng, state in zip(rngs, rng_states, strict=False):
-            _set_rng_state(rng, state, self.checkpoint_path)
-        return it, float(elapsed)
+        if is_lora(model) and ckpt.lora_config != model.lora_config:
+            raise ConfigError(f"--resume: the checkpoint in {self.path} holds another adapter "
+                              f"({meta['lora_config']})")
+        states = meta["rng"]
+        if len(states) != len(rngs):
+            raise FileFormatError(f"{path}: {len(states)} generator states, expected {len(rngs)}")
+        fresh = [io.restore_generator(s, f"{path}: rng[{i}]") for i, s in enumerate(states)]
+        for i, (rng, new) in enumerate(zip(rngs, fresh, strict=True)):
+            if type(rng.bit_generator) is not type(new.bit_generator):
+                raise FileFormatError(f"{path}: rng[{i}] is a {type(new.bit_generator).__name__} "
+                                      f"state, the run uses {type(rng.bit_generator).__name__}")
+        _check_weights(path, ckpt.weights, _trained_weights(model))
+        try:  # checks everything before it changes anything
+            optimizer.load_state_dict({"meta": meta["optimizer"], "arrays": ckpt.optim_arrays})
+        except (MiniLoRAError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise FileFormatError(f"{path}: optimizer state: {e}") from None
+        # all checked: now change the model and the generators (neither can fail any more)
+        if is_lora(model):
+            load_lora_state_dict(model, ckpt.weights)
+        else:
+            model.load_state_dict(ckpt.weights)
+        for rng, new in zip(rngs, fresh, strict=True):
+            rng.bit_generator.state = new.bit_generator.state
+        self.restored = ckpt
+        return meta["iter"], float(meta["elapsed_s"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minilora.errors import NonFiniteError
+from minilora.errors import ConfigError, NonFiniteError
 from minilora.ops.backend import parallel
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, param_groups
 from minilora.tensor import no_grad
@@ -61,10 +61,34 @@ def estimate_loss(model, data, batch_size: int, eval_iters: int, rng: np.random.
 
 
 def _first_nonfinite(named_params) -> str | None:
+    """The first parameter, in model order, whose gradient holds a NaN or an infinity."""
     for name, p in named_params:
         if p.grad is not None and not np.isfinite(p.grad).all():
             return name
     return None
+
+
+def _nonfinite_values(model) -> str | None:
+    """The first parameter, in model order, whose values hold a NaN or an infinity."""
+    for name, p in model.named_parameters():
+        if not np.isfinite(p.data).all():
+            return name
+    return None
+
+
+def _culprit(model, named) -> str:
+    """Which parameter a non-finite loss or gradient comes from, for the error message."""
+    name = _nonfinite_values(model)
+    if name is not None:
+        return f"parameter {name} holds NaN or infinity"
+    name = _first_nonfinite(named)
+    if name is not None:
+        return f"the first parameter affected is {name} (its gradient is not finite)"
+    return "no parameter's gradient is affected"
+
+
+def _kept(run) -> str:
+    return f"; the last good checkpoint is in {run.path}" if run is not None else ""
 
 
 def _grad_norm(params) -> float:
@@ -101,15 +125,18 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
     run_info = dict(run_info or {})
     run_info["train_config"] = config.to_dict()
 
+    if resume and out_dir is None:
+        raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
     run = checkpoint.RunDir(out_dir) if out_dir is not None else None
-    start, elapsed, history = 0, 0.0, []
+    start, elapsed, history, skipped = 0, 0.0, [], 0
     try:
         if run is not None:
             run.lock()
             if resume:
                 rngs = (batch_rng, eval_rng, model.rng)
                 start, elapsed = run.restore(model, optimizer, rngs, config)
-                history = run.metrics_until(start)
+                skipped = run.restored.meta.get("skipped_steps", 0)
+                history = run.metrics_until(start, run.restored.meta.get("last_eval"))
             else:
                 run.start_fresh()
         if not resume:  # dropout masks follow the run's seed, not the model's history
@@ -118,7 +145,7 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
 
         tokens_per_step = config.batch_size * block_size
         step_times: list[float] = []
-        skipped, last = 0, {"train": math.nan, "val": math.nan}
+        last = {"train": math.nan, "val": math.nan}
         if history:
             last = {"train": history[-1]["train_loss"], "val": history[-1]["val_loss"]}
         since_eval_tokens, since_eval_time = 0, 0.0
@@ -129,6 +156,11 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
             due = it % config.eval_interval == 0 or it == config.max_iters
             if due and not (resume and it == start):
                 last = estimate_loss(model, data, config.batch_size, config.eval_iters, eval_rng)
+                if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
+                    raise NonFiniteError(
+                        f"training stopped at iteration {it}: the evaluation loss is "
+                        f"{last['train']} (train), {last['val']} (val); "
+                        f"{_culprit(model, named)}{_kept(run)}")
                 record = {"iter": it, "train_loss": last["train"], "val_loss": last["val"],
                           "lr": schedule(min(it, config.max_iters)), "elapsed_s": round(elapsed, 4),
                           "tokens_per_s": round(since_eval_tokens / since_eval_time, 2)
@@ -140,7 +172,7 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
                 if run is not None:
                     run.append_metrics(record)
                     run.save(model, optimizer, (batch_rng, eval_rng, model.rng), it, elapsed,
-                             run_info, record)
+                             run_info, record, skipped)
             if it == config.max_iters:
                 break
 
@@ -149,24 +181,23 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
             x, y = data.get_batch("train", config.batch_size, block_size, batch_rng)
             _, loss = model(x, y)
             loss_value = loss.item()
-            problem = None
-            if not math.isfinite(loss_value):
-                problem = f"the loss is {loss_value}"
-                del loss
-            else:
-                loss.backward()
-                del loss
+            finite_loss = math.isfinite(loss_value)
+            if finite_loss or config.on_nonfinite == "raise":
+                loss.backward()  # for a non-finite loss, only to find the parameter it reaches
+            del loss
+            norm = math.nan
+            if finite_loss:
                 norm = clip_grad_norm(trainable, config.grad_clip) if config.grad_clip > 0 \
                     else _grad_norm(trainable)
-                if not math.isfinite(norm):
-                    problem = f"the gradient of {_first_nonfinite(named)} is not finite"
-            if problem is None:
+            if math.isfinite(norm):
                 optimizer.step()
             elif config.on_nonfinite == "skip":
                 skipped += 1
             else:
-                where = f"; the last good checkpoint is in {run.path}" if run is not None else ""
-                raise NonFiniteError(f"training stopped at iteration {it}: {problem}{where} "
+                what = "the gradient norm is not finite" if finite_loss \
+                    else f"the loss is {loss_value}"
+                raise NonFiniteError(f"training stopped at iteration {it}: {what}; "
+                                     f"{_culprit(model, named)}{_kept(run)} "
                                      "(on_nonfinite='skip' skips such steps instead)")
             optimizer.zero_grad()
             dt = time.perf_counter() - t0
