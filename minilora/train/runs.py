@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 from minilora.data import load_dataset, tokenizer_from_dict
-from minilora.errors import ConfigError, FileFormatError
+from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.train.checkpoint import (
     CHECKPOINT,
+    RunDir,
     load_run,
     model_fingerprint,
     read_checkpoint,
@@ -33,6 +34,7 @@ def _source(data: str | os.PathLike) -> str:
 
 def _fresh_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
+    RunDir(out).check_free()  # a run in progress there: say so, not "already holds a run"
     if (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run ({CHECKPOINT}); continue it with --resume "
                           "or choose another --out")
@@ -101,6 +103,7 @@ def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
            extra_eval=None) -> TrainResult:
     """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with."""
     out = Path(out_dir)
+    RunDir(out).check_free()  # before loading anything
     if not (out / CHECKPOINT).exists():
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
     meta = read_checkpoint(out).meta
@@ -119,7 +122,11 @@ def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
             raise FileFormatError(f"{out / CHECKPOINT}: its base {base_dir} has changed since "
                                   "the run started")
         model.config = model_config
-        apply_lora(model, LoRAConfig.from_dict(meta["lora_config"]), rng=model.rng)
+        try:
+            apply_lora(model, LoRAConfig.from_dict(meta["lora_config"]), rng=model.rng)
+        except MiniLoRAError as e:
+            raise FileFormatError(f"{out / CHECKPOINT}: its lora_config does not fit its base: "
+                                  f"{e}") from None
     else:
         model = GPT(model_config, seed=config.seed)
     _set_dropout(model, model_config.dropout)
