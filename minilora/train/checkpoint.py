@@ -19,6 +19,7 @@ see ``RunDir`` and docs/reliability.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -265,7 +266,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         base = read_checkpoint(base_dir)
         if base.meta["kind"] != "full":
             raise FileFormatError(f"{ckpt.path}: its base {base_dir} is a LoRA run, not a model")
-        if base.model_config != ckpt.model_config:
+        # dropout is a training setting, not architecture: a LoRA run may train with its own
+        if dataclasses.replace(base.model_config, dropout=ckpt.model_config.dropout) \
+                != ckpt.model_config:
             raise FileFormatError(f"{ckpt.path}: the base in {base_dir} has a different "
                                   f"architecture than the adapter was made for")
         model = _full_model(base)
