@@ -98,6 +98,7 @@ def _grad_norm(params) -> float:
 def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *,
           resume: bool = False, quiet: bool = False, run_info: dict | None = None,
           extra_eval: Callable[[object], dict] | None = None,
+          on_eval: Callable[[dict], None] | None = None,
           threads: int | None = None) -> TrainResult:
     """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a :class:`TrainResult`.
 
@@ -106,13 +107,16 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
         was never interrupted.
     run_info: JSON-able facts saved in the checkpoint (tokenizer, LoRA config, base model, data).
     extra_eval: called with the model at each evaluation; its numbers join the metrics record.
+    on_eval: called with each metrics record once it is saved (the CLI prints it).
     threads: how many threads the products use (default: all CPUs); see ``ops.backend.parallel``.
     """
     with parallel(threads):
-        return _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval)
+        return _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
+                      on_eval)
 
 
-def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) -> TrainResult:
+def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
+           on_eval=None) -> TrainResult:
     block_size = model.config.block_size
     data.check_block_size(block_size)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -173,6 +177,8 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval) ->
                     run.append_metrics(record)
                     run.save(model, optimizer, (batch_rng, eval_rng, model.rng), it, elapsed,
                              run_info, record, skipped)
+                if on_eval is not None:
+                    on_eval(record)
             if it == config.max_iters:
                 break
 
