@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,8 @@ _META_SCHEMA = {
     "lora_config?": dict, "base?": {"path": str, "sha256": str},
     "train_config?": dict, "optimizer?": dict, "tokenizer?": (dict, type(None)),
     "iter?": int, "elapsed_s?": float, "skipped_steps?": int, "rng?": [dict],
-    "last_eval?": dict, "data?": {"source": str, "seed": int},
+    "last_eval?": {"iter": int, "train_loss": float, "val_loss": float},
+    "data?": {"source": str, "seed": int},
     "init_from?": str, "merged_from?": str,
 }
 _RUN_FACTS = ("train_config", "optimizer", "iter", "elapsed_s", "rng")  # what resume needs
@@ -107,6 +109,29 @@ def _config(cls, d, path: Path, what: str):
         raise FileFormatError(f"{path}: bad {what}: {e}") from None
 
 
+# A regular expression from a file could take exponential time to match (``(.*)*z`` took 18 s per
+# module name here): patterns read from a checkpoint must not repeat a group and may hold at most
+# a few repetitions, which every pattern PEFT's docs show (``.*\.attn\.c_attn``,
+# ``h\.\d+\.attn\.(c_attn|c_proj)``) satisfies; such patterns match a module name in linear time.
+_MAX_REPEATS = 4
+_REPEATED_GROUP = re.compile(r"\)(?:[*+?]|\{\d)")
+_REPEAT = re.compile(r"(?<!\\)(?:[*+]|\{\d+,\d*\})")
+
+
+def _check_patterns(path: Path, config: LoRAConfig) -> None:
+    patterns = [("target_modules", config.target_modules)] if isinstance(
+        config.target_modules, str) else []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns += [(f"{field} key", k) for k in (getattr(config, field) or {})]
+    for where, pattern in patterns:
+        if len(pattern) > 200 or _REPEATED_GROUP.search(pattern) \
+                or len(_REPEAT.findall(pattern)) > _MAX_REPEATS:
+            raise FileFormatError(f"{path}: lora_config {where} {pattern[:60]!r} is refused: a "
+                                  "pattern read from a file may not repeat a group or hold more "
+                                  f"than {_MAX_REPEATS} repetitions (it could take exponential "
+                                  "time to match)")
+
+
 def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None]:
     """Every JSON fact, by type and by meaning; returns the configs they describe."""
     try:
@@ -125,6 +150,7 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
             raise FileFormatError(f"{path}: a LoRA checkpoint needs 'base' (the reference to its "
                                   "base model) and 'lora_config'")
         lora_config = _config(LoRAConfig, meta["lora_config"], path, "lora_config")
+        _check_patterns(path, lora_config)
     train_config = None
     if "train_config" in meta:
         train_config = _config(TrainConfig, meta["train_config"], path, "train_config")
