@@ -1,7 +1,7 @@
 """The ``minilora`` command: demo, train, merge, generate, eval, params, bench.
 
 A user mistake (a missing file, a bad setting, an adapter for another base) prints one line,
-``minilora: error: ...``, and exits with code 2; nothing is left half-written.
+``minilora: error: ...``, on stderr and exits with code 2; nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -16,26 +16,43 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 30 seconds)
+main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 20 seconds)
+help:       minilora COMMAND --help  (every command has examples)
+"""
+
+TRAIN_DESCRIPTION = """\
+Train a GPT: a new one (--data), a full fine-tune of a trained one (--init-from), or a LoRA
+fine-tune (--init-from and --lora-r). Writes DIR/checkpoint.safetensors at every evaluation and
+DIR/metrics.jsonl (one JSON line per evaluation: iter, train_loss, val_loss, lr, elapsed_s,
+tokens_per_s). A LoRA run saves only its adapter, beside a reference to its base.
 """
 
 TRAIN_EXAMPLES = """\
 examples:
   # pretrain a base on a built-in corpus (no download)
-  minilora train --data builtin:world --out runs/base --max-iters 1000
+  minilora train --data builtin:world --out runs/base --max-iters 600
   # fine-tune it with LoRA (rank 4, alpha 8) on attention, on the built-in task
   minilora train --data builtin:majority --init-from runs/base --out runs/lora \\
-      --lora-r 4 --lora-alpha 8 --target-modules c_attn,c_proj --max-iters 400 --lr 3e-3
+      --lora-r 4 --lora-alpha 8 --target-modules c_attn,c_proj --max-iters 300 --lr 5e-3
   # the same in full
-  minilora train --data builtin:majority --init-from runs/base --out runs/full --max-iters 400
-  # continue a run that was stopped
+  minilora train --data builtin:majority --init-from runs/base --out runs/full --max-iters 300
+  # continue a run that was stopped (Ctrl-C, a crash): bit for bit as if it never stopped
   minilora train --out runs/lora --resume
-  # nanoGPT's CPU run on tiny Shakespeare
-  minilora train --data shakespeare.txt --out runs/shakespeare --max-iters 2000
+  # nanoGPT's CPU run on tiny Shakespeare (the defaults are its settings)
+  minilora train --data shakespeare.txt --out runs/shakespeare
 
 built-in corpora: builtin:world (English-like prose, to pretrain on),
                   builtin:majority (a task to adapt to, scored by exact match)
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line, ``minilora: error: ...``, and exit code 2."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("minilora").strip()
+        self.exit(2, f"minilora: error: {command + ': ' if command else ''}{message} "
+                     f"(see '{self.prog} --help')\n")
 
 
 def _positive_int(text: str) -> int:
@@ -80,113 +97,179 @@ def _shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _sub(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=textwrap.dedent(description),
+                          epilog=textwrap.dedent(examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_train(sub) -> None:
+    from minilora.commands import DEFAULT_MODEL, DEFAULT_WARMUP
+    from minilora.train import TrainConfig
+
+    d = TrainConfig()
     p = sub.add_parser("train", help="pretrain, fine-tune in full, or fine-tune with LoRA",
-                       description="Train a GPT: from scratch, from --init-from in full, or with "
-                                   "LoRA (--lora-r). Writes DIR/metrics.jsonl and "
-                                   "DIR/checkpoint.safetensors.",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a UTF-8 text file, or builtin:NAME")
+                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", metavar="FILE|builtin:NAME",
+                   help="a UTF-8 text file (character tokens, 90/10 train/val split), or a "
+                        "built-in corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
-    p.add_argument("--init-from", metavar="DIR", help="start from this run's model (fine-tuning)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    g = p.add_argument_group("model (new models only)")
-    g.add_argument("--n-layer", type=_positive_int)
-    g.add_argument("--n-head", type=_positive_int)
-    g.add_argument("--n-embd", type=_positive_int)
-    g.add_argument("--block-size", type=_positive_int)
-    g.add_argument("--dropout", type=_number)
-    g.add_argument("--dtype", choices=("float32", "float64"))
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--max-iters", type=_nonneg_int)
-    g.add_argument("--lr", type=_number, help="peak learning rate")
-    g.add_argument("--min-lr", type=_number)
-    g.add_argument("--warmup-iters", type=_nonneg_int)
-    g.add_argument("--weight-decay", type=_number)
-    g.add_argument("--grad-clip", type=_number, help="0 disables clipping")
-    g.add_argument("--eval-interval", type=_positive_int)
-    g.add_argument("--eval-iters", type=_positive_int)
-    g.add_argument("--seed", type=_nonneg_int)
+    p.add_argument("--init-from", metavar="DIR", help="fine-tune this run's model (a full run: "
+                                                      "merge a LoRA run first)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its settings")
+    g = p.add_argument_group("model (a new model only; --init-from keeps the base's)")
+    g.add_argument("--n-layer", type=_positive_int, metavar="N",
+                   help=f"transformer blocks (default: {DEFAULT_MODEL['n_layer']})")
+    g.add_argument("--n-head", type=_positive_int, metavar="N",
+                   help=f"attention heads; must divide --n-embd (default: "
+                        f"{DEFAULT_MODEL['n_head']})")
+    g.add_argument("--n-embd", type=_positive_int, metavar="N",
+                   help=f"width (default: {DEFAULT_MODEL['n_embd']})")
+    g.add_argument("--block-size", type=_positive_int, metavar="T",
+                   help=f"context length in tokens (default: {DEFAULT_MODEL['block_size']})")
+    g.add_argument("--dropout", type=_number, metavar="P",
+                   help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
+    g = p.add_argument_group("optimisation (AdamW, cosine schedule with linear warm-up)")
+    g.add_argument("--batch-size", type=_positive_int, metavar="B",
+                   help=f"(default: {d.batch_size})")
+    g.add_argument("--max-iters", type=_nonneg_int, metavar="N",
+                   help=f"training steps (default: {d.max_iters})")
+    g.add_argument("--lr", type=_number, help=f"peak learning rate (default: {d.lr:g})")
+    g.add_argument("--min-lr", type=_number, metavar="LR",
+                   help=f"learning rate at the end of the cosine (default: {d.min_lr:g})")
+    g.add_argument("--warmup-iters", type=_nonneg_int, metavar="N",
+                   help=f"(default: {DEFAULT_WARMUP}, or a tenth of --max-iters if smaller)")
+    g.add_argument("--weight-decay", type=_number, metavar="WD",
+                   help=f"decoupled, on weights of 2 or more dimensions (default: "
+                        f"{d.weight_decay:g})")
+    g.add_argument("--grad-clip", type=_number, metavar="NORM",
+                   help=f"clip the gradient norm; 0 disables clipping (default: {d.grad_clip:g})")
+    g.add_argument("--eval-interval", type=_positive_int, metavar="N",
+                   help=f"evaluate and checkpoint every N steps (default: {d.eval_interval})")
+    g.add_argument("--eval-iters", type=_positive_int, metavar="N",
+                   help=f"batches per evaluation and split (default: {d.eval_iters})")
+    g.add_argument("--seed", type=_nonneg_int, help=f"same seed, same run, bit for bit "
+                                                    f"(default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
-    g = p.add_argument_group("LoRA (with --init-from)")
-    g.add_argument("--lora-r", type=_positive_int, help="adapter rank; without it, fine-tuning "
-                                                       "is full")
-    g.add_argument("--lora-alpha", type=_number, help="scaling numerator (default: 2 * r)")
-    g.add_argument("--lora-dropout", type=_number)
-    g.add_argument("--target-modules", help="comma-separated, e.g. c_attn,c_proj")
-    g.add_argument("--use-rslora", action="store_true", help="scale by alpha/sqrt(r)")
+    g = p.add_argument_group("LoRA (with --init-from; without --lora-r, fine-tuning is full)")
+    g.add_argument("--lora-r", type=_positive_int, metavar="R", help="adapter rank, e.g. 4")
+    g.add_argument("--lora-alpha", type=_number, metavar="ALPHA",
+                   help="scaling s = alpha / r (default: 2 * r)")
+    g.add_argument("--lora-dropout", type=_number, metavar="P",
+                   help="dropout on the adapter's input (default: 0)")
+    g.add_argument("--target-modules", metavar="NAMES",
+                   help="comma-separated module names (default: c_attn,c_proj; also c_fc, "
+                        "or full names such as transformer.h.0.attn.c_attn)")
+    g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
     _add_common(p)
 
 
 def _add_common(p) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=_positive_int, help="threads for matrix products "
-                                                         "(default: all CPUs)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the result (no progress bar, no evaluation lines)")
+    _add_threads(p)
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="threads for matrix products (default: all CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minilora", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     from minilora import __version__
+
+    parser = _Parser(prog="minilora", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="the main job: pretrain, fine-tune (full and LoRA), compare",
-                       description="Pretrain a small GPT on builtin:world, fine-tune it on "
-                                   "builtin:majority in full and with LoRA at ranks 1, 4, 16, "
-                                   "print one table, merge the best adapter and check it.",
-                       epilog="examples:\n  minilora demo\n  minilora demo --quick --out /tmp/d",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 30 s)")
+    p = _sub(sub, "demo", "the main job: pretrain, fine-tune (full and LoRA), compare, merge", """\
+        Pretrain a small GPT on builtin:world, fine-tune it on builtin:majority in full and with
+        LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
+        parameters, validation loss, exact match, ms per step, peak memory), merge the best
+        adapter, check merged and unmerged logits agree and time inference, print samples, and
+        save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
+        examples:
+          minilora demo                          # about 3 minutes on 2 cores
+          minilora demo --quick --out /tmp/demo  # a smaller run, about 20 seconds""")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 20 s)")
     p.add_argument("--out", default="minilora-demo", metavar="DIR",
-                   help="where runs, metrics and plots go (default: ./minilora-demo)")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+                   help="where runs, metrics and plots go (default: ./minilora-demo); only the "
+                        "demo's own run directories in it are replaced")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_common(p)
 
     _add_train(sub)
 
-    p = sub.add_parser("merge", help="merge a LoRA run's adapter into its base: a plain model",
-                       description="Fold W + s B A into every adapted layer, check that merged "
-                                   "and unmerged logits agree, and save a plain model.",
-                       epilog="example:\n  minilora merge --model runs/lora --out runs/merged",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "merge", "merge a LoRA run's adapter into its base: a plain model", """\
+        Fold W' = W + s B A into every adapted layer of a LoRA run, check that the merged model's
+        logits equal the unmerged ones (printing the largest difference), and save it as a plain
+        model that generates, evaluates and fine-tunes like any other, at the base's cost.""", """\
+        example:
+          minilora merge --model runs/lora --out runs/merged
+          minilora generate --model runs/merged --prompt 'fig cow owl: ' --temperature 0""")
     p.add_argument("--model", required=True, metavar="DIR", help="a LoRA run directory")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the merged model goes")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="where the merged model goes (a new directory)")
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained model",
-                       epilog="examples:\n  minilora generate --model runs/base --prompt 'the cat'"
-                              "\n  minilora generate --model runs/lora --prompt 'fig cow owl: ' "
-                              "--temperature 0",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=200)
-    p.add_argument("--temperature", type=_number, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=_positive_int)
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p = _sub(sub, "generate", "continue a prompt with a trained model", """\
+        Sample a continuation of --prompt from a run's model (a full run, a LoRA run on its
+        base, or a merged one) and print the prompt and its continuation. In the prompt, \\n
+        is a newline, \\t a tab and \\\\ a backslash.""", """\
+        examples:
+          minilora generate --model runs/base --prompt 'the cat' --max-new-tokens 100
+          minilora generate --model runs/lora --prompt '\\nfig cow owl plum: ' --temperature 0 \\
+              --max-new-tokens 8""")
+    p.add_argument("--model", required=True, metavar="DIR", help="a run directory")
+    p.add_argument("--prompt", default="\\n", metavar="TEXT",
+                   help="where to start (default: a newline)")
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=200, metavar="N",
+                   help="(default: 200)")
+    p.add_argument("--temperature", type=_number, default=0.8, metavar="T",
+                   help="0 is greedy: always the most likely token (default: 0.8)")
+    p.add_argument("--top-k", type=_positive_int, metavar="K",
+                   help="sample among the K most likely tokens only")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
+    _add_threads(p)
 
-    p = sub.add_parser("eval", help="validation loss (and task accuracy) of a trained model",
-                       epilog="example:\n  minilora eval --model runs/lora --data builtin:majority",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR")
-    p.add_argument("--data", required=True, help="a UTF-8 text file, or builtin:NAME")
-    p.add_argument("--eval-iters", type=_positive_int, default=50)
-    p.add_argument("--batch-size", type=_positive_int, default=12)
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p = _sub(sub, "eval", "validation loss (and task accuracy) of a trained model", """\
+        The mean train and validation loss of a run's model on --data (over --eval-iters random
+        batches per split) and, on a built-in task, the exact match of greedy completions on its
+        200 held-out prompts.""", """\
+        examples:
+          minilora eval --model runs/lora --data builtin:majority
+          minilora eval --model runs/shakespeare --data shakespeare.txt --eval-iters 200""")
+    p.add_argument("--model", required=True, metavar="DIR", help="a run directory")
+    p.add_argument("--data", required=True, metavar="FILE|builtin:NAME",
+                   help="a UTF-8 text file, or a built-in corpus")
+    p.add_argument("--eval-iters", type=_positive_int, default=50, metavar="N",
+                   help="(default: 50)")
+    p.add_argument("--batch-size", type=_positive_int, default=12, metavar="B",
+                   help="(default: 12)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
+    _add_threads(p)
 
-    p = sub.add_parser("params", help="the parameter arithmetic of LoRA for one weight matrix",
-                       epilog="examples:\n  minilora params --shape 4096x4096 --rank 4\n"
-                              "  minilora params --shape 3x3 --rank 1",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", required=True, type=_shape, metavar="OUTxIN")
-    p.add_argument("--rank", required=True, type=_positive_int)
+    p = _sub(sub, "params", "the parameter arithmetic of LoRA for one weight matrix", """\
+        How many parameters LoRA trains for one (out, in) weight at rank r: A (r, in) and
+        B (out, r) hold r (in + out) against the weight's in x out.""", """\
+        examples:
+          minilora params --shape 4096x4096 --rank 4   # 16,777,216 against 32,768: 1/512
+          minilora params --shape 3x3 --rank 1         # 9 against 6""")
+    p.add_argument("--shape", required=True, type=_shape, metavar="OUTxIN",
+                   help="the weight's shape, e.g. 4096x4096")
+    p.add_argument("--rank", required=True, type=_positive_int, metavar="R", help="LoRA's rank")
 
-    p = sub.add_parser("bench", help="time training steps against numpy's matmul peak and PyTorch",
-                       epilog="examples:\n  minilora bench --config A --steps 5\n"
-                              "  minilora bench --config B --compare torch",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _sub(sub, "bench", "time training steps against numpy's matmul peak and PyTorch", """\
+        Time training steps of a fixed model and print them as ratios to numpy's own float32
+        matmul throughput on this machine and, with --compare torch, to the same model in
+        PyTorch on the CPU.""", """\
+        examples:
+          minilora bench --config A --steps 5
+          minilora bench --config B --compare torch""")
     p.add_argument("--config", action="append", choices=("A", "B"), help="repeatable; default A")
     p.add_argument("--steps", type=_positive_int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=_nonneg_int, default=2)
@@ -221,4 +304,3 @@ def _one_line(e: Exception) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

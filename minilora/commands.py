@@ -1,87 +1,141 @@
-"""What each ``minilora`` subcommand does (the parser is in ``minilora.cli``)."""
+"""What each ``minilora`` subcommand does (the parser is in ``minilora.cli``).
+
+Each ``cmd_*`` takes the parsed arguments, prints what it did on stdout and returns the exit code.
+A user mistake is raised as a :class:`minilora.MiniLoRAError`; ``cli.main`` turns it into one line,
+``minilora: error: ...``, and exit code 2.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from minilora.errors import ConfigError, DataError
+from minilora.errors import ConfigError, DataError, MiniLoRAError
 from minilora.models import GPTConfig
 from minilora.train import TrainConfig
-from minilora.train.checkpoint import CHECKPOINT
+from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
 _LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora")
 # nanoGPT's tiny Shakespeare CPU model: the default architecture of a new run
 DEFAULT_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}
+DEFAULT_WARMUP = 100  # nanoGPT's; a run shorter than 1000 steps warms up for a tenth of them
 
 
 def _given(args, names) -> dict:
+    """The flags among ``names`` that the user set (0 and 0.0 are set; None and False are not)."""
     return {n: getattr(args, n) for n in names
-            if getattr(args, n, None) not in (None, False)}
+            if getattr(args, n, None) is not None and getattr(args, n) is not False}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_CONFIG_FIELD = re.compile(r"\b(?:TrainConfig|GPTConfig)\.(\w+)|\bLoRAConfig: (\w+)")
+_LORA_FIELD_FLAGS = {"r": "--lora-r", "lora_alpha": "--lora-alpha",
+                     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules"}
+
+
+def _as_flags(e: MiniLoRAError) -> MiniLoRAError:
+    """The same error with config field names (``TrainConfig.lr``) said as flags (``--lr``)."""
+
+    def flag(m: re.Match) -> str:
+        if m.group(1) is not None:
+            return _flag(m.group(1))
+        return _LORA_FIELD_FLAGS.get(m.group(2), m.group(0))
+
+    return type(e)(_CONFIG_FIELD.sub(flag, str(e)))
+
+
 def _train_config(args) -> TrainConfig:
     given = _given(args, _TRAIN_FLAGS)
     if args.skip_nonfinite:
         given["on_nonfinite"] = "skip"
+    if "warmup_iters" not in given and "max_iters" in given:
+        given["warmup_iters"] = min(DEFAULT_WARMUP, given["max_iters"] // 10)
     return TrainConfig(**given)
+
+
+def _say(text: str) -> None:
+    """A line on stdout that does not break a progress bar on the terminal."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _eval_line(record: dict) -> str:
+    speed = record.get("tokens_per_s")
+    speed = f", {speed:,.0f} tokens/s" if speed else ""
+    return (f"iter {record['iter']}: train loss {record['train_loss']:.4f}, val loss "
+            f"{record['val_loss']:.4f}, lr {record['lr']:.3g}{speed}")
 
 
 def cmd_train(args) -> int:
     from minilora.lora import LoRAConfig
     from minilora.train import runs
 
+    talk = {} if args.quiet else {"log": _say, "on_eval": lambda r: _say(_eval_line(r))}
+    common = {"quiet": args.quiet, "threads": args.threads, **talk}
     if args.resume:
         settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r", *_LORA_FLAGS,
                                  "data", "init_from", "skip_nonfinite"))
         if settings:
             raise ConfigError("--resume continues with the run's own settings; drop "
                               + ", ".join(_flag(n) for n in settings))
-        result = runs.resume(args.out, quiet=args.quiet, threads=args.threads)
+        result = runs.resume(args.out, **common)
     else:
         if args.data is None:
             raise ConfigError("train: --data FILE or --data builtin:NAME is required "
-                              "(or --resume)")
-        config = _train_config(args)
-        if args.init_from is None:
-            if args.lora_r is not None:
-                raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
-            model = {**DEFAULT_MODEL, **_given(args, (*_MODEL_FLAGS, "dropout"))}
-            if "dropout" in model:
-                model["dropout"] = float(model["dropout"])
-            GPTConfig(vocab_size=1, **model)  # check the architecture before reading any data
-            result = runs.pretrain(args.data, args.out, model, config, quiet=args.quiet,
-                                   threads=args.threads)
-        else:
-            fixed = _given(args, _MODEL_FLAGS)
-            if fixed:
+                              "(or --resume to continue the run in --out)")
+        if args.init_from is None and args.lora_r is not None:
+            raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
+        if args.lora_r is None and _given(args, _LORA_FLAGS):
+            raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
+                              + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
+        try:
+            config = _train_config(args)
+            model = lora = None
+            if args.init_from is None:
+                model = {**DEFAULT_MODEL, **_given(args, (*_MODEL_FLAGS, "dropout"))}
+                GPTConfig(vocab_size=1, **model)  # check the architecture before any data
+            elif _given(args, _MODEL_FLAGS):
                 raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
-                                  + ", ".join(_flag(n) for n in fixed))
-            lora = None
-            if args.lora_r is not None:
-                targets = (args.target_modules or "c_attn,c_proj").split(",")
+                                  + ", ".join(_flag(n) for n in _given(args, _MODEL_FLAGS)))
+            elif args.lora_r is not None:
+                targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
                 lora = LoRAConfig(
                     r=args.lora_r,
                     lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-                    lora_dropout=args.lora_dropout or 0.0,
-                    target_modules=tuple(t.strip() for t in targets if t.strip()),
+                    lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
+                    target_modules=tuple(t for t in targets if t),
                     use_rslora=args.use_rslora)
-            elif _given(args, _LORA_FLAGS):
-                raise ConfigError("LoRA settings need --lora-r (without it, fine-tuning is full): "
-                                  + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
+            if args.dropout is not None:
+                GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
+        except ConfigError as e:
+            raise _as_flags(e) from None
+        if model is not None:
+            result = runs.pretrain(args.data, args.out, model, config, **common)
+        else:
             result = runs.finetune(args.init_from, args.data, args.out, config, lora,
-                                   dropout=args.dropout, quiet=args.quiet, threads=args.threads)
-    print(f"iter {result.iters}: train loss {result.train_loss:.4f}, val loss "
-          f"{result.val_loss:.4f}, {result.ms_per_step:.1f} ms/step, "
-          f"{result.elapsed_s:.1f} s training; saved to {Path(args.out) / CHECKPOINT}")
+                                   dropout=args.dropout, **common)
+    out = Path(args.out)
+    if math.isnan(result.ms_per_step):  # no step ran: --max-iters 0, or the run had finished
+        print(f"iter {result.iters} (no training steps ran): train loss "
+              f"{result.train_loss:.4f}, val loss {result.val_loss:.4f}; the run in {out} is "
+              "complete")
+    else:
+        print(f"done: iter {result.iters}, train loss {result.train_loss:.4f}, val loss "
+              f"{result.val_loss:.4f}; {result.ms_per_step:.1f} ms/step "
+              f"({result.tokens_per_s:,.0f} tokens/s), {result.elapsed_s:.1f} s of training")
+        print(f"saved {out / CHECKPOINT} and {out / METRICS}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with non-finite numbers")
     return 0
@@ -97,19 +151,32 @@ def _load(model_dir):
     return run, tokenizer_from_dict(run.tokenizer, source=str(model_dir))
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` in a prompt typed on the command line become a newline, a
+    tab and a backslash; every other character (any other backslash, any non-ASCII letter) is
+    kept as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def cmd_generate(args) -> int:
-    run, tokenizer = _load(args.model)
     if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-    prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature:g}")
+    run, tokenizer = _load(args.model)
+    prompt = unescape(args.prompt)
+    if not prompt:
+        raise DataError("--prompt is empty")
     try:
         idx = tokenizer.encode(prompt)
     except DataError as e:
         raise DataError(f"--prompt: {e}") from None
-    if idx.size == 0:
-        raise DataError("--prompt is empty")
-    out = run.model.generate(idx[None, :], args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, rng=args.seed)
+    from minilora.ops.backend import parallel
+
+    with parallel(args.threads):
+        out = run.model.generate(idx[None, :], args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, rng=args.seed)
     print(tokenizer.decode(out[0]))
     return 0
 
@@ -123,18 +190,24 @@ def cmd_eval(args) -> int:
     run, tokenizer = _load(args.model)
     data = load_dataset(args.data, tokenizer=tokenizer, seed=DATA_SEED)
     data.check_block_size(run.model.config.block_size)
-    with parallel():
+    with parallel(args.threads):
         losses = estimate_loss(run.model, data, args.batch_size, args.eval_iters,
                                np.random.default_rng(args.seed))
         print(f"{args.data}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"({args.eval_iters} batches of {args.batch_size})")
+              f"({args.eval_iters} batches of {args.batch_size} x {run.model.config.block_size} "
+              "tokens per split)")
         if data.task is not None:
             from minilora.demo import task_accuracy
 
             score = task_accuracy(run.model, tokenizer, data.task)
             print(f"{data.task.name}: exact match {score.accuracy:.1%} "
-                  f"({score.correct}/{score.total} held-out prompts)")
+                  f"({score.correct}/{score.total} held-out prompts, greedy)")
     return 0
+
+
+# float32 logits of a merged model differ from the unmerged ones by round-off (~1e-6 here);
+# anything near these bounds means the merge is wrong, not inexact
+_MERGE_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
 def cmd_merge(args) -> int:
@@ -157,13 +230,23 @@ def cmd_merge(args) -> int:
         merge_and_unload(model)
         after = model(probe).data
     diff = float(np.max(np.abs(before.astype(np.float64) - after)))
+    bound = _MERGE_TOLERANCE[model.config.dtype] * max(1.0, float(np.max(np.abs(before))))
+    if not diff <= bound:
+        raise MiniLoRAError(f"merge: merged and unmerged logits differ by {diff:.3g} (more than "
+                            f"{bound:.3g}); nothing was written")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        info = {k: run.meta[k] for k in ("tokenizer", "data") if k in run.meta}
-        info["merged_from"] = str(Path(args.model).resolve())
-        write_checkpoint(out / CHECKPOINT, model, info)
-    print(f"merged {args.model} into {out / CHECKPOINT}; max |logits merged - unmerged| = "
-          f"{diff:.3g}")
+    try:
+        with RunLock(out):
+            info = {k: run.meta[k] for k in ("tokenizer", "data") if k in run.meta}
+            info["merged_from"] = str(Path(args.model).resolve())
+            write_checkpoint(out / CHECKPOINT, model, info)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    print(f"merged {args.model} into {out / CHECKPOINT}: a plain model with "
+          f"{model.num_parameters():,} parameters; max |logits merged - unmerged| = {diff:.3g}")
     return 0
 
 
@@ -172,14 +255,16 @@ def cmd_params(args) -> int:
 
     out_f, in_f = args.shape
     c = LoRALayerCount("W", in_f, out_f, args.rank)
-    ratio = c.lora_params / c.weight_params
+    frac = c.fraction
+    as_ratio = f"1/{frac.denominator}" if frac.numerator == 1 else f"{frac}"
     print(f"weight W: {out_f:,} x {in_f:,} = {c.weight_params:,} parameters")
     print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
           f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
-    frac = c.fraction
-    as_ratio = f"1/{frac.denominator // frac.numerator}" if frac.numerator and \
-        frac.denominator % frac.numerator == 0 else f"{frac}"
-    print(f"ratio: {c.lora_params:,} / {c.weight_params:,} = {as_ratio} ({ratio:.4%})")
+    print(f"ratio: {c.lora_params:,} / {c.weight_params:,} = {as_ratio} "
+          f"({c.lora_params / c.weight_params:.4%})")
+    if c.lora_params >= c.weight_params:
+        print(f"(rank {args.rank} saves nothing here: LoRA is smaller than W only while "
+              f"r < in x out / (in + out) = {in_f * out_f / (in_f + out_f):.4g})")
     return 0
 
 

@@ -2,12 +2,19 @@
 
 These put together what a run needs (the data and its tokenizer, the model, LoRA, the facts saved
 beside the weights) and call :func:`minilora.train.train`. The CLI and the demo both use them.
+
+Everything that can be checked is checked before the run directory is touched: a bad setting, a
+missing base, data the base's tokenizer cannot encode or that is shorter than one block, all fail
+before ``out_dir`` exists, so a mistake never leaves a half-made run behind.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from minilora.data import load_dataset, tokenizer_from_dict
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
@@ -25,6 +32,8 @@ from minilora.train.loop import TrainResult, train
 
 DATA_SEED = 0  # built-in corpora (and their held-out prompts) are always generated from seed 0
 
+Log = Callable[[str], None]
+
 
 def _source(data: str | os.PathLike) -> str:
     """What is saved to find the data again: ``builtin:NAME`` or an absolute file path."""
@@ -41,18 +50,54 @@ def _fresh_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n:,} parameter{'s' if n != 1 else ''}"
+
+
+def _describe_data(dataset) -> str:
+    return (f"{dataset.name} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens, "
+            f"vocabulary {dataset.tokenizer.vocab_size})")
+
+
+def _describe_schedule(config: TrainConfig) -> str:
+    return (f"{config.max_iters} steps of batch {config.batch_size}, lr {config.lr:g} "
+            f"-> {config.min_lr:g} (warm-up {min(config.warmup_iters, config.max_iters)}), "
+            f"seed {config.seed}")
+
+
+def describe_model(model) -> str:
+    """``4 layers x 128 (4 heads), block 64: 800,000 parameters`` and, with LoRA, what trains."""
+    c = model.config
+    text = (f"{c.n_layer} layer{'s' if c.n_layer != 1 else ''} x {c.n_embd} "
+            f"({c.n_head} head{'s' if c.n_head != 1 else ''}), block {c.block_size}, {c.dtype}: "
+            f"{_count(model.num_parameters())}")
+    trainable = model.num_parameters(trainable_only=True)
+    if trainable != model.num_parameters():
+        text += f", {trainable:,} trainable ({100 * trainable / model.num_parameters():.2f}%)"
+    return text
+
+
 def pretrain(data: str | os.PathLike, out_dir, model_config: dict, config: TrainConfig, *,
-             quiet: bool = False, threads: int | None = None, extra_eval=None) -> TrainResult:
+             quiet: bool = False, threads: int | None = None, extra_eval=None,
+             on_eval: Callable[[dict], None] | None = None, log: Log | None = None
+             ) -> TrainResult:
     """Train a new GPT on ``data``. ``model_config``: GPTConfig fields but ``vocab_size``, which the
-    tokenizer gives (the built-in alphabet, or the characters of the file)."""
+    tokenizer gives (the built-in alphabet, or the characters of the file).
+
+    log: called once, before training, with a line saying what is trained on what.
+    """
     out = _fresh_dir(out_dir)
     dataset = load_dataset(data, seed=DATA_SEED)
     cfg = GPTConfig(**{**model_config, "vocab_size": dataset.tokenizer.vocab_size})
+    dataset.check_block_size(cfg.block_size)
     model = GPT(cfg, seed=config.seed)
     info = {"tokenizer": dataset.tokenizer.to_dict(),
             "data": {"source": _source(data), "seed": DATA_SEED}}
+    if log is not None:
+        log(f"pretraining a new GPT ({describe_model(model)}) on {_describe_data(dataset)}: "
+            f"{_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
-                 extra_eval=extra_eval)
+                 extra_eval=extra_eval, on_eval=on_eval)
 
 
 def load_base(base_dir) -> tuple:
@@ -68,15 +113,18 @@ def load_base(base_dir) -> tuple:
 
 def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
              lora: LoRAConfig | None = None, *, dropout: float | None = None, quiet: bool = False,
-             threads: int | None = None, extra_eval=None) -> TrainResult:
+             threads: int | None = None, extra_eval=None,
+             on_eval: Callable[[dict], None] | None = None, log: Log | None = None
+             ) -> TrainResult:
     """Fine-tune the model in ``base_dir`` on ``data``: in full, or with the adapter ``lora``.
 
     A LoRA run saves only the adapter, with the base's path (relative to ``out_dir``) and the
-    fingerprint of its weights.
+    fingerprint of its weights. The adapter's ``A`` is drawn from ``config.seed``.
     """
     out = _fresh_dir(out_dir)
     model, tokenizer = load_base(base_dir)
     dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
+    dataset.check_block_size(model.config.block_size)
     if dropout is not None:
         _set_dropout(model, dropout)
     info = {"tokenizer": tokenizer.to_dict(), "data": {"source": _source(data), "seed": DATA_SEED},
@@ -85,9 +133,15 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
     if lora is not None:
         info["base"] = {"path": os.path.relpath(Path(base_dir).resolve(), out.resolve()),
                         "sha256": model_fingerprint(model)}
-        apply_lora(model, lora, rng=model.rng)
+        apply_lora(model, lora, rng=np.random.default_rng([config.seed, 3]))
+    if log is not None:
+        how = "in full" if lora is None else (
+            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on "
+            f"{', '.join(lora.target_modules)}")
+        log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
+            f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
-                 extra_eval=extra_eval)
+                 extra_eval=extra_eval, on_eval=on_eval)
 
 
 def _set_dropout(model: GPT, p: float) -> None:
@@ -100,37 +154,43 @@ def _set_dropout(model: GPT, p: float) -> None:
 
 
 def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
-           extra_eval=None) -> TrainResult:
+           extra_eval=None, on_eval: Callable[[dict], None] | None = None,
+           log: Log | None = None) -> TrainResult:
     """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with."""
     out = Path(out_dir)
     RunDir(out).check_free()  # before loading anything
     if not (out / CHECKPOINT).exists():
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
-    meta = read_checkpoint(out).meta
-    try:
-        config = TrainConfig.from_dict(meta.get("train_config"))
-        tokenizer = tokenizer_from_dict(meta.get("tokenizer"), source=str(out / CHECKPOINT))
-        data = meta["data"]["source"]
-    except (ConfigError, KeyError, TypeError) as e:
-        raise FileFormatError(f"{out / CHECKPOINT}: cannot resume from it: {e}") from None
-    model_config = GPTConfig.from_dict(meta["model_config"])
+    ckpt = read_checkpoint(out)
+    meta = ckpt.meta
+    if ckpt.train_config is None or "data" not in meta or meta.get("tokenizer") is None:
+        raise FileFormatError(f"{out / CHECKPOINT}: cannot resume from it: it holds no training "
+                              "state (a merged model?)")
+    config, model_config = ckpt.train_config, ckpt.model_config
+    tokenizer = tokenizer_from_dict(meta["tokenizer"], source=str(out / CHECKPOINT))
     info = {k: meta[k] for k in ("tokenizer", "data", "init_from", "base") if k in meta}
     if meta["kind"] == "lora":
         base_dir = (out / meta["base"]["path"]).resolve()
+        if not (base_dir / CHECKPOINT).is_file():
+            raise FileFormatError(f"{out / CHECKPOINT}: the adapter's base model {base_dir} is "
+                                  "missing")
         model, _ = load_base(base_dir)
-        if model_fingerprint(model) != meta["base"].get("sha256"):
+        if model_fingerprint(model) != meta["base"]["sha256"]:
             raise FileFormatError(f"{out / CHECKPOINT}: its base {base_dir} has changed since "
                                   "the run started")
         model.config = model_config
         try:
-            apply_lora(model, LoRAConfig.from_dict(meta["lora_config"]), rng=model.rng)
+            apply_lora(model, ckpt.lora_config, rng=0)  # A and B come from the checkpoint
         except MiniLoRAError as e:
             raise FileFormatError(f"{out / CHECKPOINT}: its lora_config does not fit its base: "
                                   f"{e}") from None
     else:
         model = GPT(model_config, seed=config.seed)
     _set_dropout(model, model_config.dropout)
-    dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
+    dataset = load_dataset(meta["data"]["source"], tokenizer=tokenizer, seed=DATA_SEED)
     model.train()
+    if log is not None:
+        log(f"resuming {out} at iteration {meta['iter']} of {config.max_iters} "
+            f"({describe_model(model)}) on {_describe_data(dataset)}")
     return train(model, dataset, config, out, resume=True, quiet=quiet, run_info=info,
-                 threads=threads, extra_eval=extra_eval)
+                 threads=threads, extra_eval=extra_eval, on_eval=on_eval)
