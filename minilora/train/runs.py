@@ -133,7 +133,10 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
     if lora is not None:
         info["base"] = {"path": os.path.relpath(Path(base_dir).resolve(), out.resolve()),
                         "sha256": model_fingerprint(model)}
-        apply_lora(model, lora, rng=np.random.default_rng([config.seed, 3]))
+        # A is drawn from the run's seed; the adapters' dropout masks share model.rng, which the
+        # loop seeds and checkpoints, so that a resumed run draws the same masks
+        model.rng.bit_generator.state = np.random.default_rng([config.seed, 3]).bit_generator.state
+        apply_lora(model, lora, rng=model.rng)
     if log is not None:
         how = "in full" if lora is None else (
             f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on "
@@ -180,7 +183,8 @@ def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
                                   "the run started")
         model.config = model_config
         try:
-            apply_lora(model, ckpt.lora_config, rng=0)  # A and B come from the checkpoint
+            # A and B come from the checkpoint; the dropout masks share model.rng (restored)
+            apply_lora(model, ckpt.lora_config, rng=model.rng)
         except MiniLoRAError as e:
             raise FileFormatError(f"{out / CHECKPOINT}: its lora_config does not fit its base: "
                                   f"{e}") from None
