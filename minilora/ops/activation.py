@@ -7,27 +7,65 @@ import math
 import numpy as np
 
 from minilora.errors import ConfigError
+from minilora.ops.backend import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 _K = math.sqrt(2.0 / math.pi)  # Python floats keep a float32 array float32
 _C = 0.044715
+_A, _B = 2.0 * _K, 2.0 * _K * _C  # 2z = x (A + B x^2)
+
+
+def _sigmoid_2z(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = 1 / (1 + exp(-2z)), z = k (x + c x^3); one exp, no tanh (NumPy's float32 tanh is
+    ~2x slower than exp here), and finite for any x: exp overflows to inf, giving 0."""
+    t = x * x
+    t *= -_B
+    t -= _A
+    t *= x  # -2z
+    np.exp(t, out=t)
+    t += 1.0
+    return np.reciprocal(t, out=out)
 
 
 def gelu(x: Tensor) -> Tensor:
-    """0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2/pi), c = 0.044715 (GPT-2's GELU).
+    """0.5 x (1 + tanh(z)),  z = k (x + c x^3),  k = sqrt(2/pi),  c = 0.044715 (GPT-2's GELU).
 
-    VJP: g * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)),  t = tanh(k (x + c x^3)).
+    Computed as x * s with s = sigmoid(2z), the same number, since 0.5 (1 + tanh z) = sigmoid(2z).
+    VJP: g * s * (1 + x (1 - s) k' (x)),  k'(x) = 2k (1 + 3c x^2) = d(2z)/dx.
+    Row blocks run on the engine's threads with cache-sized temporaries; s is recomputed in the
+    backward pass rather than kept, which saves one activation-sized array per call.
     """
     a = x.data
-    x2 = a * a
-    t = np.tanh(_K * a * (1.0 + _C * x2))  # x*x*x, never x**3 (slow for float32)
-    y = 0.5 * a * (1.0 + t)
+    rows = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    y = np.empty_like(rows)
+
+    def forward_block(lo, hi):
+        xb = rows[lo:hi]
+        s = _sigmoid_2z(xb, np.empty_like(xb))
+        np.multiply(xb, s, out=y[lo:hi])
+
+    for_blocks(forward_block, len(rows), rows_per_block(rows.shape[1]))
 
     def backward(g):
-        dt = (1.0 - t * t) * (_K * (1.0 + 3.0 * _C * x2))
-        return (g * (0.5 * (1.0 + t) + 0.5 * a * dt),)
+        g_rows = g.reshape(rows.shape)
+        gx = np.empty_like(rows)
 
-    return Tensor.from_op(y, (x,), backward)
+        def backward_block(lo, hi):
+            xb = rows[lo:hi]
+            s = _sigmoid_2z(xb, np.empty_like(xb))
+            t = xb * xb
+            t *= 3.0 * _B
+            t += _A
+            t *= xb  # x k'(x)
+            t *= 1.0 - s
+            t += 1.0
+            t *= s
+            np.multiply(g_rows[lo:hi], t, out=gx[lo:hi])
+
+        for_blocks(backward_block, len(rows), rows_per_block(rows.shape[1]))
+        return (gx.reshape(a.shape),)
+
+    return Tensor.from_op(y.reshape(a.shape), (x,), backward)
 
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None, training: bool = True) -> Tensor:

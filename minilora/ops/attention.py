@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import mm, swap
+from minilora.ops.backend import for_each, note_product, swap
 from minilora.tensor import Tensor
 
 
@@ -37,30 +37,86 @@ def _causal_bias(t_q: int, t_k: int, dtype: np.dtype) -> np.ndarray:
     return bias
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
-    """q: (..., Tq, hd), k, v: (..., Tk, hd) -> out (..., Tq, hd) and the probabilities P (..., Tq, Tk)."""
-    s = mm(q, swap(k))
-    s *= scale
-    if causal:
-        s += _causal_bias(q.shape[-2], k.shape[-2], s.dtype)
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
-    return mm(s, v), s
+def attention_forward(q, k, v, causal: bool, scale: float, out=None):
+    """q: (n, ..., Tq, hd), k, v: (n, ..., Tk, hd) -> out (n, ..., Tq, hd) and P (n, ..., Tq, Tk).
+
+    Runs in blocks along the first axis on the engine's threads: each block's scores, softmax
+    and product stay together in cache. ``out`` may be a strided view to write into.
+    """
+    if q.ndim == 2:  # one matrix: a batch of one
+        o, p = attention_forward(q[None], k[None], v[None], causal, scale,
+                                 None if out is None else out[None])
+        return o[0], p[0]
+    lead = q.shape[:-2]
+    p = np.empty((*lead, q.shape[-2], k.shape[-2]), dtype=q.dtype)
+    out = np.empty((*lead, *q.shape[-2:]), dtype=q.dtype) if out is None else out
+    bias = _causal_bias(q.shape[-2], k.shape[-2], p.dtype) if causal else None
+    note_product(q.shape, swap(k).shape)
+    note_product(p.shape, v.shape)
+
+    def block(i):
+        s = p[i]
+        np.matmul(q[i] * scale, swap(k[i]), out=s)  # scaling q: Tq hd products, not Tq Tk
+        if bias is not None:
+            s += bias
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        np.matmul(s, v[i], out=out[i])
+
+    for_each(block, _blocks(lead, p.shape[-2] * p.shape[-1]))
+    return out, p
 
 
-def attention_backward(g, q, k, v, p, scale: float, need=(True, True, True)):
-    """Gradients (dq, dk, dv) for upstream g: (..., Tq, hd); ``need`` skips unwanted ones."""
-    dv = mm(swap(p), g) if need[2] else None
-    if not (need[0] or need[1]):
-        return None, None, dv
-    ds = mm(g, swap(v))
-    ds -= (ds * p).sum(axis=-1, keepdims=True)
-    ds *= p
-    ds *= scale
-    dq = mm(ds, k) if need[0] else None
-    dk = mm(swap(ds), q) if need[1] else None
+def attention_backward(g, q, k, v, p, scale: float, need=(True, True, True), out=(None,) * 3):
+    """Gradients (dq, dk, dv) for upstream g: (n, ..., Tq, hd); ``need`` skips unwanted ones.
+
+    ``out`` may hold arrays (or strided views) to write dq, dk, dv into.
+    """
+    if q.ndim == 2:  # one matrix: a batch of one
+        grads = attention_backward(g[None], q[None], k[None], v[None], p[None], scale, need,
+                                   tuple(None if o is None else o[None] for o in out))
+        return tuple(None if d is None else d[0] for d in grads)
+    dq, dk, dv = (None if not wanted else np.empty(like.shape, q.dtype) if o is None else o
+                  for wanted, o, like in zip(need, out, (q, k, v), strict=True))
+    if dv is not None:
+        note_product(swap(p).shape, g.shape)
+    if dq is not None or dk is not None:
+        note_product(g.shape, swap(v).shape)
+    if dq is not None:
+        note_product(p.shape, k.shape)
+    if dk is not None:
+        note_product(swap(p).shape, q.shape)
+
+    def block(i):
+        pb, gb = p[i], g[i]
+        if dv is not None:
+            np.matmul(swap(pb), gb, out=dv[i])
+        if dq is None and dk is None:
+            return
+        ds = np.matmul(gb, swap(v[i]))  # dP
+        ds -= (ds * pb).sum(axis=-1, keepdims=True)
+        ds *= pb
+        ds *= scale  # dS
+        if dq is not None:
+            np.matmul(ds, k[i], out=dq[i])
+        if dk is not None:
+            np.matmul(swap(ds), q[i], out=dk[i])
+
+    for_each(block, _blocks(q.shape[:-2], p.shape[-2] * p.shape[-1]))
     return dq, dk, dv
+
+
+def _blocks(lead: tuple[int, ...], per_matrix: int, target: int = 1 << 16) -> list[tuple]:
+    """Index tuples that cut the leading axes (B,) or (B, H) into blocks of about ``target``
+    score elements (256 KiB of float32, an L2 cache), never across the first axis."""
+    per = max(1, target // max(1, per_matrix))  # matrices per block
+    if len(lead) == 1 or per >= int(np.prod(lead[1:])):
+        inner = int(np.prod(lead[1:]))
+        step = max(1, per // max(1, inner))
+        return [(slice(b, b + step),) for b in range(0, lead[0], step)]
+    h = lead[1]
+    return [(b, slice(i, i + per)) for b in range(lead[0]) for i in range(0, h, per)]
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
@@ -100,14 +156,20 @@ def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
     scale = 1.0 / math.sqrt(hd)
     heads = qkv.data.reshape(b, t, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
     q, k, v = heads[0], heads[1], heads[2]
-    out, p = attention_forward(q, k, v, True, scale)
+    y = np.empty((b, t, c), dtype=qkv.dtype)
+    _, p = attention_forward(q, k, v, True, scale, out=_heads(y, n_head))  # heads merged in place
 
     def backward(g):  # g: (B, T, C)
-        gh = g.reshape(b, t, n_head, hd).transpose(0, 2, 1, 3)
-        dq, dk, dv = attention_backward(gh, q, k, v, p, scale)
         dqkv = np.empty((b, t, 3, n_head, hd), dtype=g.dtype)
-        for i, d in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        dheads = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd) views into dqkv
+        attention_backward(_heads(g, n_head), q, k, v, p, scale,
+                           out=(dheads[0], dheads[1], dheads[2]))
         return (dqkv.reshape(b, t, c3),)
 
-    return Tensor.from_op(out.transpose(0, 2, 1, 3).reshape(b, t, c), (qkv,), backward)
+    return Tensor.from_op(y, (qkv,), backward)
+
+
+def _heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    """(B, T, C) -> a (B, H, T, C/H) view of the same memory."""
+    b, t, c = x.shape
+    return x.reshape(b, t, n_head, c // n_head).transpose(0, 2, 1, 3)

@@ -25,6 +25,19 @@ SPLIT_MIN_MACS = 1 << 20
 
 _pool: ThreadPoolExecutor | None = None
 _threads = 1
+_recorder: list | None = None  # when a list, every product's (a.shape, b.shape) is appended
+
+
+@contextlib.contextmanager
+def record_products() -> Iterator[list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Collect the (a.shape, b.shape) of every product computed inside: how the benchmark counts
+    a step's FLOPs, and how the tests see that a frozen weight costs no product."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
 
 
 @contextlib.contextmanager
@@ -66,8 +79,45 @@ def run_split(work, n: int) -> None:
         f.result()
 
 
+def for_each(work, items) -> None:
+    """Call ``work(item)`` for every item, the items shared out in order between the threads."""
+    items = list(items)
+
+    def chunk(lo, hi):
+        for item in items[lo:hi]:
+            work(item)
+
+    run_split(chunk, len(items))
+
+
+def for_blocks(work, n: int, block: int) -> None:
+    """Call ``work(start, stop)`` for the blocks ``[0, block), [block, 2 block), ...`` of
+    ``range(n)``, the blocks shared out between the threads.
+
+    Fused elementwise kernels use it so that their temporaries stay in cache (and small enough for
+    malloc to reuse rather than map afresh). The blocks do not depend on the number of threads, so
+    per-block partial sums, added in block order, give the same bits on 1 thread or 8.
+    """
+    block = max(1, int(block))
+    for_each(lambda start: work(start, min(start + block, n)), range(0, n, block))
+
+
+def rows_per_block(row_elements: int, target_elements: int = 1 << 15) -> int:
+    """How many rows of ``row_elements`` make a block of about ``target_elements`` (128 KiB of
+    float32): small enough for the L2 cache."""
+    return max(1, target_elements // max(1, row_elements))
+
+
+def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    """Record a product that a fused kernel computes itself (inside worker threads)."""
+    if _recorder is not None:
+        _recorder.append((tuple(a_shape), tuple(b_shape)))
+
+
 def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a: (..., n, k) @ b: (..., k, m) -> (..., n, m), batch axes broadcast as in ``np.matmul``."""
+    if _recorder is not None:
+        _recorder.append((a.shape, b.shape))
     if _pool is None or a.ndim < 2 or b.ndim < 2:
         return np.matmul(a, b)
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]

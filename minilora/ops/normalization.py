@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
+from minilora.ops.backend import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 
@@ -18,29 +19,67 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (c,):
             raise ShapeError(f"layer_norm: {name} of shape {p.shape}, expected ({c},) for input {x.shape}")
-    xc = x.data - x.data.mean(axis=-1, keepdims=True)
-    var = np.mean(xc * xc, axis=-1, keepdims=True)
-    rstd = 1.0 / np.sqrt(var + eps)
-    xhat = xc
-    xhat *= rstd
-    y = xhat * weight.data if weight is not None else xhat.copy()
-    if bias is not None:
-        y += bias.data
+    x2 = x.data.reshape(-1, c)
+    xhat = np.empty_like(x2)  # kept for backward
+    rstd = np.empty((len(x2), 1), dtype=x2.dtype)
+    y = np.empty_like(x2)
+
+    def forward_block(lo, hi):
+        xh = np.subtract(x2[lo:hi], x2[lo:hi].mean(axis=-1, keepdims=True), out=xhat[lo:hi])
+        r = np.mean(xh * xh, axis=-1, keepdims=True)
+        r += eps
+        np.sqrt(r, out=r)
+        np.reciprocal(r, out=rstd[lo:hi])
+        xh *= rstd[lo:hi]
+        if weight is not None:
+            np.multiply(xh, weight.data, out=y[lo:hi])
+        else:
+            y[lo:hi] = xh
+        if bias is not None:
+            y[lo:hi] += bias.data
+
+    block = rows_per_block(c)
+    for_blocks(forward_block, len(x2), block)
 
     def backward(g):
-        grads = [None]
-        if x.requires_grad:
-            gh = g * weight.data if weight is not None else g
-            gx = gh - gh.mean(axis=-1, keepdims=True)
-            gx -= xhat * np.mean(gh * xhat, axis=-1, keepdims=True)
-            gx *= rstd
-            grads[0] = gx
-        lead = tuple(range(g.ndim - 1))
+        g2 = g.reshape(-1, c)
+        need_x = x.requires_grad
+        need_w = weight is not None and weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        gx = np.empty_like(x2) if need_x else None
+        partial_w, partial_b = {}, {}  # block start -> sum over the block's rows
+
+        def backward_block(lo, hi):
+            gb, xh = g2[lo:hi], xhat[lo:hi]
+            if need_w:
+                partial_w[lo] = np.sum(gb * xh, axis=0)
+            if need_b:
+                partial_b[lo] = gb.sum(axis=0)
+            if need_x:
+                gh = gb * weight.data if weight is not None else gb.copy()
+                proj = np.mean(gh * xh, axis=-1, keepdims=True)
+                gh -= gh.mean(axis=-1, keepdims=True)
+                gh -= xh * proj
+                np.multiply(gh, rstd[lo:hi], out=gx[lo:hi])
+
+        for_blocks(backward_block, len(x2), block)
+        grads = [None if gx is None else gx.reshape(x.shape)]
         if weight is not None:
-            grads.append(np.sum(g * xhat, axis=lead) if weight.requires_grad else None)
+            grads.append(_in_order(partial_w) if need_w else None)
         if bias is not None:
-            grads.append(np.sum(g, axis=lead) if bias.requires_grad else None)
+            grads.append(_in_order(partial_b) if need_b else None)
         return grads
 
     parents = (x,) + tuple(p for p in (weight, bias) if p is not None)
-    return Tensor.from_op(y, parents, backward)
+    return Tensor.from_op(y.reshape(x.shape), parents, backward)
+
+
+def _in_order(partials: dict) -> np.ndarray:
+    """The sum of per-block partial sums, added in block order (deterministic across threads)."""
+    keys = sorted(partials)
+    if not keys:  # no rows at all
+        return np.zeros(0)
+    total = partials[keys[0]].copy()
+    for key in keys[1:]:
+        total += partials[key]
+    return total

@@ -1,0 +1,281 @@
+"""``minilora bench``: training-step speed and memory against the machine's limit and PyTorch.
+
+For each named config it times full training steps (zero-grad, forward, loss, backward, AdamW
+step) after warm-up, for full fine-tuning and for LoRA (r=8, alpha=16 on ``c_attn`` and
+``c_proj``), and prints median ms/step, tokens/s, GFLOP/s and peak memory. Two references are
+measured in the same run:
+
+- the limit: NumPy's own float32 matmul throughput for exactly the products the step computes
+  (recorded shape by shape), i.e. the time the step would take if it were nothing but BLAS;
+- the peer (``--compare torch``): the same model trained in PyTorch on the CPU with the same
+  number of threads. It lives in ``benchmarks/torch_peer.py`` of the source tree, never in the
+  package; without PyTorch (or outside a source checkout) it is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minilora.lora import LoRAConfig, apply_lora
+from minilora.models import GPT, GPTConfig
+from minilora.ops import backend
+from minilora.optim import AdamW, param_groups
+from minilora.train.memory import measure_step
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+    vocab_size: int = 65
+
+    def gpt(self) -> GPTConfig:
+        return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size,
+                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+
+
+CONFIGS = {
+    "A": BenchConfig(4, 4, 128, 64, 12),  # nanoGPT's CPU config for tiny Shakespeare
+    "B": BenchConfig(6, 6, 384, 256, 16),  # nanoGPT's Shakespeare model, a CPU-sized batch
+}
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ("c_attn", "c_proj")}
+
+
+def analytic_flops(cfg: BenchConfig, lora: bool) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one training step, counted from the architecture.
+
+    Full: every product of the forward pass, then two of the same size in backward (dX and dW).
+    LoRA: no dW for any frozen weight; the adapters' own products (4 per adapted layer backward,
+    2 forward); and no dX into layer 0's c_attn, whose input depends on frozen weights only.
+    """
+    n, c, t, v = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.vocab_size
+    linears = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)]  # (in, out): c_attn, attn.c_proj, mlp
+    attention = 2 * (2 * n * t * c)  # q k^T and P v, over all heads
+    per_layer = sum(2 * n * i * o for i, o in linears) + attention
+    forward = cfg.n_layer * per_layer + 2 * n * c * v  # + lm_head
+    if not lora:
+        return 3 * forward
+    r = LORA["r"]
+    adapted = [(c, 3 * c), (c, c), (4 * c, c)]  # c_attn, attn.c_proj, mlp.c_proj
+    adapter_forward = sum(2 * n * r * (i + o) for i, o in adapted)
+    adapter_backward = sum(2 * n * r * (2 * i + 2 * o) for i, o in adapted)  # G B, dB, dA, u A
+    dx = sum(2 * n * i * o for i, o in linears)
+    backward = cfg.n_layer * (dx + attention * 2 + adapter_backward) - 2 * n * c * 3 * c \
+        - 2 * n * r * c + 2 * n * c * v  # layer 0's c_attn: no G W, no u A; lm_head: dX only
+    return forward + cfg.n_layer * adapter_forward + backward
+
+
+def product_flops(products) -> int:
+    """FLOPs of recorded products [(a.shape, b.shape)]: 2 * batch * n * k * m each."""
+    total = 0
+    for sa, sb in products:
+        batch = int(np.prod(np.broadcast_shapes(sa[:-2], sb[:-2])))
+        total += 2 * batch * sa[-2] * sa[-1] * sb[-1]
+    return total
+
+
+def build(cfg: BenchConfig, lora: bool, seed: int = 0):
+    """(model, optimizer, x, y) for one config, float32, dropout 0, weight decay 0.1."""
+    model = GPT(cfg.gpt(), seed=seed)
+    if lora:
+        apply_lora(model, LoRAConfig(**LORA), rng=seed)
+    opt = AdamW(param_groups(model.named_parameters(), 0.1), lr=1e-4)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size))
+    y = rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size))
+    return model, opt, x, y
+
+
+def train_step(model, opt, x, y) -> None:
+    opt.zero_grad()
+    _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+
+
+def _median_ms(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def numpy_limit_ms(products, min_seconds: float = 0.05) -> float:
+    """Milliseconds NumPy's float32 matmul needs for ``products``, timed shape by shape on fresh
+    contiguous arrays, each at its best of BLAS's own threading and one BLAS thread (on a busy
+    machine BLAS threads lose badly on small products, and the limit should be the best NumPy
+    can do)."""
+    from threadpoolctl import threadpool_limits
+
+    counts: dict[tuple, int] = {}
+    for sa, sb in products:
+        counts[(sa, sb)] = counts.get((sa, sb), 0) + 1
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for (sa, sb), count in counts.items():
+        a = rng.standard_normal(sa, dtype=np.float32)
+        b = rng.standard_normal(sb, dtype=np.float32)
+        best = np.inf
+        for limit in (None, 1):
+            with threadpool_limits(limit, user_api="blas"):
+                best = min(best, _seconds_per_call(lambda: np.matmul(a, b), min_seconds))
+        total += count * best
+    return 1000 * total
+
+
+def _seconds_per_call(fn, min_seconds: float) -> float:
+    fn()
+    reps, elapsed = 0, 0.0
+    t0 = time.perf_counter()
+    while elapsed < min_seconds or reps < 3:
+        fn()
+        reps += 1
+        elapsed = time.perf_counter() - t0
+    return elapsed / reps
+
+
+def measure(cfg: BenchConfig, lora: bool, steps: int, warmup: int, threads: int | None) -> dict:
+    """Time and size one config's training step in minilora."""
+    model, opt, x, y = build(cfg, lora)
+    with backend.parallel(threads):
+        train_step(model, opt, x, y)  # the optimizer state exists from here on
+        with backend.record_products() as products:
+            train_step(model, opt, x, y)
+        ms = _median_ms(lambda: train_step(model, opt, x, y), steps, warmup)
+        memory = measure_step(model, x, y, opt).as_dict()
+    flops = product_flops(products)
+    tokens = cfg.batch_size * cfg.block_size
+    return {"ms": ms, "tokens_per_s": tokens / ms * 1000, "flops": flops,
+            "gflops_per_s": flops / ms / 1e6, "memory": memory, "products": products}
+
+
+def _torch_peer():
+    """The PyTorch model of ``benchmarks/torch_peer.py``, or (None, why not)."""
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch is not installed (pip install torch)"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_peer.py"
+    if not path.exists():
+        return None, f"the PyTorch peer lives in the source tree ({path.name} not found)"
+    spec = importlib.util.spec_from_file_location("minilora_torch_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ""
+
+
+def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = None,
+        compare: str | None = None) -> dict:
+    """Measure each named config (full and LoRA) and, if asked, the PyTorch peer."""
+    threads = threads or os.cpu_count() or 1
+    peer, note = _torch_peer() if compare == "torch" else (None, "")
+    results = {"machine": machine(), "threads": threads, "steps": steps, "configs": {}}
+    if compare == "torch" and peer is None:
+        results["torch_note"] = note
+    for name in names:
+        cfg = CONFIGS[name]
+        entry = {"config": asdict(cfg)}
+        for method in ("full", "lora"):
+            gc.collect()
+            m = measure(cfg, method == "lora", steps, warmup, threads)
+            m["analytic_flops"] = analytic_flops(cfg, method == "lora")
+            m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
+            if peer is not None:
+                m["torch_ms"] = peer.time_step(cfg, method == "lora", LORA, steps, warmup, threads)
+            entry[method] = m
+        results["configs"][name] = entry
+    return results
+
+
+def machine() -> dict:
+    import platform
+
+    import scipy
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "scipy": scipy.__version__}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def report(results: dict) -> str:
+    """The tables ``minilora bench`` prints."""
+    m = results["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs; threads {results['threads']}; numpy "
+             f"{m['numpy']}; median of {results['steps']} steps", ""]
+    head = ("config", "method", "ms/step", "tokens/s", "GFLOP", "GFLOP/s", "of numpy peak",
+            "torch ms", "minilora/torch", "peak MiB")
+    rows = []
+    for name, entry in results["configs"].items():
+        for method in ("full", "lora"):
+            r = entry[method]
+            torch_ms = r.get("torch_ms")
+            rows.append((name, method, f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
+                         f"{r['flops'] / 1e9:.2f}", f"{r['gflops_per_s']:.1f}",
+                         f"{r['numpy_limit_ms'] / r['ms']:.2f}",
+                         "-" if torch_ms is None else f"{torch_ms:.1f}",
+                         "-" if torch_ms is None else f"{r['ms'] / torch_ms:.2f}",
+                         _mib(r["memory"]["peak"])))
+    lines += _table(head, rows)
+    lines += ["", "LoRA / full:"]
+    for name, entry in results["configs"].items():
+        full, lora = entry["full"], entry["lora"]
+        torch_part = ""
+        if full.get("torch_ms") and lora.get("torch_ms"):
+            torch_part = f"; PyTorch {lora['torch_ms'] / full['torch_ms']:.2f}"
+        lines.append(f"  config {name}: step time {lora['ms'] / full['ms']:.2f} (matmul FLOPs "
+                     f"alone {lora['flops'] / full['flops']:.2f}{torch_part}); peak memory "
+                     f"{lora['memory']['peak'] / full['memory']['peak']:.2f}")
+    lines += ["", "memory of one step, MiB (parameters | gradients | optimizer state | "
+              "activations saved for backward | peak):"]
+    for name, entry in results["configs"].items():
+        for method in ("full", "lora"):
+            mem = entry[method]["memory"]
+            lines.append(f"  {name} {method:<4}  {_mib(mem['parameters'])} | "
+                         f"{_mib(mem['gradients'])} | {_mib(mem['optimizer_state'])} | "
+                         f"{_mib(mem['activations'])} | {_mib(mem['peak'])}")
+    if results.get("torch_note"):
+        lines += ["", f"PyTorch comparison skipped: {results['torch_note']}"]
+    return "\n".join(lines)
+
+
+def _table(head, rows) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return [fmt.format(*head), fmt.format(*("-" * w for w in widths)),
+            *(fmt.format(*r) for r in rows)]
+
+
+def main(args) -> int:
+    """Entry point of ``minilora bench`` (args from the CLI parser)."""
+    results = run(tuple(args.config or ("A",)), args.steps, args.warmup, args.threads,
+                  args.compare)
+    print(report(results))
+    if args.json:
+        from minilora.io import save_json
+
+        save_json(args.json, results)
+    sys.stdout.flush()
+    return 0
