@@ -1,0 +1,368 @@
+"""The ``minilora`` command, run as a user runs it: in a subprocess, on tiny models.
+
+Every command runs once for real (train in its four ways, merge, generate, eval, params, and the
+demo on a tiny plan), and every user mistake the issue lists must print exactly one line,
+``minilora: error: ...``, on stderr, exit with code 2, print no traceback and leave no checkpoint
+behind. The subprocesses of the error cases run a few at a time (most of their time is importing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilora import cli
+from minilora.io import load_tensors
+from minilora.train import read_checkpoint
+from minilora.train.checkpoint import CHECKPOINT, METRICS
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "24",
+        "--batch-size", "4", "--eval-iters", "2", "--threads", "1"]
+FINETUNE = ["--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4",
+            "--threads", "1"]
+COMMANDS = ("demo", "train", "merge", "generate", "eval", "params", "bench")
+
+
+def minilora(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minilora.cli", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def corpus_text(n_words: int = 600) -> str:
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat while one dog ran after two red birds".split()
+    return " ".join(words[i] for i in rng.integers(len(words), size=n_words)) + ".\n"
+
+
+class Work(os.PathLike):
+    """A directory (``work / "base"``, ``cwd=work``) and what each command printed there."""
+
+    def __init__(self, path: Path):
+        self.path, self.outputs = path, {}
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Work:
+    """A directory with runs made by the CLI: a base, a full and a LoRA fine-tune, a merge."""
+    d = Work(tmp_path_factory.mktemp("cli"))
+    (d / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    d.outputs["base"] = ok(minilora("train", "--data", "builtin:world", "--out", "base", *TINY,
+                                    "--max-iters", "30", "--eval-interval", "15", cwd=d))
+    d.outputs["full"] = ok(minilora("train", "--data", "builtin:majority", "--init-from", "base",
+                                    "--out", "full", *FINETUNE, cwd=d))
+    d.outputs["lora"] = ok(minilora("train", "--data", "builtin:majority", "--init-from", "base",
+                                    "--out", "lora", "--lora-r", "2", "--lora-dropout", "0.1",
+                                    "--dropout", "0.1", "--target-modules", "c_attn,c_proj",
+                                    *FINETUNE, cwd=d))
+    d.outputs["merge"] = ok(minilora("merge", "--model", "lora", "--out", "merged", cwd=d))
+    return d
+
+
+# ---- every command, once ----------------------------------------------------------------------
+def test_train_says_what_it_trains_each_evaluation_and_where_it_saved(work):
+    lines = work.outputs["base"].splitlines()
+    assert lines[0].startswith("pretraining a new GPT (1 layer x 16 (2 heads), block 24")
+    assert "builtin:world" in lines[0] and "30 steps of batch 4" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:4]] == ["iter 0", "iter 15", "iter 30"]
+    assert lines[-2].startswith("done: iter 30, train loss ")
+    assert lines[-1] == f"saved {Path('base') / CHECKPOINT} and {Path('base') / METRICS}"
+
+
+def test_train_writes_a_checkpoint_and_one_metrics_line_per_evaluation(work):
+    records = [json.loads(x) for x in (work / "base" / METRICS).read_text().splitlines()]
+    assert [r["iter"] for r in records] == [0, 15, 30]
+    assert set(records[-1]) == {"iter", "train_loss", "val_loss", "lr", "elapsed_s",
+                                "tokens_per_s"}
+    meta = read_checkpoint(work / "base").meta
+    assert meta["kind"] == "full" and meta["iter"] == 30
+    assert meta["data"]["source"] == "builtin:world"
+
+
+def test_train_init_from_fine_tunes_every_parameter(work):
+    assert "fine-tuning base in full" in work.outputs["full"]
+    base, full = read_checkpoint(work / "base"), read_checkpoint(work / "full")
+    assert full.meta["kind"] == "full" and set(full.weights) == set(base.weights)
+    assert full.meta["init_from"] == str((work / "base").resolve())
+
+
+def test_train_lora_r_saves_only_the_adapter_beside_a_reference_to_its_base(work):
+    first = work.outputs["lora"].splitlines()[0]
+    assert "with LoRA r=2, alpha 4 on c_attn, c_proj" in first and "trainable" in first
+    ckpt = read_checkpoint(work / "lora")
+    assert ckpt.meta["kind"] == "lora" and ckpt.meta["lora_config"]["r"] == 2
+    assert ckpt.weights and all(n.endswith(("lora_A", "lora_B")) for n in ckpt.weights)
+    assert ckpt.meta["base"]["path"] == os.path.join("..", "base")
+    assert len(ckpt.meta["base"]["sha256"]) == 64
+
+
+def test_merge_writes_a_plain_model_whose_logits_match(work):
+    out = work.outputs["merge"]
+    assert out.startswith(f"merged lora into {Path('merged') / CHECKPOINT}: a plain model")
+    diff = float(out.rsplit("= ", 1)[1])
+    assert diff < 1e-4
+    merged = read_checkpoint(work / "merged")
+    assert merged.meta["kind"] == "full" and not any("lora" in n for n in merged.weights)
+
+
+def test_generate_continues_the_prompt_and_reads_escapes(work):
+    out = ok(minilora("generate", "--model", "lora", "--prompt", "the cat\\nis",
+                      "--max-new-tokens", "5", "--temperature", "0", "--threads", "1", cwd=work))
+    assert out.startswith("the cat\nis") and len(out.rstrip("\n")) >= len("the cat\nis")
+    # greedy: the merged model continues exactly as the adapter on its base does
+    merged = ok(minilora("generate", "--model", "merged", "--prompt", "the cat\\nis",
+                         "--max-new-tokens", "5", "--temperature", "0", "--threads", "1",
+                         cwd=work))
+    assert merged == out
+
+
+def test_unescape_keeps_anything_that_is_not_an_escape():
+    from minilora.commands import unescape
+
+    assert unescape("a\\nb\\tc\\\\n") == "a\nb\tc\\n"
+    assert unescape("café \\x41 \\u00e9") == "café \\x41 \\u00e9"
+
+
+def test_eval_prints_the_losses_and_the_task_exact_match(work):
+    out = ok(minilora("eval", "--model", "lora", "--data", "builtin:majority", "--eval-iters",
+                      "2", "--batch-size", "4", "--threads", "1", cwd=work))
+    first, second = out.splitlines()
+    assert first.startswith("builtin:majority: train loss ") and "val loss" in first
+    assert second.startswith("majority: exact match ") and "/200 held-out prompts" in second
+
+
+@pytest.mark.parametrize(("shape", "rank", "lines"), [
+    ("4096x4096", "4", ["weight W: 4,096 x 4,096 = 16,777,216 parameters",
+                        "LoRA, rank 4: A (4 x 4,096) + B (4,096 x 4) = 4 x (4,096 + 4,096) "
+                        "= 32,768 trainable parameters",
+                        "ratio: 32,768 / 16,777,216 = 1/512 (0.1953%)"]),
+    ("3x3", "1", ["weight W: 3 x 3 = 9 parameters",
+                  "LoRA, rank 1: A (1 x 3) + B (3 x 1) = 1 x (3 + 3) = 6 trainable parameters",
+                  "ratio: 6 / 9 = 2/3 (66.6667%)"]),
+])
+def test_params_prints_the_seeds_arithmetic(shape, rank, lines, tmp_path):
+    out = ok(minilora("params", "--shape", shape, "--rank", rank, cwd=tmp_path))
+    assert out.splitlines() == lines
+
+
+def test_ctrl_c_then_resume_gives_the_run_that_never_stopped(work):
+    args = ["train", "--data", "corpus.txt", *TINY, "--dropout", "0.1", "--max-iters", "200",
+            "--eval-interval", "10", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", *args, "--out", "stopped"],
+                            cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics, deadline = work / "stopped" / METRICS, time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # the first checkpoint after 0
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # iter 10 saved
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted (a very fast machine)")
+    assert proc.returncode == 130 and err.strip() == "minilora: interrupted"
+    stopped_at = read_checkpoint(work / "stopped").meta["iter"]
+    assert 10 <= stopped_at < 200
+
+    out = ok(minilora("train", "--out", "stopped", "--resume", "--threads", "1", cwd=work))
+    assert out.startswith(f"resuming stopped at iteration {stopped_at} of 200")
+    ok(minilora(*args, "--out", "whole", cwd=work))
+    a, b = load_tensors(work / "stopped" / CHECKPOINT), load_tensors(work / "whole" / CHECKPOINT)
+    assert sorted(a) == sorted(b)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_resuming_a_finished_run_says_it_is_complete(work):
+    out = ok(minilora("train", "--out", "full", "--resume", "--quiet", cwd=work))
+    assert out.strip().endswith("the run in full is complete")
+
+
+# ---- help ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: minilora {command}" in out
+    assert "example" in out and f"minilora {command}" in out.split("example", 1)[1]
+
+
+def test_the_installed_entry_point_lists_every_command(tmp_path):
+    exe = shutil.which("minilora", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("the minilora entry point is not installed beside this python")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, env=ENV, cwd=tmp_path,
+                         timeout=60)
+    assert out.returncode == 0
+    assert all(c in out.stdout for c in COMMANDS) and "minilora demo" in out.stdout
+
+
+# ---- user mistakes: one line, exit code 2, nothing half-written -------------------------------
+def _prepare_mistakes(work: Work) -> None:
+    """The bad files, and the LoRA run beside a base that is another model and beside none."""
+    (work / "empty.txt").write_bytes(b"")
+    (work / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    (work / "short.txt").write_text("a short text", encoding="utf-8")
+    (work / "odd.txt").write_text("Über alles " * 100, encoding="utf-8")
+    (work / "other").mkdir()
+    shutil.copytree(work / "lora", work / "other" / "lora")
+    shutil.copytree(work / "full", work / "other" / "base")  # same architecture, other weights
+    shutil.copytree(work / "lora", work / "orphan" / "lora")
+
+
+def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
+    """id -> (arguments, a part of the message, the --out that must not hold a checkpoint)."""
+    new = ["train", "--data", "corpus.txt", *TINY, "--max-iters", "2"]
+    lora = ["train", "--data", "builtin:majority", "--init-from", "base", "--lora-r", "2",
+            "--max-iters", "2", "--threads", "1"]
+    return {
+        "missing-file": (["train", "--data", "nope.txt", "--out", "o1", *TINY],
+                         "nope.txt: file does not exist", "o1"),
+        "empty-file": (["train", "--data", "empty.txt", "--out", "o2", *TINY],
+                       "empty.txt: file is empty", "o2"),
+        "not-utf8": (["train", "--data", "latin1.txt", "--out", "o3", *TINY],
+                     "not UTF-8 text: byte 0xe9", "o3"),
+        "n-embd-vs-n-head": (["train", "--data", "corpus.txt", "--out", "o4", "--n-embd", "30",
+                              "--n-head", "4"], "--n-embd (30) must be divisible by n_head (4)",
+                             "o4"),
+        "block-longer-than-data": (["train", "--data", "short.txt", "--out", "o5", *TINY],
+                                   "fewer than block_size + 1 = 25", "o5"),
+        "block-longer-than-data-builtin": ([*new[:2], "builtin:majority", *new[3:], "--out",
+                                            "o5b", "--block-size", "500000"], "block_size", "o5b"),
+        "unknown-target-module": ([*lora, "--out", "o6", "--target-modules", "c_atn"],
+                                  "'c_atn' matches no module", "o6"),
+        "base-missing": ([*lora[:4], "no-such-run", *lora[5:], "--out", "o7"],
+                         "no-such-run", "o7"),
+        "base-is-a-lora-run": ([*lora[:4], "lora", *lora[5:], "--out", "o8"],
+                               "it is a LoRA run; merge it first", "o8"),
+        "data-the-base-cannot-read": ([*lora[:2], "odd.txt", *lora[3:], "--out", "o9"],
+                                      "'Ü' (U+00DC)", "o9"),
+        "adapter-on-another-base": (["generate", "--model", "other/lora", "--prompt", "a"],
+                                    "weights fingerprint differs", None),
+        "adapter-without-its-base": (["merge", "--model", "orphan/lora", "--out", "o10"],
+                                     "base model", "o10"),
+        "resume-another-base": (["train", "--out", "other/lora", "--resume"],
+                                "has changed since the run started", None),
+        "resume-nothing": (["train", "--out", "o11", "--resume"], "no checkpoint to resume from",
+                           "o11"),
+        "resume-with-settings": (["train", "--out", "lora", "--resume", "--lr", "1"],
+                                 "--resume continues with the run's own settings; drop --lr",
+                                 None),
+        "lora-r-without-init-from": ([*new, "--out", "o12", "--lora-r", "4"],
+                                     "--lora-r needs --init-from", "o12"),
+        "lora-flag-without-lora-r": ([*new, "--out", "o13", "--lora-alpha", "8"],
+                                     "need --lora-r", "o13"),
+        "negative-lr": ([*new, "--out", "o14", "--lr", "-1"], "--lr must be", "o14"),
+        "zero-lr": ([*new, "--out", "o15", "--lr", "0"], "--lr must be > 0", "o15"),
+        "non-numeric-lr": ([*new, "--out", "o16", "--lr", "fast"], "expected a number, got 'fast'",
+                           "o16"),
+        "nan-lr": ([*new, "--out", "o16b", "--lr", "nan"], "expected a finite number", "o16b"),
+        "zero-batch-size": ([*new, "--out", "o17", "--batch-size", "0"],
+                            "--batch-size: expected a positive integer, got 0", "o17"),
+        "negative-max-iters": ([*new, "--out", "o18", "--max-iters", "-5"],
+                               "--max-iters: expected an integer >= 0", "o18"),
+        "non-integer-n-layer": ([*new, "--out", "o19", "--n-layer", "2.5"],
+                                "--n-layer: expected a positive integer", "o19"),
+        "negative-weight-decay": ([*new, "--out", "o20", "--weight-decay", "-0.1"],
+                                  "--weight-decay must be", "o20"),
+        "dropout-one": ([*new, "--out", "o21", "--dropout", "1"], "--dropout must be", "o21"),
+        "zero-lora-alpha": ([*lora, "--out", "o22", "--lora-alpha", "0"], "--lora-alpha", "o22"),
+        "min-lr-above-lr": ([*new, "--out", "o23", "--min-lr", "0.1", "--lr", "0.01"],
+                            "--min-lr (0.1) must not exceed lr", "o23"),
+        "out-holds-a-run": ([*new[:-2], "--max-iters", "2", "--out", "base"],
+                            "already holds a run", None),
+        "architecture-with-init-from": ([*lora, "--out", "o24", "--n-layer", "3"],
+                                        "fixes the architecture; drop --n-layer", "o24"),
+        "no-data": (["train", "--out", "o25"], "--data", "o25"),
+        "merge-a-full-run": (["merge", "--model", "base", "--out", "o26"], "not a LoRA run",
+                             "o26"),
+        "merge-into-a-run": (["merge", "--model", "lora", "--out", "merged"],
+                             "already holds a model", None),
+        "generate-not-a-run": (["generate", "--model", "no-such-run"], "no checkpoint here",
+                               None),
+        "generate-unknown-char": (["generate", "--model", "base", "--prompt", "ÄÖ"],
+                                  "--prompt: ", None),
+        "generate-negative-temperature": (["generate", "--model", "base", "--temperature", "-1"],
+                                          "--temperature must be >= 0", None),
+        "eval-missing-data": (["eval", "--model", "base", "--data", "nope.txt"],
+                              "nope.txt: file does not exist", None),
+        "params-bad-shape": (["params", "--shape", "4096", "--rank", "4"], "expected OUTxIN",
+                             None),
+        "params-zero-rank": (["params", "--shape", "3x3", "--rank", "0"],
+                             "--rank: expected a positive integer", None),
+        "unknown-command": (["fine-tune"], "invalid choice: 'fine-tune'", None),
+        "unknown-flag": (["train", "--out", "o27", "--learning-rate", "1"],
+                         "unrecognized arguments: --learning-rate", "o27"),
+        "demo-out-is-a-file": (["demo", "--quick", "--out", "corpus.txt/x"], "corpus.txt",
+                               None),
+    }
+
+
+# the issue's list, each run in a process of its own; the other mistakes run in this process
+# (cli.main, the same code after the interpreter starts), which takes milliseconds, not seconds
+IN_A_PROCESS = ("missing-file", "empty-file", "not-utf8", "n-embd-vs-n-head",
+                "block-longer-than-data", "unknown-target-module", "base-missing",
+                "adapter-on-another-base", "resume-nothing", "lora-r-without-init-from",
+                "negative-lr", "zero-lr", "non-numeric-lr", "zero-batch-size")
+
+
+@pytest.fixture(scope="module")
+def mistakes(work) -> dict[str, subprocess.CompletedProcess]:
+    _prepare_mistakes(work)
+    cases = _mistakes()
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {k: pool.submit(minilora, *cases[k][0], cwd=work) for k in IN_A_PROCESS}
+    return {k: f.result() for k, f in futures.items()}
+
+
+def _in_this_process(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("case", list(_mistakes()))
+def test_a_mistake_is_one_line_exit_code_2_and_nothing_half_written(case, mistakes, work, capsys,
+                                                                    monkeypatch):
+    args, message, out = _mistakes()[case]
+    if case in mistakes:
+        r = mistakes[case]
+        code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        monkeypatch.chdir(work)
+        code, stdout, stderr = _in_this_process(args, capsys)
+    assert code == 2, (stdout, stderr)
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minilora: error: "), stderr
+    assert message in lines[0]
+    assert stdout == ""
+    if out is not None:
+        assert not (work / out / CHECKPOINT).exists()
+        assert not (work / out).exists(), f"{out} was created: {list((work / out).iterdir())}"
