@@ -33,7 +33,13 @@ import numpy as np
 from minilora import io
 from minilora.data import tokenizer_from_dict
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
-from minilora.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from minilora.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    matches_target,
+)
 from minilora.models import GPT, GPTConfig
 from minilora.nn import Parameter
 from minilora.optim import SGD, AdamW
@@ -50,7 +56,8 @@ _META_SCHEMA = {
     "lora_config?": dict, "base?": {"path": str, "sha256": str},
     "train_config?": dict, "optimizer?": dict, "tokenizer?": (dict, type(None)),
     "iter?": int, "elapsed_s?": float, "skipped_steps?": int, "rng?": [dict],
-    "last_eval?": {"iter": int, "train_loss": float, "val_loss": float},
+    "last_eval?": {"iter": int, "train_loss": float, "val_loss": float, "lr": float,
+                   "elapsed_s": float, "tokens_per_s": (float, type(None))},
     "data?": {"source": str, "seed": int},
     "init_from?": str, "merged_from?": str,
 }
@@ -180,10 +187,16 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read and check a checkpoint file (or the one in a run directory).
 
-    Anything wrong (the bytes, the JSON facts, a tensor's name, dtype or values) is a
-    FileFormatError naming the file and the fault. Shapes are checked against a model by
-    :func:`load_run` and :meth:`RunDir.restore`.
+    Anything wrong (the bytes, the JSON facts, a tensor's name, shape, dtype or values, the
+    optimizer state) is a FileFormatError naming the file and the fault.
     """
+    return _read(path)[0]
+
+
+def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
+    """The checked checkpoint and, for a full model, a model of its architecture that the weights
+    were checked against (not loaded into it yet). An adapter is checked against its base by
+    :func:`load_run` and against the model it resumes by :meth:`RunDir.restore`."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -208,8 +221,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise FileFormatError(f"{path}: unexpected tensors {odd[:5]}")
     if optim and "optimizer" not in meta:
         raise FileFormatError(f"{path}: optimizer arrays without the optimizer's state")
-    if "optimizer" in meta:
-        _check_optimizer(path, meta["optimizer"], weights, optim)
     dtype = np.dtype(model_config.dtype)
     for prefix, arrays in (("model.", weights), ("optim.", optim)):
         for name, a in arrays.items():
@@ -218,7 +229,62 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                                       f"the model is {dtype}")
             if not np.isfinite(a).all():
                 raise FileFormatError(f"{path}: tensor {prefix + name!r} holds NaN or infinity")
-    return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config)
+    model = None
+    if lora_config is None:
+        _check_size(path, model_config, weights)  # before a model of that size is built
+        model = GPT(model_config, seed=0)
+        _check_weights(path, weights, model)
+    else:
+        _check_adapter(path, lora_config, weights)
+    if "optimizer" in meta:
+        _check_optimizer(path, meta["optimizer"], weights, optim)
+    return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config), model
+
+
+def _check_size(path: Path, config: GPTConfig, weights: dict) -> None:
+    """Pin every size in model_config (vocab_size, block_size, n_embd, n_layer) to the file's own
+    tensors, by their GPT-2 names: a hostile config must not make the loader allocate more than
+    the file holds (n_embd = 2**40 would)."""
+    c = config.n_embd
+    for name, shape in (("transformer.wte.weight", (config.vocab_size, c)),
+                        ("transformer.wpe.weight", (config.block_size, c))):
+        got = weights.get(name)
+        if got is None or got.shape != shape:
+            held = "no such tensor" if got is None else f"one of shape {got.shape}"
+            raise FileFormatError(f"{path}: model_config makes model.{name} {shape}, the file "
+                                  f"holds {held}")
+    blocks = {m.group(1) for n in weights if (m := re.match(r"transformer\.h\.(\d+)\.", n))}
+    if blocks != {str(i) for i in range(config.n_layer)}:
+        raise FileFormatError(f"{path}: model_config has n_layer {config.n_layer}, the file "
+                              f"holds the blocks {sorted(blocks, key=int)[:8]}")
+
+
+def _check_adapter(path: Path, config: LoRAConfig, weights: dict) -> None:
+    """What an adapter must say without its base: its layers are the ones lora_config targets, and
+    each has a 2-D lora_A (r, in) and lora_B (out, r), with the rank lora_config gives it."""
+    layers = sorted({n.rpartition(".")[0] for n in weights if n.endswith((".lora_A", ".lora_B"))})
+    targets = config.target_modules
+    if isinstance(targets, str):
+        odd = [n for n in layers if not re.fullmatch(targets, n)]
+        unused = []
+    else:
+        odd = [n for n in layers if not any(matches_target(n, t) for t in targets)]
+        unused = [t for t in targets if not any(matches_target(n, t) for n in layers)]
+    if not layers or odd or unused:
+        raise FileFormatError(f"{path}: the adapter's layers {layers[:4]} do not match "
+                              f"lora_config.target_modules {targets!r}")
+    for name in weights:
+        layer, _, kind = name.rpartition(".")
+        if kind not in ("lora_A", "lora_B"):
+            continue
+        a, b = weights.get(f"{layer}.lora_A"), weights.get(f"{layer}.lora_B")
+        if a is None or b is None or a.ndim != 2 or b.ndim != 2:
+            raise FileFormatError(f"{path}: layer {layer!r} needs a 2-D lora_A and lora_B, the "
+                                  f"file holds {[None if x is None else x.shape for x in (a, b)]}")
+        r = config.rank_and_alpha(layer)[0]
+        if a.shape[0] != r or b.shape[1] != r:
+            raise FileFormatError(f"{path}: layer {layer!r} has lora_A {a.shape} and lora_B "
+                                  f"{b.shape}; lora_config says rank {r}")
 
 
 _OPTIMIZERS = {"AdamW": AdamW, "SGD": SGD}
@@ -260,17 +326,19 @@ class LoadedRun:
     base_dir: Path | None = None
 
 
-def _check_weights(path: Path, weights: dict, expected: dict[str, np.ndarray]) -> None:
-    """The weights must be exactly ``expected``'s names, shapes and dtypes."""
+def _check_weights(path: Path, weights: dict, model) -> None:
+    """The weights must be exactly the names, shapes and dtypes ``model`` trains."""
+    trained = lora_state_dict(model) if is_lora(model) else dict(model.named_parameters())
     io.check_tensors(path, {f"model.{k}": v for k, v in weights.items()},
-                     {f"model.{k}": (v.shape, v.dtype) for k, v in expected.items()})
+                     {f"model.{k}": (v.shape, v.dtype) for k, v in trained.items()})
 
 
-def _full_model(ckpt: Checkpoint) -> GPT:
-    model = GPT(ckpt.model_config, seed=0)
-    _check_weights(ckpt.path, ckpt.weights, model.state_dict())
-    model.load_state_dict(ckpt.weights)
-    return model
+def _read_model(path: str | Path) -> tuple[Checkpoint, GPT | None]:
+    """The checked checkpoint and, for a full model, the model holding its weights."""
+    ckpt, model = _read(path)
+    if model is not None:
+        model.load_state_dict(ckpt.weights)  # checked by _read: cannot fail
+    return ckpt, model
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
@@ -280,16 +348,14 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     path is relative); it must be a full model with the architecture and the exact weights (by
     fingerprint) the adapter was trained on.
     """
-    ckpt = read_checkpoint(run_dir)
+    ckpt, model = _read_model(run_dir)
     meta = ckpt.meta
     base_dir = None
-    if meta["kind"] == "full":
-        model = _full_model(ckpt)
-    else:
+    if meta["kind"] == "lora":
         base_dir = (ckpt.path.parent / meta["base"]["path"]).resolve()
         if not (base_dir / CHECKPOINT).is_file():
             raise FileFormatError(f"{ckpt.path}: the adapter's base model {base_dir} is missing")
-        base = read_checkpoint(base_dir)
+        base, model = _read_model(base_dir)
         if base.meta["kind"] != "full":
             raise FileFormatError(f"{ckpt.path}: its base {base_dir} is a LoRA run, not a model")
         # dropout is a training setting, not architecture: a LoRA run may train with its own
@@ -297,7 +363,6 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                 != ckpt.model_config:
             raise FileFormatError(f"{ckpt.path}: the base in {base_dir} has a different "
                                   f"architecture than the adapter was made for")
-        model = _full_model(base)
         if model_fingerprint(model) != meta["base"]["sha256"]:
             raise FileFormatError(f"{ckpt.path}: the base in {base_dir} is not the model this "
                                   "adapter was trained on (weights fingerprint differs)")
@@ -306,7 +371,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         except MiniLoRAError as e:
             raise FileFormatError(f"{ckpt.path}: its lora_config does not fit the base: {e}") \
                 from None
-        _check_weights(ckpt.path, ckpt.weights, lora_state_dict(model))
+        _check_weights(ckpt.path, ckpt.weights, model)
         load_lora_state_dict(model, ckpt.weights)
     model.eval()
     return LoadedRun(model, meta.get("tokenizer"), meta, base_dir)
@@ -408,15 +473,18 @@ class RunDir:
             raise FileFormatError(f"{path}: not a training checkpoint (no train_config, "
                                   "optimizer state or iteration): nothing to resume")
         if meta["train_config"] != config.to_dict():
-            raise ConfigError(f"--resume: the checkpoint in {self.path} was made with other "
-                              f"training settings ({meta['train_config']}); resume with the same "
-                              "ones")
+            raise FileFormatError(f"{path}: made with other training settings "
+                                  f"({meta['train_config']}); resume with the same ones")
+        # the sizes in model.config must be the model's own (a caller may have set it from
+        # this very checkpoint), then the checkpoint's config must be model.config
+        _check_size(path, ckpt.model_config, {n: p.data for n, p in model.named_parameters()})
         if meta["model_config"] != model.config.to_dict() or meta["kind"] != (
                 "lora" if is_lora(model) else "full"):
-            raise ConfigError(f"--resume: the checkpoint in {self.path} is for another model")
+            raise FileFormatError(f"{path}: a checkpoint of another model ({meta['kind']}, "
+                                  f"{meta['model_config']}), not of the one resuming")
         if is_lora(model) and ckpt.lora_config != model.lora_config:
-            raise ConfigError(f"--resume: the checkpoint in {self.path} holds another adapter "
-                              f"({meta['lora_config']})")
+            raise FileFormatError(f"{path}: holds another adapter ({meta['lora_config']}) than "
+                                  "the one resuming")
         states = meta["rng"]
         if len(states) != len(rngs):
             raise FileFormatError(f"{path}: {len(states)} generator states, expected {len(rngs)}")
@@ -425,7 +493,7 @@ class RunDir:
             if type(rng.bit_generator) is not type(new.bit_generator):
                 raise FileFormatError(f"{path}: rng[{i}] is a {type(new.bit_generator).__name__} "
                                       f"state, the run uses {type(rng.bit_generator).__name__}")
-        _check_weights(path, ckpt.weights, _trained_weights(model))
+        _check_weights(path, ckpt.weights, model)
         try:  # checks everything before it changes anything
             optimizer.load_state_dict({"meta": meta["optimizer"], "arrays": ckpt.optim_arrays})
         except (MiniLoRAError, KeyError, ValueError, TypeError, IndexError) as e:
