@@ -241,22 +241,29 @@ def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
     return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config), model
 
 
-def _check_size(path: Path, config: GPTConfig, weights: dict) -> None:
-    """Pin every size in model_config (vocab_size, block_size, n_embd, n_layer) to the file's own
-    tensors, by their GPT-2 names: a hostile config must not make the loader allocate more than
-    the file holds (n_embd = 2**40 would)."""
+def _size_mismatch(config: GPTConfig, weights: dict) -> str | None:
+    """Where the sizes in ``config`` (vocab_size, block_size, n_embd, n_layer) disagree with the
+    arrays ``weights`` (GPT-2 names), or None."""
     c = config.n_embd
     for name, shape in (("transformer.wte.weight", (config.vocab_size, c)),
                         ("transformer.wpe.weight", (config.block_size, c))):
         got = weights.get(name)
         if got is None or got.shape != shape:
-            held = "no such tensor" if got is None else f"one of shape {got.shape}"
-            raise FileFormatError(f"{path}: model_config makes model.{name} {shape}, the file "
-                                  f"holds {held}")
+            held = "none" if got is None else f"{got.shape}"
+            return f"model_config makes {name} {shape}, the weights hold {held}"
     blocks = {m.group(1) for n in weights if (m := re.match(r"transformer\.h\.(\d+)\.", n))}
     if blocks != {str(i) for i in range(config.n_layer)}:
-        raise FileFormatError(f"{path}: model_config has n_layer {config.n_layer}, the file "
-                              f"holds the blocks {sorted(blocks, key=int)[:8]}")
+        return (f"model_config has n_layer {config.n_layer}, the weights hold the blocks "
+                f"{sorted(blocks, key=int)[:8]}")
+    return None
+
+
+def _check_size(path: Path, config: GPTConfig, weights: dict) -> None:
+    """Pin every size in model_config to the file's own tensors: a hostile config must not make
+    the loader allocate more than the file holds (n_embd = 2**40 would)."""
+    problem = _size_mismatch(config, weights)
+    if problem is not None:
+        raise FileFormatError(f"{path}: {problem}")
 
 
 def _check_adapter(path: Path, config: LoRAConfig, weights: dict) -> None:
@@ -475,13 +482,16 @@ class RunDir:
         if meta["train_config"] != config.to_dict():
             raise FileFormatError(f"{path}: made with other training settings "
                                   f"({meta['train_config']}); resume with the same ones")
-        # the sizes in model.config must be the model's own (a caller may have set it from
-        # this very checkpoint), then the checkpoint's config must be model.config
-        _check_size(path, ckpt.model_config, {n: p.data for n, p in model.named_parameters()})
         if meta["model_config"] != model.config.to_dict() or meta["kind"] != (
                 "lora" if is_lora(model) else "full"):
             raise FileFormatError(f"{path}: a checkpoint of another model ({meta['kind']}, "
                                   f"{meta['model_config']}), not of the one resuming")
+        # and model.config must be the model's own (a caller may have set it from this very
+        # checkpoint, whose config an adapter's file cannot pin by itself)
+        problem = _size_mismatch(model.config, {n: p.data for n, p in model.named_parameters()})
+        if problem is not None:
+            raise FileFormatError(f"{path}: the model resuming is not the one its model_config "
+                                  f"describes: {problem}")
         if is_lora(model) and ckpt.lora_config != model.lora_config:
             raise FileFormatError(f"{path}: holds another adapter ({meta['lora_config']}) than "
                                   "the one resuming")
