@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.ops import backend
+from minilora.ops.attention import attention_spans
 from minilora.optim import AdamW, param_groups
 from minilora.train.memory import measure_step
 
@@ -56,13 +56,16 @@ LORA = {"r": 8, "lora_alpha": 16, "target_modules": ("c_attn", "c_proj")}
 def analytic_flops(cfg: BenchConfig, lora: bool) -> int:
     """Matmul FLOPs (2 per multiply-add) of one training step, counted from the architecture.
 
-    Full: every product of the forward pass, then two of the same size in backward (dX and dW).
+    Full: every product of the forward pass, then two of the same size in backward (dX and dW);
+    causal attention computes only the row blocks' visible keys (``ops.attention.attention_spans``).
     LoRA: no dW for any frozen weight; the adapters' own products (4 per adapted layer backward,
     2 forward); and no dX into layer 0's c_attn, whose input depends on frozen weights only.
     """
     n, c, t, v = cfg.batch_size * cfg.block_size, cfg.n_embd, cfg.block_size, cfg.vocab_size
     linears = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)]  # (in, out): c_attn, attn.c_proj, mlp
-    attention = 2 * (2 * n * t * c)  # q k^T and P v, over all heads
+    # q k^T and P v over all heads, for the query rows and keys each causal row block computes
+    visible = sum((r1 - r0) * k1 for r0, r1, k1 in attention_spans(t, t, causal=True))
+    attention = 2 * (2 * cfg.batch_size * visible * c)
     per_layer = sum(2 * n * i * o for i, o in linears) + attention
     forward = cfg.n_layer * per_layer + 2 * n * c * v  # + lm_head
     if not lora:
@@ -134,7 +137,7 @@ def numpy_limit_ms(products, min_seconds: float = 0.05) -> float:
         best = np.inf
         for limit in (None, 1):
             with threadpool_limits(limit, user_api="blas"):
-                best = min(best, _seconds_per_call(lambda: np.matmul(a, b), min_seconds))
+                best = min(best, _seconds_per_call(lambda a=a, b=b: np.matmul(a, b), min_seconds))
         total += count * best
     return 1000 * total
 
@@ -183,7 +186,8 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
     """Measure each named config (full and LoRA) and, if asked, the PyTorch peer."""
     threads = threads or os.cpu_count() or 1
     peer, note = _torch_peer() if compare == "torch" else (None, "")
-    results = {"machine": machine(), "threads": threads, "steps": steps, "configs": {}}
+    results = {"machine": machine(), "threads": threads, "steps": steps,
+               "malloc_tuned": backend.malloc_tuned, "configs": {}}
     if compare == "torch" and peer is None:
         results["torch_note"] = note
     for name in names:
@@ -223,8 +227,9 @@ def _mib(n: int) -> str:
 def report(results: dict) -> str:
     """The tables ``minilora bench`` prints."""
     m = results["machine"]
+    tuned = "tuned" if results.get("malloc_tuned") else "default"
     lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs; threads {results['threads']}; numpy "
-             f"{m['numpy']}; median of {results['steps']} steps", ""]
+             f"{m['numpy']}; glibc malloc {tuned}; median of {results['steps']} steps", ""]
     head = ("config", "method", "ms/step", "tokens/s", "GFLOP", "GFLOP/s", "of numpy peak",
             "torch ms", "minilora/torch", "peak MiB")
     rows = []

@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from minilora import commands
+    from minilora.ops.backend import tune_malloc
 
+    if args.command not in ("params",):
+        tune_malloc()  # an application may change process-wide settings; the library never does
     try:
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except MiniLoRAError as e:

@@ -1,0 +1,79 @@
+"""Causal attention in row blocks that skip the keys a block cannot see.
+
+The blocked path must be the same function as plain masked softmax attention, for any length,
+including lengths that are not a multiple of the block size, and on the engine's threads.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minilora import ops
+from minilora.ops import attention, backend
+from tests.gradcheck import assert_same_function, gradcheck
+
+
+def composed_attention(qkv, n_head):
+    """split + heads + masked softmax(q k^T / sqrt(hd)) v + merge, from primitives only."""
+    b, t, c3 = qkv.shape
+    c, hd = c3 // 3, c3 // 3 // n_head
+    q, k, v = (ops.transpose(ops.reshape(z, (b, t, n_head, hd)), (0, 2, 1, 3))
+               for z in ops.split(qkv, 3, axis=2))
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
+    scores = ops.masked_fill(scores, np.triu(np.ones((t, t), bool), 1), -np.inf)
+    y = ops.matmul(ops.softmax(scores, axis=-1), v)
+    return ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c))
+
+
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    monkeypatch.setattr(attention, "ROW_BLOCK", 3)  # blocks of 3 rows from T = 6 on
+
+
+def test_spans_cover_every_row_and_every_visible_key():
+    for t in (1, 5, 127, 128, 200, 256, 300):
+        spans = attention.attention_spans(t, t, causal=True)
+        assert [r for r0, r1, _ in spans for r in range(r0, r1)] == list(range(t))
+        assert all(k1 == r1 for _, r1, k1 in spans)  # the last row of a block sees keys < r1
+    assert attention.attention_spans(300, 300, causal=False) == [(0, 300, 300)]
+
+
+def test_blocked_attention_skips_three_eighths_of_the_scores_at_256():
+    spans = attention.attention_spans(256, 256, causal=True)
+    assert sum((r1 - r0) * k1 for r0, r1, k1 in spans) / 256**2 == 0.625
+
+
+@settings(max_examples=20, deadline=None)
+@given(t=st.integers(1, 14), heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_blocked_causal_attention_equals_its_composition(t, heads, seed):
+    saved, attention.ROW_BLOCK = attention.ROW_BLOCK, 3
+    try:
+        qkv = np.random.default_rng(seed).standard_normal((2, t, 3 * 2 * heads))
+        assert_same_function(lambda x: ops.causal_self_attention(x, heads),
+                             lambda x: composed_attention(x, heads), qkv)
+    finally:
+        attention.ROW_BLOCK = saved
+
+
+def test_blocked_sdpa_gradients_match_finite_differences(small_row_blocks):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 8, 3)) for _ in range(3))
+    gradcheck(lambda a, b, c: ops.scaled_dot_product_attention(a, b, c, causal=True), q, k, v)
+
+
+def test_blocked_attention_on_threads_equals_one_thread():
+    qkv = np.random.default_rng(1).standard_normal((3, 200, 48)).astype(np.float32)
+    from minilora import Tensor
+
+    results = []
+    for threads in (1, 2):
+        x = Tensor(qkv.copy(), requires_grad=True)
+        with backend.parallel(threads):
+            y = ops.causal_self_attention(x, 4)
+            y.backward(np.ones_like(y.data))
+        results.append((y.data, x.grad))
+    np.testing.assert_array_equal(results[0][0], results[1][0])  # the same blocks, the same bits
+    np.testing.assert_array_equal(results[0][1], results[1][1])
