@@ -131,6 +131,8 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
 
     if resume and out_dir is None:
         raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
+    if resume and not (Path(out_dir) / checkpoint.CHECKPOINT).is_file():  # before making the dir
+        raise ConfigError(f"--resume: {out_dir} holds no checkpoint to resume from")
     run = checkpoint.RunDir(out_dir) if out_dir is not None else None
     start, elapsed, history, skipped = 0, 0.0, [], 0
     try:

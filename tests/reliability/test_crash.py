@@ -22,10 +22,11 @@ import pytest
 from minilora.io import read_jsonl
 from minilora.train import read_checkpoint
 from tests.reliability import crash
+from tests.reliability.conftest import COUNTS
 
 FULL_KILLS = 15
 LORA_KILLS = 8
-CLI_KILLS = 4
+CLI_KILLS = 3
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,8 @@ def test_killed_full_runs_always_leave_a_loadable_checkpoint_and_resume_bit_iden
     assert all(tally.by_phase[p] >= 1 for p in crash.PHASES), tally.by_phase
     assert tally.temp_files_seen >= 1  # some kills really landed inside a checkpoint write
     assert crash.compare(tmp_path / "run", full_reference) == []
+    COUNTS["kills survived"] += tally.kills
+    COUNTS["kills inside a checkpoint write (temporary file left)"] += tally.temp_files_seen
 
 
 def test_killed_lora_runs_resume_to_the_same_adapter_bit_for_bit(ctx, corpus, full_reference,
@@ -71,6 +74,8 @@ def test_killed_lora_runs_resume_to_the_same_adapter_bit_for_bit(ctx, corpus, fu
     assert tally.kills == LORA_KILLS
     assert crash.compare(tmp_path / "run", lora_reference) == []
     assert read_checkpoint(tmp_path / "run").meta["kind"] == "lora"
+    COUNTS["kills survived"] += tally.kills
+    COUNTS["kills inside a checkpoint write (temporary file left)"] += tally.temp_files_seen
 
 
 # ---- the same through the command a user runs ------------------------------------------------
@@ -116,6 +121,7 @@ def test_minilora_train_killed_then_resumed_equals_an_uninterrupted_run(corpus, 
                for k in want.optim_arrays)
     records = [(r["iter"], r["val_loss"]) for r in read_jsonl(out / "metrics.jsonl")]
     assert records == [(r["iter"], r["val_loss"]) for r in read_jsonl(ref / "metrics.jsonl")]
+    COUNTS["kills survived"] += CLI_KILLS
 
 
 def _checkpoint_past(out, it: int) -> bool:
