@@ -206,7 +206,8 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
                     else f"the loss is {loss_value}"
                 raise NonFiniteError(f"training stopped at iteration {it}: {what}; "
                                      f"{_culprit(model, named)}{_kept(run)} "
-                                     "(on_nonfinite='skip' skips such steps instead)")
+                                     "(on_nonfinite='skip', --skip-nonfinite on the command line, "
+                                     "skips such steps instead)")
             optimizer.zero_grad()
             dt = time.perf_counter() - t0
             step_times.append(dt)

@@ -201,13 +201,23 @@ def run_case(case: str, ws: Path) -> tuple[type, str]:
     raise AssertionError(f"{case}: no error")
 
 
+API_TEST = "test_a_mistake_through_the_api"
+CLI_TEST = "test_a_mistake_is_one_line_exit_code_2_and_nothing_half_written"
+
+
+def api_row_end(case: str, kind: type, message: str) -> str:
+    """The end of the docs table's row for an API case: what tests/test_bad_input.py looks for."""
+    return (f"`{kind.__name__}`: `{message}`".replace("|", "\\|")
+            + f" | [test_bad_input.py](../tests/reliability/test_bad_input.py#{API_TEST})"
+            f" `{case}` |")
+
+
 def table_rows(ws: Path, cli_work: Path | None = None) -> list[str]:
     """Markdown rows: | input | error: message | test |, the API's cases then the CLI's."""
     rows = []
     for case, (what, _, _, _) in API_CASES.items():
         kind, message = run_case(case, ws)
-        rows.append(f"| {what} | `{kind.__name__}`: {message} | "
-                    f"`test_bad_input.py::test_a_mistake_through_the_api[{case}]` |")
+        rows.append(f"| {what} | {api_row_end(case, kind, message)}")
     if cli_work is not None:
         from minilora import cli
         from tests import test_cli
@@ -215,8 +225,7 @@ def table_rows(ws: Path, cli_work: Path | None = None) -> list[str]:
             err = _cli_message(cli, args, cli_work)
             shown = " ".join(args).replace(" ".join(test_cli.TINY), "TINY")
             rows.append(f"| `minilora {shown}` | exit 2: `{err}` | "
-                        f"`test_cli.py::test_a_mistake_is_one_line_exit_code_2_and_nothing_"
-                        f"half_written[{case}]` |")
+                        f"[test_cli.py](../tests/test_cli.py#{CLI_TEST}) `{case}` |")
     return rows
 
 

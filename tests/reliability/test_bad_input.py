@@ -53,13 +53,12 @@ def test_a_refused_adapter_or_target_leaves_the_model_as_it_was(ws, monkeypatch)
 def test_the_docs_table_shows_each_api_case_with_its_actual_message(ws):
     text = DOCS.read_text()
     for case in API_CASES:
-        kind, message = bad_input.run_case(case, ws)
-        row = f"`{kind.__name__}`: {message} | `test_bad_input.py::test_a_mistake_through_the_api"
+        row = bad_input.api_row_end(case, *bad_input.run_case(case, ws))
         assert row in text, f"docs/reliability.md: no row for {case}: {row}"
 
 
 def test_the_docs_table_points_only_at_cli_cases_that_exist():
     from tests import test_cli
 
-    named = set(re.findall(r"half_written\[([\w-]+)\]", DOCS.read_text()))
+    named = set(re.findall(bad_input.CLI_TEST + r"\) `([\w-]+)`", DOCS.read_text()))
     assert named and named <= set(test_cli._mistakes())

@@ -62,8 +62,7 @@ def test_killed_full_runs_always_leave_a_loadable_checkpoint_and_resume_bit_iden
     assert all(tally.by_phase[p] >= 1 for p in crash.PHASES), tally.by_phase
     assert tally.temp_files_seen >= 1  # some kills really landed inside a checkpoint write
     assert crash.compare(tmp_path / "run", full_reference) == []
-    COUNTS["kills survived"] += tally.kills
-    COUNTS["kills inside a checkpoint write (temporary file left)"] += tally.temp_files_seen
+    count(tally)
 
 
 def test_killed_lora_runs_resume_to_the_same_adapter_bit_for_bit(ctx, corpus, full_reference,
@@ -74,8 +73,7 @@ def test_killed_lora_runs_resume_to_the_same_adapter_bit_for_bit(ctx, corpus, fu
     assert tally.kills == LORA_KILLS
     assert crash.compare(tmp_path / "run", lora_reference) == []
     assert read_checkpoint(tmp_path / "run").meta["kind"] == "lora"
-    COUNTS["kills survived"] += tally.kills
-    COUNTS["kills inside a checkpoint write (temporary file left)"] += tally.temp_files_seen
+    count(tally)
 
 
 # ---- the same through the command a user runs ------------------------------------------------
@@ -122,6 +120,15 @@ def test_minilora_train_killed_then_resumed_equals_an_uninterrupted_run(corpus, 
     records = [(r["iter"], r["val_loss"]) for r in read_jsonl(out / "metrics.jsonl")]
     assert records == [(r["iter"], r["val_loss"]) for r in read_jsonl(ref / "metrics.jsonl")]
     COUNTS["kills survived"] += CLI_KILLS
+    COUNTS["kills at random"] += CLI_KILLS
+
+
+def count(tally: crash.Tally) -> None:
+    """Add a chain's kills to the figures printed at the end of the session."""
+    COUNTS["kills survived"] += tally.kills
+    for phase, n in tally.by_phase.items():
+        COUNTS["kills at random" if phase == "random" else f"kills {phase}"] += n
+    COUNTS["kills that left a temporary file"] += tally.temp_files_seen
 
 
 def _checkpoint_past(out, it: int) -> bool:
