@@ -11,6 +11,7 @@ and frees each node as soon as it has been used, so activations die as the walk 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -19,26 +20,29 @@ from minilora.errors import GradError, ShapeError
 
 Backward = Callable[[np.ndarray], Sequence["np.ndarray | None"]]
 
-_grad_enabled = True
+class _GradMode(threading.local):
+    enabled = True  # per thread, as PyTorch: no_grad in one thread leaves the others recording
+
+
+_grad_mode = _GradMode()
 
 
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Context manager (and decorator) under which ops build no graph at all.
+    """Context manager (and decorator) under which ops build no graph at all, in this thread.
 
     Outputs computed inside have ``requires_grad=False`` and hold no reference to their inputs.
     """
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    previous, _grad_mode.enabled = _grad_mode.enabled, False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 def is_grad_enabled() -> bool:
-    """Whether ops currently record the graph (False inside :func:`no_grad`)."""
-    return _grad_enabled
+    """Whether ops currently record the graph in this thread (False inside :func:`no_grad`)."""
+    return _grad_mode.enabled
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -93,7 +97,7 @@ class Tensor:
         """The output of an op: records ``parents`` and ``backward`` only if a gradient can flow."""
         out = cls.__new__(cls)
         out.data, out.grad, out._retain = data, None, False
-        if _grad_enabled and any(p.requires_grad for p in parents):
+        if _grad_mode.enabled and any(p.requires_grad for p in parents):
             out.requires_grad, out._parents, out._backward = True, parents, backward
         else:
             out.requires_grad, out._parents, out._backward = False, (), None

@@ -314,3 +314,38 @@ def test_engine_errors_are_minilora_errors_and_builtin_ones():
     """``except MiniLoRAError`` and ``except RuntimeError`` / ``ValueError`` both catch them."""
     assert issubclass(GradError, MiniLoRAError) and issubclass(GradError, RuntimeError)
     assert issubclass(ShapeError, MiniLoRAError) and issubclass(ShapeError, ValueError)
+
+
+def test_no_grad_is_per_thread():
+    """no_grad in one thread must not stop another thread from recording its graph."""
+    import threading
+
+    x = Tensor(np.ones(3), requires_grad=True)
+    inside, other = threading.Event(), {}
+
+    def worker():
+        inside.wait()
+        other["requires_grad"] = (x * 2.0).requires_grad
+
+    t = threading.Thread(target=worker)
+    t.start()
+    with no_grad():
+        inside.set()
+        t.join()
+        assert not (x * 2.0).requires_grad
+    assert other["requires_grad"]
+
+
+def test_plain_numbers_and_arrays_go_through_ops():
+    from minilora import ops
+
+    assert ops.add(1.5, 2.0).item() == 3.5
+    y = ops.linear(np.ones((2, 3), np.float32), Tensor(np.ones((4, 3), np.float32)))
+    np.testing.assert_array_equal(y.data, np.full((2, 4), 3.0, np.float32))
+
+
+def test_relu_gives_positive_zero_for_negative_inputs():
+    from minilora import ops
+
+    out = ops.relu(Tensor(np.array([-2.0, 3.0]))).data
+    assert np.signbit(out).tolist() == [False, False]

@@ -22,7 +22,8 @@ def _sigmoid_2z(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     t *= -_B
     t -= _A
     t *= x  # -2z
-    np.exp(t, out=t)
+    with np.errstate(over="ignore"):  # exp(-2z) = inf for very negative x: s = 0, as it should
+        np.exp(t, out=t)
     t += 1.0
     return np.reciprocal(t, out=out)
 

@@ -16,8 +16,10 @@ def _operands(a, b) -> tuple[Tensor, Tensor]:
     """Both operands as Tensors; a Python scalar takes the other side's dtype (float32 stays float32)."""
     if isinstance(a, Tensor):
         b = as_tensor(b, like=a)
-    else:
+    elif isinstance(b, Tensor):
         a = as_tensor(a, like=b)
+    else:  # two plain numbers or arrays: NumPy's own types
+        a, b = as_tensor(a), as_tensor(b)
     try:
         np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -137,7 +139,8 @@ def sqrt(a: Tensor) -> Tensor:
 def relu(a: Tensor) -> Tensor:
     """max(a, 0); the gradient at 0 is taken as 0."""
     positive = a.data > 0
-    return Tensor.from_op(a.data * positive, (a,), lambda g: (g * positive,))
+    out = np.where(positive, a.data, np.zeros((), a.dtype))  # +0.0 for negatives, not -0.0
+    return Tensor.from_op(out, (a,), lambda g: (g * positive,))
 
 
 def where(condition, a, b) -> Tensor:

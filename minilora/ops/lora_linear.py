@@ -43,7 +43,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
     def backward(g):
         g2 = g.reshape(-1, out_f)
-        u = mm(g2, lora_B.data)  # (N, r)
+        u = mm(g2, lora_B.data) if lora_A.requires_grad or x.requires_grad else None  # (N, r)
         gB = mm(g2.T, h * scaling) if lora_B.requires_grad else None
         gA = mm(u.T * scaling, xd) if lora_A.requires_grad else None
         gx = None

@@ -57,6 +57,7 @@ def _rows(x: np.ndarray) -> np.ndarray:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = x W^T + b.   x: (..., in), weight W: (out, in), bias b: (out,) -> y: (..., out)."""
+    x = as_tensor(x)
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ShapeError(
             f"linear: input of shape {x.shape} does not fit weight of shape {weight.shape} "
