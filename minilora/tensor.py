@@ -2,10 +2,10 @@
 
 The engine is reverse-mode automatic differentiation in the style of micrograd, over whole arrays.
 An op (see ``minilora.ops``) computes its output with NumPy and hands :meth:`Tensor.from_op` a
-``backward`` closure that maps the output gradient ``g`` to one gradient per input, or ``None`` for an
-input that needs none. :meth:`Tensor.backward` walks the graph once in reverse topological order,
-reduces broadcast gradients in one place (:func:`unbroadcast`), accumulates into ``.grad`` of leaves,
-and frees each node as soon as it has been used, so activations die as the walk passes them.
+``backward`` closure that maps the output gradient ``g`` to one gradient per input, or ``None`` for
+an input that needs none. :meth:`Tensor.backward` walks the graph once in reverse topological order,
+reduces broadcast gradients in one place (:func:`unbroadcast`), accumulates into ``.grad`` of
+leaves, and frees each node as soon as it has been used, so activations die as the walk passes them.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ class Tensor:
         data = data.data if isinstance(data, Tensor) else data
         self.data: np.ndarray = np.asarray(data, dtype=dtype)
         if requires_grad and not np.issubdtype(self.data.dtype, np.floating):
-            raise GradError(f"only floating-point tensors can require grad, got dtype {self.data.dtype}")
+            raise GradError(f"only floating-point tensors can require grad, got dtype "
+                            f"{self.data.dtype}")
         self.grad: np.ndarray | None = None
         self.requires_grad = bool(requires_grad)
         self._parents: tuple[Tensor, ...] = ()
@@ -130,7 +131,8 @@ class Tensor:
 
     def __repr__(self) -> str:
         grad = ", requires_grad=True" if self.requires_grad else ""
-        return f"Tensor({np.array2string(self.data, precision=4, threshold=20)}, dtype={self.dtype}{grad})"
+        body = np.array2string(self.data, precision=4, threshold=20)
+        return f"Tensor({body}, dtype={self.dtype}{grad})"
 
     def numpy(self) -> np.ndarray:
         """The underlying array (not a copy)."""
@@ -191,7 +193,7 @@ class Tensor:
             if node._backward is None:
                 continue
             parent_grads = node._backward(g)
-            for parent, pg in zip(node._parents, parent_grads):
+            for parent, pg in zip(node._parents, parent_grads, strict=True):
                 if pg is None or not parent.requires_grad:
                     continue
                 pg = unbroadcast(pg, parent.data.shape)
@@ -291,10 +293,12 @@ class Tensor:
         return _ops.max(self, axis=axis, keepdims=keepdims)
 
     def reshape(self, *shape) -> Tensor:
-        return _ops.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+        one = len(shape) == 1 and not isinstance(shape[0], int)  # t.reshape((2, 3)) or (2, 3)
+        return _ops.reshape(self, shape[0] if one else shape)
 
     def transpose(self, *axes) -> Tensor:
-        return _ops.transpose(self, axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes or None)
+        one = len(axes) == 1 and not isinstance(axes[0], int)  # t.transpose((1, 0)) or (1, 0)
+        return _ops.transpose(self, axes[0] if one else axes or None)
 
     def exp(self) -> Tensor:
         return _ops.exp(self)
@@ -343,7 +347,7 @@ def _topological_order(root: Tensor) -> list[Tensor | None]:
 
 
 def as_tensor(x, like: Tensor | None = None) -> Tensor:
-    """``x`` as a Tensor; a Python or NumPy scalar takes ``like``'s dtype so float32 stays float32."""
+    """``x`` as a Tensor; a Python or NumPy scalar takes ``like``'s dtype (float32 stays so)."""
     if isinstance(x, Tensor):
         return x
     if like is not None and np.ndim(x) == 0 and np.issubdtype(like.dtype, np.floating):

@@ -69,7 +69,8 @@ def gelu(x: Tensor) -> Tensor:
     return Tensor.from_op(y.reshape(a.shape), (x,), backward)
 
 
-def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None, training: bool = True) -> Tensor:
+def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None,
+            training: bool = True) -> Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1/(1-p) (inverted dropout).
 
     The mask comes from ``rng`` (a ``numpy.random.Generator``), so a seed fixes it. Identity when

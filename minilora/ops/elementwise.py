@@ -13,7 +13,8 @@ from minilora.tensor import Tensor, as_tensor
 
 
 def _operands(a, b) -> tuple[Tensor, Tensor]:
-    """Both operands as Tensors; a Python scalar takes the other side's dtype (float32 stays float32)."""
+    """Both operands as Tensors; a Python scalar takes the other side's dtype (float32 stays
+    float32)."""
     if isinstance(a, Tensor):
         b = as_tensor(b, like=a)
     elif isinstance(b, Tensor):
@@ -144,7 +145,7 @@ def relu(a: Tensor) -> Tensor:
 
 
 def where(condition, a, b) -> Tensor:
-    """Elementwise ``a`` where ``condition`` else ``b`` (condition: a boolean array, no gradient)."""
+    """Elementwise ``a`` where ``condition`` else ``b`` (condition: boolean array, no gradient)."""
     cond = np.asarray(condition.data if isinstance(condition, Tensor) else condition, dtype=bool)
     a, b = _operands(a, b)
     try:
@@ -168,9 +169,11 @@ def masked_fill(a: Tensor, mask, value: float) -> Tensor:
     try:
         out = np.where(mask, np.asarray(value, dtype=a.dtype), a.data)
     except ValueError:
-        raise ShapeError(f"masked_fill(): mask {mask.shape} does not broadcast to {a.shape}") from None
+        raise ShapeError(f"masked_fill(): mask {mask.shape} does not broadcast to {a.shape}") \
+            from None
     if out.shape != a.shape:
-        raise ShapeError(f"masked_fill(): mask {mask.shape} would grow tensor {a.shape} to {out.shape}")
+        raise ShapeError(f"masked_fill(): mask {mask.shape} would grow tensor {a.shape} to "
+                         f"{out.shape}")
     return Tensor.from_op(out, (a,), lambda g: (np.where(mask, 0, g),))
 
 

@@ -2,8 +2,8 @@
 
     y = x W^T + b + s * (d(x) A^T) B^T          x: (..., in), W: (out, in), A: (r, in), B: (out, r)
 
-d is dropout on the adapter path (a fixed 0/scale mask, or none). ``B A`` is never formed: the adapter
-costs r (in + out) multiply-adds per row. With G = dL/dy, h = d(x) A^T and u = G B:
+d is dropout on the adapter path (a fixed 0/scale mask, or none). ``B A`` is never formed: the
+adapter costs r (in + out) multiply-adds per row. With G = dL/dy, h = d(x) A^T and u = G B:
     dB = s G^T h,   dA = s u^T d(x),   dx = G W + s d'(u A),   dW = G^T x (only if W trains).
 """
 
@@ -26,7 +26,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     r = lora_A.shape[0]
     if x.shape[-1] != in_f or lora_A.shape != (r, in_f) or lora_B.shape != (out_f, r):
         raise ShapeError(
-            f"lora_linear: x {x.shape}, W {weight.shape}, A {lora_A.shape}, B {lora_B.shape} do not fit "
+            f"lora_linear: x {x.shape}, W {weight.shape}, A {lora_A.shape}, B {lora_B.shape} "
+            "do not fit "
             f"(expected x (..., {in_f}), A (r, {in_f}), B ({out_f}, r))"
         )
     scaling = float(scaling)  # an np.float64 scaling (alpha / np.sqrt(r)) would make dA, dB float64

@@ -1,7 +1,7 @@
 """Matrix products: ``matmul`` (batched, broadcasting) and the fused ``linear``.
 
-For ``y = x W^T`` with a frozen ``W``, the product for ``dW`` is never computed and ``x`` is not even
-kept for it: that is where LoRA's saving in the backward pass comes from.
+For ``y = x W^T`` with a frozen ``W``, the product for ``dW`` is never computed and ``x`` is not
+even kept for it: that is where LoRA's saving in the backward pass comes from.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from minilora.tensor import Tensor, as_tensor
 
 
 def matmul(a, b) -> Tensor:
-    """a: (..., n, k) @ b: (..., k, m) -> (..., n, m); batch axes broadcast; 1-D operands as NumPy."""
+    """a: (..., n, k) @ b: (..., k, m) -> (..., n, m); batch axes broadcast; 1-D as NumPy."""
     a, b = as_tensor(a), as_tensor(b)
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul needs at least 1-D operands, got shapes {a.shape} and {b.shape}")
@@ -23,7 +23,8 @@ def matmul(a, b) -> Tensor:
     b2 = b.data[:, None] if b.ndim == 1 else b.data
     if a2.shape[-1] != b2.shape[-2]:
         raise ShapeError(
-            f"matmul shapes {a.shape} and {b.shape} do not fit: inner sizes {a2.shape[-1]} != {b2.shape[-2]}"
+            f"matmul shapes {a.shape} and {b.shape} do not fit: inner sizes {a2.shape[-1]} != "
+            f"{b2.shape[-2]}"
         )
     try:
         np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
@@ -75,8 +76,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         g2 = _rows(g)
         gx = mm(g2, weight.data).reshape(x.shape) if x.requires_grad else None
         gw = mm(g2.T, saved_x) if weight.requires_grad else None
-        gb = g2.sum(axis=0) if bias is not None and bias.requires_grad else None
-        return gx, gw, gb
+        if bias is None:
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor.from_op(y2.reshape(*x.shape[:-1], weight.shape[0]), parents, backward)

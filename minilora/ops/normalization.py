@@ -18,7 +18,8 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     c = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (c,):
-            raise ShapeError(f"layer_norm: {name} of shape {p.shape}, expected ({c},) for input {x.shape}")
+            raise ShapeError(f"layer_norm: {name} of shape {p.shape}, expected ({c},) for input "
+                             f"{x.shape}")
     x2 = x.data.reshape(-1, c)
     xhat = np.empty_like(x2)  # kept for backward
     rstd = np.empty((len(x2), 1), dtype=x2.dtype)

@@ -40,7 +40,7 @@ def swapaxes(a: Tensor, axis1: int, axis2: int) -> Tensor:
 
 
 def _is_basic(index) -> bool:
-    """True when ``index`` only slices (ints, slices, None, ...): each element is taken at most once."""
+    """True if ``index`` only slices (ints, slices, None, ...): each element taken at most once."""
     parts = index if isinstance(index, tuple) else (index,)
     return all(p is None or p is Ellipsis or isinstance(p, (int, np.integer, slice)) for p in parts)
 
@@ -129,10 +129,11 @@ def split(a: Tensor, indices_or_sections, axis: int = 0) -> list[Tensor]:
             raise ShapeError(f"split(): axis {axis} of length {n} does not divide into {sections}")
         bounds = list(range(0, n + 1, n // sections))
     else:
-        cuts = (int(i) + n if i < 0 else int(i) for i in indices_or_sections)  # as slicing reads them
+        # negative indices as slicing reads them
+        cuts = (int(i) + n if i < 0 else int(i) for i in indices_or_sections)
         bounds = [0, *(min(max(i, 0), n) for i in cuts), n]
     pieces = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         index = (slice(None),) * axis + (slice(start, max(start, stop)),)
         pieces.append(getitem(a, index))
     return pieces

@@ -1,7 +1,7 @@
 """Fused softmax, log-softmax and cross-entropy, each with a hand-written backward.
 
-All three subtract the row maximum first (through ``scipy.special.logsumexp`` or explicitly), so they
-stay finite for logits of +-1e4 in float32.
+All three subtract the row maximum first (through ``scipy.special.logsumexp`` or explicitly), so
+they stay finite for logits of +-1e4 in float32.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
     t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
     if logits.ndim < 1 or logits.shape[:-1] != t.shape:
         raise ShapeError(
-            f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, got {t.shape}"
+            f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
+            f"got {t.shape}"
         )
     if not np.issubdtype(t.dtype, np.integer):
         raise ShapeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")

@@ -33,7 +33,8 @@ def attention(x, p, n_head):  # x: (B, T, C); p: the weights of one attention mo
     hd = c // n_head
     qkv = linear(x, p["c_attn.weight"], p.get("c_attn.bias"))  # (B, T, 3C)
     q, k, v = np.split(qkv, 3, axis=-1)  # each (B, T, C)
-    q, k, v = (z.reshape(bsz, t, n_head, hd).transpose(0, 2, 1, 3) for z in (q, k, v))  # (B, H, T, hd)
+    # each (B, H, T, hd)
+    q, k, v = (z.reshape(bsz, t, n_head, hd).transpose(0, 2, 1, 3) for z in (q, k, v))
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # (B, H, T, T)
     scores = np.where(np.triu(np.ones((t, t), bool), 1), -np.inf, scores)  # no looking ahead
     y = softmax(scores) @ v  # (B, H, T, hd)
@@ -42,7 +43,8 @@ def attention(x, p, n_head):  # x: (B, T, C); p: the weights of one attention mo
 
 
 def mlp(x, p):  # x: (B, T, C) -> (B, T, 4C) -> (B, T, C)
-    return linear(gelu(linear(x, p["c_fc.weight"], p.get("c_fc.bias"))), p["c_proj.weight"], p.get("c_proj.bias"))
+    h = gelu(linear(x, p["c_fc.weight"], p.get("c_fc.bias")))  # (B, T, 4C)
+    return linear(h, p["c_proj.weight"], p.get("c_proj.bias"))
 
 
 def sub(state, prefix):  # the entries of a state dict under "prefix.", with the prefix removed
@@ -56,7 +58,8 @@ def gpt_logits(state, idx, n_layer, n_head):  # idx: (B, T) -> logits (B, T, V)
     for i in range(n_layer):
         blk = sub(state, f"transformer.h.{i}")
         ln1, ln2 = sub(blk, "ln_1"), sub(blk, "ln_2")
-        x = x + attention(layer_norm(x, ln1["weight"], ln1.get("bias", 0)), sub(blk, "attn"), n_head)
+        h = layer_norm(x, ln1["weight"], ln1.get("bias", 0))
+        x = x + attention(h, sub(blk, "attn"), n_head)
         x = x + mlp(layer_norm(x, ln2["weight"], ln2.get("bias", 0)), sub(blk, "mlp"))
     lnf = sub(state, "transformer.ln_f")
     return layer_norm(x, lnf["weight"], lnf.get("bias", 0)) @ wte.T  # (B, T, V)

@@ -1,4 +1,4 @@
-"""Parity with Hugging Face transformers' GPT2LMHeadModel in float64 (optional: skips without torch).
+"""Parity with Hugging Face transformers' GPT2LMHeadModel in float64 (skips without torch).
 
 Given the same weights, minilora's logits, loss and gradients equal GPT-2's to round-off. GPT-2's
 Conv1D stores weights as (in, out), the transpose of our Linear.weight (out, in).
@@ -50,7 +50,8 @@ def test_logits_loss_and_gradients_equal_gpt2(pair):
 
     hf.zero_grad()
     hf_logits = hf(torch.from_numpy(idx)).logits
-    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 23), torch.from_numpy(targets).reshape(-1))
+    flat_targets = torch.from_numpy(targets).reshape(-1)
+    hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, 23), flat_targets)
     hf_loss.backward()
 
     np.testing.assert_allclose(logits.data, hf_logits.detach().numpy(), rtol=1e-10, atol=1e-12)
