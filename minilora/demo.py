@@ -179,18 +179,22 @@ def _memory(model, data, plan: DemoPlan) -> int:
 
 
 def _time_forwards(models: dict, x, rounds: int = 9) -> dict[str, float]:
-    """ms per forward pass of each model on ``x``: the fastest of ``rounds``, taken in turns so
-    that a busy moment of the machine does not land on one model only."""
+    """CPU ms per forward pass of each model on ``x`` (median of ``rounds``, the models in turns).
+
+    CPU time of this process (all its threads), not wall time: what a forward pass costs, which
+    other programs on a busy machine do not change much (their wall-clock share does: measured
+    under load, the same model's fastest wall time varied by 1.5x from one model to the next).
+    """
     times: dict[str, list[float]] = {name: [] for name in models}
     with no_grad():
         for m in models.values():
             m(x)  # warm-up
         for _ in range(rounds):
             for name, m in models.items():
-                t = time.perf_counter()
+                t = time.process_time()
                 m(x)
-                times[name].append(time.perf_counter() - t)
-    return {name: 1000 * min(ts) for name, ts in times.items()}
+                times[name].append(time.process_time() - t)
+    return {name: 1000 * float(np.median(ts)) for name, ts in times.items()}
 
 
 def _lora_config(method: str) -> LoRAConfig | None:
@@ -310,13 +314,14 @@ def _merge_best(out: Path, rows, base_run, base, tokenizer, data, plan: DemoPlan
     acc = task_accuracy(merged, tokenizer, data.task, plan.task_prompts)
     answers["merged"] = acc.completions
     same = sum(a == b for a, b in zip(acc.completions, answers[best["run"]], strict=True))
-    _say(f"    max |logits merged - unmerged| = {diff:.2e} (float32 round-off); the merged model "
-         f"answers {same}/{acc.total} held-out prompts as the adapter does "
+    _say(f"    max |logits merged - unmerged| = {diff:.2e} (float32 round-off)")
+    _say(f"    the merged model answers {same}/{acc.total} held-out prompts as the adapter does "
          f"(exact match {acc.accuracy:.1%})")
     ms = _time_forwards({"base": base, "unmerged": unmerged, "merged": merged}, x)
-    _say(f"4/4 inference, one forward pass of {plan.batch_size}x{base.config.block_size} tokens "
-         f"(fastest of 9): base {ms['base']:.2f} ms, adapter unmerged {ms['unmerged']:.2f} ms, "
-         f"merged {ms['merged']:.2f} ms (merged/base = {ms['merged'] / ms['base']:.2f})")
+    _say(f"4/4 inference cost, CPU time of one forward pass of {plan.batch_size}x"
+         f"{base.config.block_size} tokens (median of 9): base {ms['base']:.1f} ms, adapter "
+         f"unmerged {ms['unmerged']:.1f} ms, merged {ms['merged']:.1f} ms "
+         f"(merged/base = {ms['merged'] / ms['base']:.2f})")
     return {"best": best["run"], "max_abs_logit_diff": diff, "merged_exact_match": acc.accuracy,
             "same_answers_as_unmerged": same, "ms_base": ms["base"],
             "ms_unmerged": ms["unmerged"], "ms_merged": ms["merged"]}
