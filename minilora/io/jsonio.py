@@ -165,6 +165,8 @@ def read_jsonl(path: str | os.PathLike) -> list:
 
 # ---- random generators: bit-identical resume needs their exact state -------------------
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM")  # the ones whose state is plain JSON (no arrays)
+_STATE_SCHEMA = {"bit_generator": str, "state": {"state": int, "inc": int}, "has_uint32": int,
+                 "uinteger": int}
 
 
 def generator_state(rng: np.random.Generator) -> dict:
@@ -181,6 +183,16 @@ def restore_generator(state, source: str = "generator state") -> np.random.Gener
     if name not in _BIT_GENERATORS:
         raise FileFormatError(f"{source}: expected the state of one of {_BIT_GENERATORS}, got "
                               f"{name!r}")
+    try:  # exactly the fields numpy writes, as integers in range: numpy itself takes a bool
+        check_schema(state, _STATE_SCHEMA, source)
+    except ConfigError as e:
+        raise FileFormatError(str(e)) from None
+    inner = state["state"]
+    if set(state) != set(_STATE_SCHEMA) or set(inner) != {"state", "inc"} \
+            or not all(0 <= inner[k] < 2**128 for k in inner) \
+            or state["has_uint32"] not in (0, 1) or not 0 <= state["uinteger"] < 2**32:
+        raise FileFormatError(f"{source}: damaged {name} state (a field missing, unknown or out "
+                              "of range)")
     bit_generator = getattr(np.random, name)()
     try:
         bit_generator.state = state

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,6 +254,20 @@ def test_an_adapter_with_a_backtracking_regex_is_refused_at_once(root, pattern):
     run = files.forge(root / "lora", hostile(root), meta={
         **meta, "lora_config": {**meta["lora_config"], "target_modules": pattern}})
     assert "exponential time" in files.refused("load_run", run, root / "lora")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "the"], ["train", "--resume"]])
+def test_the_command_refuses_a_hostile_checkpoint_in_one_line_with_exit_code_2(root, command):
+    """The real entry point, in a process of its own (the loaders' tests call cli.main)."""
+    _, meta = files.parts(root / "lora")
+    run = files.forge(root / "lora", hostile(root), meta={**meta, "iter": "4"})
+    flag = "--out" if command[0] == "train" else "--model"
+    COUNTS["damaged files"] += 1
+    done = subprocess.run([sys.executable, "-m", "minilora.cli", command[0], flag, str(run),
+                           *command[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("minilora: error: ")
+    assert f"{run}/checkpoint.safetensors: metadata.iter: expected int, got str" in done.stderr
 
 
 # ---- hostile tensors, with a correct checksum ------------------------------------------------
