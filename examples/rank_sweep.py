@@ -1,7 +1,7 @@
 """How much rank does fine-tuning need? LoRA at r = 1 ... 64 against full fine-tuning.
 
     minilora train --data builtin:world --out runs/base --max-iters 600     # a base, once
-    python examples/rank_sweep.py --base runs/base --out runs/rank_sweep    # about 6 minutes
+    python examples/rank_sweep.py --base runs/base --out runs/rank_sweep    # 8 runs, 17 min
     python examples/rank_sweep.py --small                                   # a few seconds
 
 The LoRA paper (Hu et al. 2021, section 7.2 and Table 6) found that a very small rank already

@@ -1,6 +1,6 @@
 """What do the adapters learn? The LoRA paper's subspace analysis, on a small GPT.
 
-    python examples/subspace_similarity.py --base runs/base --out runs/subspace   # ~3 minutes
+    python examples/subspace_similarity.py --base runs/base --out runs/subspace   # 3 minutes
     python examples/subspace_similarity.py --small                                # a few seconds
 
 Section 7 of the LoRA paper (Hu et al. 2021) asks two questions, and this example asks them again
