@@ -39,6 +39,8 @@ def _flag(name: str) -> str:
 
 
 _CONFIG_FIELD = re.compile(r"\b(?:TrainConfig|GPTConfig)\.(\w+)|\bLoRAConfig: (\w+)")
+_FIELD_VALUE = re.compile(r"(?<![-.\w])([a-z]\w*) \(")
+_FLAG_FIELDS = {*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS}
 _LORA_FIELD_FLAGS = {"r": "--lora-r", "lora_alpha": "--lora-alpha",
                      "lora_dropout": "--lora-dropout", "target_modules": "--target-modules"}
 
@@ -51,7 +53,10 @@ def _as_flags(e: MiniLoRAError) -> MiniLoRAError:
             return _flag(m.group(1))
         return _LORA_FIELD_FLAGS.get(m.group(2), m.group(0))
 
-    return type(e)(_CONFIG_FIELD.sub(flag, str(e)))
+    def named(m: re.Match) -> str:  # "... divisible by n_head (3)": another field, by name
+        return f"{_flag(m.group(1))} (" if m.group(1) in _FLAG_FIELDS else m.group(0)
+
+    return type(e)(_FIELD_VALUE.sub(named, _CONFIG_FIELD.sub(flag, str(e))))
 
 
 def _train_config(args) -> TrainConfig:
@@ -90,7 +95,10 @@ def cmd_train(args) -> int:
         if settings:
             raise ConfigError("--resume continues with the run's own settings; drop "
                               + ", ".join(_flag(n) for n in settings))
-        result = runs.resume(args.out, **common)
+        try:
+            result = runs.resume(args.out, **common)
+        except KeyboardInterrupt:
+            return _interrupted(Path(args.out))
     else:
         if args.data is None:
             raise ConfigError("train: --data FILE or --data builtin:NAME is required "
@@ -121,11 +129,14 @@ def cmd_train(args) -> int:
                 GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
         except ConfigError as e:
             raise _as_flags(e) from None
-        if model is not None:
-            result = runs.pretrain(args.data, args.out, model, config, **common)
-        else:
-            result = runs.finetune(args.init_from, args.data, args.out, config, lora,
-                                   dropout=args.dropout, **common)
+        try:
+            if model is not None:
+                result = runs.pretrain(args.data, args.out, model, config, **common)
+            else:
+                result = runs.finetune(args.init_from, args.data, args.out, config, lora,
+                                       dropout=args.dropout, **common)
+        except KeyboardInterrupt:
+            return _interrupted(Path(args.out))
     out = Path(args.out)
     if math.isnan(result.ms_per_step):  # no step ran: --max-iters 0, or the run had finished
         print(f"iter {result.iters} (no training steps ran): train loss "
@@ -139,6 +150,21 @@ def cmd_train(args) -> int:
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with non-finite numbers")
     return 0
+
+
+def _interrupted(out: Path) -> int:
+    """Ctrl-C during training: say where the run can continue from (exit code 130, as a shell)."""
+    from minilora.train import read_checkpoint
+
+    try:
+        it = read_checkpoint(out).meta["iter"]
+    except (MiniLoRAError, OSError):
+        print("minilora: interrupted before the first checkpoint; nothing to resume",
+              file=sys.stderr)
+    else:
+        print(f"minilora: interrupted; the last checkpoint (iteration {it}) is in {out}: "
+              f"continue with 'minilora train --out {out} --resume'", file=sys.stderr)
+    return 130
 
 
 def _load(model_dir):

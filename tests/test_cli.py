@@ -182,9 +182,11 @@ def test_ctrl_c_then_resume_gives_the_run_that_never_stopped(work):
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the run finished before it could be interrupted (a very fast machine)")
-    assert proc.returncode == 130 and err.strip() == "minilora: interrupted"
     stopped_at = read_checkpoint(work / "stopped").meta["iter"]
     assert 10 <= stopped_at < 200
+    assert proc.returncode == 130
+    assert err.strip() == (f"minilora: interrupted; the last checkpoint (iteration {stopped_at}) "
+                           "is in stopped: continue with 'minilora train --out stopped --resume'")
 
     out = ok(minilora("train", "--out", "stopped", "--resume", "--threads", "1", cwd=work))
     assert out.startswith(f"resuming stopped at iteration {stopped_at} of 200")
@@ -246,7 +248,7 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "not-utf8": (["train", "--data", "latin1.txt", "--out", "o3", *TINY],
                      "not UTF-8 text: byte 0xe9", "o3"),
         "n-embd-vs-n-head": (["train", "--data", "corpus.txt", "--out", "o4", "--n-embd", "30",
-                              "--n-head", "4"], "--n-embd (30) must be divisible by n_head (4)",
+                              "--n-head", "4"], "--n-embd (30) must be divisible by --n-head (4)",
                              "o4"),
         "block-longer-than-data": (["train", "--data", "short.txt", "--out", "o5", *TINY],
                                    "fewer than block_size + 1 = 25", "o5"),
@@ -291,7 +293,7 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "dropout-one": ([*new, "--out", "o21", "--dropout", "1"], "--dropout must be", "o21"),
         "zero-lora-alpha": ([*lora, "--out", "o22", "--lora-alpha", "0"], "--lora-alpha", "o22"),
         "min-lr-above-lr": ([*new, "--out", "o23", "--min-lr", "0.1", "--lr", "0.01"],
-                            "--min-lr (0.1) must not exceed lr", "o23"),
+                            "--min-lr (0.1) must not exceed --lr (0.01)", "o23"),
         "out-holds-a-run": ([*new[:-2], "--max-iters", "2", "--out", "base"],
                             "already holds a run", None),
         "architecture-with-init-from": ([*lora, "--out", "o24", "--n-layer", "3"],
