@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,7 +60,8 @@ def test_killed_full_runs_always_leave_a_loadable_checkpoint_and_resume_bit_iden
     assert tally.failures == []
     assert tally.kills == FULL_KILLS and tally.checkpoint_loads + tally.no_checkpoint_yet == \
         FULL_KILLS
-    assert all(tally.by_phase[p] >= 1 for p in crash.PHASES), tally.by_phase
+    seen = crash.PHASES if Path("/proc/self/fd").is_dir() else ("mid-write", "fsync")
+    assert all(tally.by_phase[p] >= 1 for p in seen), tally.by_phase  # mid-line needs /proc
     assert tally.temp_files_seen >= 1  # some kills really landed inside a checkpoint write
     assert crash.compare(tmp_path / "run", full_reference) == []
     count(tally)
