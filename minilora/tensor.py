@@ -1,4 +1,4 @@
-"""Tensor: an ndarray, its gradient, and its place in the computation graph.
+"""Tensor: an ndarray, its gradient, and its place in the computation graph (a Node).
 
 The engine is reverse-mode automatic differentiation in the style of micrograd, over whole arrays.
 An op (see ``minilora.ops``) computes its output with NumPy and hands :meth:`Tensor.from_op` a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -71,6 +72,36 @@ def _graph_freed(_g: np.ndarray) -> None:
     )
 
 
+class Node:
+    """One op of the graph: its backward closure and the nodes of its inputs (``grad_fn``).
+
+    The graph links nodes, never tensors: an op's output array lives only as long as its Tensor
+    (and whatever a backward closure chose to save), so an activation no backward needs is freed
+    as soon as the forward pass lets go of it. A leaf node (``backward`` None) stands for a tensor
+    the user made; it and a ``retain_grad()`` node reach their tensor through a weak reference.
+    """
+
+    __slots__ = ("__weakref__", "backward", "dtype", "parents", "retain", "shape", "tensor")
+
+    def __init__(self, backward: Backward | None, parents: tuple[Node | None, ...],
+                 shape: tuple[int, ...], dtype: np.dtype, tensor=None):
+        self.backward = backward  # g -> one gradient (or None) per parent
+        self.parents = parents  # aligned with the op's inputs; None where no gradient flows
+        self.shape, self.dtype = shape, dtype  # the output's, to reduce gradients back to it
+        self.tensor = tensor  # weakref to the Tensor whose .grad this node fills, or None
+        self.retain = False
+
+    @property
+    def name(self) -> str:
+        """The op's name: ``"linear"`` for ``linear.<locals>.backward``, ``"leaf"`` for a leaf."""
+        if self.backward is None:
+            return "leaf"
+        return getattr(self.backward, "__qualname__", "op").split(".")[0]
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} {self.shape}>"
+
+
 class Tensor:
     """An ``ndarray`` (``.data``) with a gradient (``.grad``) and a node in the autograd graph.
 
@@ -78,7 +109,7 @@ class Tensor:
     is kept (a float32 array stays float32). Only floating-point tensors may require a gradient.
     """
 
-    __slots__ = ("__weakref__", "_backward", "_parents", "_retain", "data", "grad", "requires_grad")
+    __slots__ = ("__weakref__", "_node", "data", "grad", "requires_grad")
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
@@ -89,20 +120,35 @@ class Tensor:
                             f"{self.data.dtype}")
         self.grad: np.ndarray | None = None
         self.requires_grad = bool(requires_grad)
-        self._parents: tuple[Tensor, ...] = ()
-        self._backward: Backward | None = None
-        self._retain = False
+        self._node: Node | None = None
 
     @classmethod
     def from_op(cls, data: np.ndarray, parents: tuple[Tensor, ...], backward: Backward) -> Tensor:
-        """The output of an op: records ``parents`` and ``backward`` only if a gradient can flow."""
+        """The output of an op: a node with ``backward`` and its inputs' nodes, only if a gradient
+        can flow. ``backward`` must not hold the input Tensors themselves (only what it needs)."""
         out = cls.__new__(cls)
-        out.data, out.grad, out._retain = data, None, False
+        out.data, out.grad = data, None
         if _grad_mode.enabled and any(p.requires_grad for p in parents):
-            out.requires_grad, out._parents, out._backward = True, parents, backward
+            nodes = tuple(p._graph_node() if p.requires_grad else None for p in parents)
+            out.requires_grad, out._node = True, Node(backward, nodes, data.shape, data.dtype)
         else:
-            out.requires_grad, out._parents, out._backward = False, (), None
+            out.requires_grad, out._node = False, None
         return out
+
+    def _graph_node(self) -> Node:
+        """This tensor's node; a leaf gets one the first time an op uses it."""
+        node = self._node
+        if node is None or (node.backward is None and (node.shape, node.dtype)
+                                != (self.data.shape, self.data.dtype)):
+            node = self._node = Node(None, (), self.data.shape, self.data.dtype,
+                                     weakref.ref(self))
+        return node
+
+    @property
+    def grad_fn(self) -> Node | None:
+        """The node of the op that made this tensor (None for a leaf), as PyTorch's ``grad_fn``."""
+        node = self._node
+        return None if node is None or node.backward is None else node
 
     # ---- array-like facts ------------------------------------------------------------------
     @property
@@ -124,7 +170,7 @@ class Tensor:
     @property
     def is_leaf(self) -> bool:
         """True for tensors made by the user (parameters, inputs), False for op outputs."""
-        return self._backward is None
+        return self.grad_fn is None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -150,7 +196,9 @@ class Tensor:
 
     def retain_grad(self) -> Tensor:
         """Ask backward to also store ``.grad`` on this non-leaf tensor."""
-        self._retain = True
+        node = self.grad_fn
+        if node is not None:
+            node.retain, node.tensor = True, weakref.ref(self)
         return self
 
     def requires_grad_(self, flag: bool = True) -> Tensor:
@@ -180,27 +228,29 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ShapeError(f"backward() grad has shape {grad.shape}, tensor has {self.shape}")
 
-        order = _topological_order(self)
-        pending: dict[int, np.ndarray] = {id(self): grad}
+        order = _topological_order(self._graph_node())
+        pending: dict[int, np.ndarray] = {id(order[-1]): grad}
         handed_out: set[int] = set()  # arrays already stored as some .grad: never store one twice
         for i in range(len(order) - 1, -1, -1):
             node, order[i] = order[i], None  # drop our reference so the node can die when done
             g = pending.pop(id(node), None)
             if g is None:
                 continue
-            if node._backward is None or node._retain:
-                node._accumulate(g, handed_out)
-            if node._backward is None:
+            if node.backward is None or node.retain:
+                tensor = node.tensor() if node.tensor is not None else None
+                if tensor is not None:  # a dead tensor's gradient has no one to read it
+                    tensor._accumulate(g, handed_out)
+            if node.backward is None:
                 continue
-            parent_grads = node._backward(g)
-            for parent, pg in zip(node._parents, parent_grads, strict=True):
-                if pg is None or not parent.requires_grad:
+            parent_grads = node.backward(g)
+            for parent, pg in zip(node.parents, parent_grads, strict=True):
+                if pg is None or parent is None:
                     continue
-                pg = unbroadcast(pg, parent.data.shape)
+                pg = unbroadcast(pg, parent.shape)
                 key = id(parent)
                 pending[key] = pg if key not in pending else pending[key] + pg
             if not retain_graph:
-                node._parents, node._backward = (), _graph_freed
+                node.parents, node.backward = (), _graph_freed
             del g, parent_grads
 
     def _accumulate(self, g: np.ndarray, handed_out: set[int]) -> None:
@@ -323,14 +373,14 @@ def _raw(x):
     return x.data if isinstance(x, Tensor) else x
 
 
-def _topological_order(root: Tensor) -> list[Tensor | None]:
-    """Nodes reachable from ``root`` through tensors that require grad, parents before children.
+def _topological_order(root: Node) -> list[Node | None]:
+    """Nodes reachable from ``root``, parents before children.
 
     Iterative depth-first search, so a 100,000-op chain does not touch Python's recursion limit.
     """
-    order: list[Tensor | None] = []
+    order: list[Node | None] = []
     visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, parents_done = stack.pop()
         if parents_done:
@@ -340,8 +390,8 @@ def _topological_order(root: Tensor) -> list[Tensor | None]:
             continue
         visited.add(id(node))
         stack.append((node, True))
-        for parent in node._parents:
-            if parent.requires_grad and id(parent) not in visited:
+        for parent in node.parents:
+            if parent is not None and id(parent) not in visited:
                 stack.append((parent, False))
     return order
 

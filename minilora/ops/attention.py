@@ -167,11 +167,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             "(expected (..., Tq, hd), (..., Tk, hd), (..., Tk, hd))"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, p = attention_forward(q.data, k.data, v.data, causal, scale)
+    qd, kd, vd = q.data, k.data, v.data
+    out, p = attention_forward(qd, kd, vd, causal, scale)
+    need = (q.requires_grad, k.requires_grad, v.requires_grad)
 
     def backward(g):
-        need = (q.requires_grad, k.requires_grad, v.requires_grad)
-        return attention_backward(g, q.data, k.data, v.data, p, scale, need, causal=causal)
+        return attention_backward(g, qd, kd, vd, p, scale, need, causal=causal)
 
     return Tensor.from_op(out, (q, k, v), backward)
 

@@ -42,8 +42,10 @@ def sub(a, b) -> Tensor:
     """a - b, with NumPy broadcasting."""
     a, b = _operands(a, b)
 
+    need_b = b.requires_grad
+
     def backward(g):
-        return g, (-g if b.requires_grad else None)
+        return g, (-g if need_b else None)
 
     return Tensor.from_op(a.data - b.data, (a, b), backward)
 
@@ -52,20 +54,23 @@ def mul(a, b) -> Tensor:
     """a * b, with NumPy broadcasting."""
     a, b = _operands(a, b)
 
-    def backward(g):
-        return (g * b.data if a.requires_grad else None, g * a.data if b.requires_grad else None)
+    ad, bd, need_a, need_b = a.data, b.data, a.requires_grad, b.requires_grad
 
-    return Tensor.from_op(a.data * b.data, (a, b), backward)
+    def backward(g):
+        return (g * bd if need_a else None, g * ad if need_b else None)
+
+    return Tensor.from_op(ad * bd, (a, b), backward)
 
 
 def div(a, b) -> Tensor:
     """a / b, with NumPy broadcasting."""
     a, b = _operands(a, b)
-    out = a.data / b.data
+    bd, need_a, need_b = b.data, a.requires_grad, b.requires_grad
+    out = a.data / bd
 
     def backward(g):
-        ga = g / b.data if a.requires_grad else None
-        gb = -g * out / b.data if b.requires_grad else None
+        ga = g / bd if need_a else None
+        gb = -g * out / bd if need_b else None
         return ga, gb
 
     return Tensor.from_op(out, (a, b), backward)
@@ -93,22 +98,23 @@ def pow(a, exponent) -> Tensor:
     """a ** exponent; the exponent may be a number or a Tensor (then a must be positive)."""
     if not isinstance(exponent, Tensor) and np.ndim(exponent) == 0:
         a = as_tensor(a)
-        p = float(exponent)
-        out = _power(a.data, p)
+        p, ad = float(exponent), a.data
+        out = _power(ad, p)
 
         def backward_scalar(g):
             if p == 0:  # a constant: zero gradient, also at a = 0 where 0 * a**-1 would be nan
                 return (np.zeros_like(g),)
-            return (g * (p * _power(a.data, p - 1)).astype(a.dtype, copy=False),)
+            return (g * (p * _power(ad, p - 1)).astype(ad.dtype, copy=False),)
 
         return Tensor.from_op(out, (a,), backward_scalar)
 
     a, b = _operands(a, exponent)
-    out = np.power(a.data, b.data)
+    ad, bd, need_a, need_b = a.data, b.data, a.requires_grad, b.requires_grad
+    out = np.power(ad, bd)
 
     def backward(g):
-        ga = g * b.data * np.power(a.data, b.data - 1) if a.requires_grad else None
-        gb = g * out * np.log(a.data) if b.requires_grad else None
+        ga = g * bd * np.power(ad, bd - 1) if need_a else None
+        gb = g * out * np.log(ad) if need_b else None
         return ga, gb
 
     return Tensor.from_op(out, (a, b), backward)
@@ -122,7 +128,8 @@ def exp(a: Tensor) -> Tensor:
 
 def log(a: Tensor) -> Tensor:
     """Natural logarithm."""
-    return Tensor.from_op(np.log(a.data), (a,), lambda g: (g / a.data,))
+    ad = a.data
+    return Tensor.from_op(np.log(ad), (a,), lambda g: (g / ad,))
 
 
 def tanh(a: Tensor) -> Tensor:
@@ -155,9 +162,11 @@ def where(condition, a, b) -> Tensor:
             f"where(): condition {cond.shape}, a {a.shape} and b {b.shape} do not broadcast"
         ) from None
 
+    need_a, need_b = a.requires_grad, b.requires_grad
+
     def backward(g):
-        ga = np.where(cond, g, 0) if a.requires_grad else None
-        gb = np.where(cond, 0, g) if b.requires_grad else None
+        ga = np.where(cond, g, 0) if need_a else None
+        gb = np.where(cond, 0, g) if need_b else None
         return ga, gb
 
     return Tensor.from_op(out, (a, b), backward)

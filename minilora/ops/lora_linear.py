@@ -40,25 +40,34 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if bias is not None:
         y += bias.data
     y += mm(h * scaling, lora_B.data.T)
-    keep_x = weight.requires_grad
+
+    # Keep only what the wanted gradients use. A frozen W keeps no x for dW; dA needs d(x).
+    need_x, need_w, need_a, need_b = (t.requires_grad for t in (x, weight, lora_A, lora_B))
+    has_bias, x_shape = bias is not None, x.shape
+    need_bias = has_bias and bias.requires_grad
+    w = weight.data if need_x else None
+    a = lora_A.data if need_x else None
+    b = lora_B.data if need_x or need_a else None
+    saved_h = h if need_b else None
+    saved_xd = xd if need_a else None
+    saved_x = x2 if need_w else None
 
     def backward(g):
         g2 = g.reshape(-1, out_f)
-        u = mm(g2, lora_B.data) if lora_A.requires_grad or x.requires_grad else None  # (N, r)
-        gB = mm(g2.T, h * scaling) if lora_B.requires_grad else None
-        gA = mm(u.T * scaling, xd) if lora_A.requires_grad else None
+        u = mm(g2, b) if b is not None else None  # G B: (N, r)
+        gB = mm(saved_h.T * scaling, g2).T if need_b else None  # (s h^T G)^T: (out, r)
+        gA = mm(u.T * scaling, saved_xd) if need_a else None
         gx = None
-        if x.requires_grad:
-            adapter = mm(u * scaling, lora_A.data)
+        if need_x:
+            adapter = mm(u * scaling, a)
             if dropout_mask is not None:
-                adapter = (adapter.reshape(x.shape) * dropout_mask).reshape(-1, in_f)
-            gx = mm(g2, weight.data)
+                adapter = (adapter.reshape(x_shape) * dropout_mask).reshape(-1, in_f)
+            gx = mm(g2, w)
             gx += adapter
-            gx = gx.reshape(x.shape)
-        gW = mm(g2.T, x2) if keep_x else None
-        gb = g2.sum(axis=0) if bias is not None and bias.requires_grad else None
-        grads = [gx, gW] + ([gb] if bias is not None else []) + [gA, gB]
-        return grads
+            gx = gx.reshape(x_shape)
+        gW = mm(g2.T, saved_x) if need_w else None
+        gb = g2.sum(axis=0) if need_bias else None
+        return [gx, gW] + ([gb] if has_bias else []) + [gA, gB]
 
     parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
     return Tensor.from_op(y.reshape(*x.shape[:-1], out_f), parents, backward)

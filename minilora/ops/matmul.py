@@ -37,15 +37,20 @@ def matmul(a, b) -> Tensor:
     if b.ndim == 1:
         out = out.squeeze(-1)
 
+    # save only what the wanted gradients use: dA needs B, dB needs A
+    out_shape, a_vector, b_vector = out2.shape, a.ndim == 1, b.ndim == 1
+    saved_b = b2 if a.requires_grad else None
+    saved_a = a2 if b.requires_grad else None
+
     def backward(g):
-        g2 = g.reshape(out2.shape)
+        g2 = g.reshape(out_shape)
         ga = gb = None
-        if a.requires_grad:
-            ga = mm(g2, swap(b2))
-            ga = ga[..., 0, :] if a.ndim == 1 else ga  # drop the row axis that was added
-        if b.requires_grad:
-            gb = mm(swap(a2), g2)
-            gb = gb[..., 0] if b.ndim == 1 else gb  # drop the column axis that was added
+        if saved_b is not None:
+            ga = mm(g2, swap(saved_b))
+            ga = ga[..., 0, :] if a_vector else ga  # drop the row axis that was added
+        if saved_a is not None:
+            gb = mm(swap(saved_a), g2)
+            gb = gb[..., 0] if b_vector else gb  # drop the column axis that was added
         return ga, gb
 
     return Tensor.from_op(out, (a, b), backward)
@@ -70,15 +75,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     y2 = mm(x2, weight.data.T)
     if bias is not None:
         y2 += bias.data
-    saved_x = x2 if weight.requires_grad else None  # a frozen W needs no copy of x for dW
+    # Save only what the wanted gradients use: dx needs W, dW needs x. A frozen W keeps no x.
+    saved_x = x2 if weight.requires_grad else None
+    saved_w = weight.data if x.requires_grad else None
+    x_shape, has_bias = x.shape, bias is not None
+    need_b = has_bias and bias.requires_grad
 
     def backward(g):
         g2 = _rows(g)
-        gx = mm(g2, weight.data).reshape(x.shape) if x.requires_grad else None
-        gw = mm(g2.T, saved_x) if weight.requires_grad else None
-        if bias is None:
+        gx = mm(g2, saved_w).reshape(x_shape) if saved_w is not None else None
+        gw = mm(g2.T, saved_x) if saved_x is not None else None
+        if not has_bias:
             return gx, gw
-        return gx, gw, (g2.sum(axis=0) if bias.requires_grad else None)
+        return gx, gw, (g2.sum(axis=0) if need_b else None)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor.from_op(y2.reshape(*x.shape[:-1], weight.shape[0]), parents, backward)

@@ -42,11 +42,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     block = rows_per_block(c)
     for_blocks(forward_block, len(x2), block)
 
+    need_x, x_shape = x.requires_grad, x.shape
+    has_w, has_b = weight is not None, bias is not None
+    need_w, need_b = has_w and weight.requires_grad, has_b and bias.requires_grad
+    w = weight.data if has_w and need_x else None
+
     def backward(g):
         g2 = g.reshape(-1, c)
-        need_x = x.requires_grad
-        need_w = weight is not None and weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
         gx = np.empty_like(x2) if need_x else None
         partial_w, partial_b = {}, {}  # block start -> sum over the block's rows
 
@@ -57,17 +59,17 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
             if need_b:
                 partial_b[lo] = gb.sum(axis=0)
             if need_x:
-                gh = gb * weight.data if weight is not None else gb.copy()
+                gh = gb * w if w is not None else gb.copy()
                 proj = np.mean(gh * xh, axis=-1, keepdims=True)
                 gh -= gh.mean(axis=-1, keepdims=True)
                 gh -= xh * proj
                 np.multiply(gh, rstd[lo:hi], out=gx[lo:hi])
 
         for_blocks(backward_block, len(x2), block)
-        grads = [None if gx is None else gx.reshape(x.shape)]
-        if weight is not None:
+        grads = [None if gx is None else gx.reshape(x_shape)]
+        if has_w:
             grads.append(_in_order(partial_w) if need_w else None)
-        if bias is not None:
+        if has_b:
             grads.append(_in_order(partial_b) if need_b else None)
         return grads
 

@@ -33,7 +33,8 @@ def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     """Sum over ``axis`` (all axes by default)."""
     axes = _axes(axis, a.ndim)
     out = np.sum(a.data, axis=axes, keepdims=keepdims)
-    return Tensor.from_op(np.asarray(out), (a,), lambda g: (_expand(g, axes, keepdims, a.shape),))
+    shape = a.shape
+    return Tensor.from_op(np.asarray(out), (a,), lambda g: (_expand(g, axes, keepdims, shape),))
 
 
 def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
@@ -42,8 +43,10 @@ def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     count = int(np.prod([a.shape[i] for i in axes])) if a.ndim else 1
     out = np.mean(a.data, axis=axes, keepdims=keepdims)
 
+    shape = a.shape
+
     def backward(g):
-        return (_expand(g / count, axes, keepdims, a.shape),)
+        return (_expand(g / count, axes, keepdims, shape),)
 
     return Tensor.from_op(np.asarray(out), (a,), backward)
 
@@ -53,11 +56,12 @@ def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     axes = _axes(axis, a.ndim)
     if a.size == 0:
         raise ShapeError(f"max() of an empty tensor of shape {a.shape}")
-    top = np.max(a.data, axis=axes, keepdims=True)
+    ad = a.data
+    top = np.max(ad, axis=axes, keepdims=True)
 
     def backward(g):
-        winners = a.data == top
-        share = winners / winners.sum(axis=axes, keepdims=True, dtype=a.dtype)
+        winners = ad == top
+        share = winners / winners.sum(axis=axes, keepdims=True, dtype=ad.dtype)
         return (share * _expand(g, axes, keepdims, top.shape),)
 
     out = top if keepdims else np.squeeze(top, axis=axes)

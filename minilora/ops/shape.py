@@ -17,7 +17,8 @@ def reshape(a: Tensor, shape) -> Tensor:
         out = a.data.reshape(shape)
     except ValueError:
         raise ShapeError(f"cannot reshape tensor of shape {a.shape} into {shape}") from None
-    return Tensor.from_op(out, (a,), lambda g: (g.reshape(a.shape),))
+    shape_in = a.shape
+    return Tensor.from_op(out, (a,), lambda g: (g.reshape(shape_in),))
 
 
 def transpose(a: Tensor, axes=None) -> Tensor:
@@ -57,8 +58,10 @@ def getitem(a: Tensor, index) -> Tensor:
         raise ShapeError(f"index {index!r} does not fit tensor of shape {a.shape}: {err}") from None
     basic = _is_basic(index)
 
+    shape, dtype = a.shape, a.dtype
+
     def backward(g):
-        ga = np.zeros(a.shape, dtype=a.dtype)
+        ga = np.zeros(shape, dtype=dtype)
         if basic:
             ga[index] = g
         elif isinstance(index, np.ndarray) and np.issubdtype(index.dtype, np.integer):

@@ -76,6 +76,8 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
         nll = lse[rows].sum() - (x[rows, picked] - top[rows, 0]).sum()
         loss = nll / np.asarray(count, dtype=x.dtype)
 
+    shape = logits.shape
+
     def backward(g):
         p = x - top  # recomputed, not saved: (N, V) can be large for a big vocabulary
         p -= lse[:, None]
@@ -84,6 +86,6 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
         if count != len(t):
             p[~valid] = 0
         p *= g / max(count, 1)
-        return (p.reshape(logits.shape),)
+        return (p.reshape(shape),)
 
     return Tensor.from_op(np.asarray(loss, dtype=x.dtype), (logits,), backward)

@@ -1,6 +1,6 @@
 """dtype is kept: float32 in, float32 out, and float32 out of every VJP.
 
-The VJPs are checked directly (``out._backward(g)``), not through ``.grad`` of a leaf: the engine
+The VJPs are checked directly (``out.grad_fn.backward(g)``), not through ``.grad`` of a leaf: the engine
 casts a leaf's gradient to the leaf's dtype, which would hide a backward that silently computed in
 float64 (twice the memory and time, the trap DESIGN.md warns about).
 """
@@ -111,8 +111,9 @@ def test_op_keeps_float32_in_its_output_and_its_vjp(name, make):
     for out in outs if isinstance(outs, list) else [outs]:
         assert out.dtype == np.float32, f"{name} returned {out.dtype}"
         g = RNG.standard_normal(out.shape).astype(np.float32)
-        for parent, grad in zip(out._parents, out._backward(g), strict=True):
-            if grad is not None:  # each VJP comes back in its input's dtype
+        node = out.grad_fn
+        for parent, grad in zip(node.parents, node.backward(g), strict=True):
+            if grad is not None and parent is not None:  # each VJP in its input's dtype
                 assert grad.dtype == parent.dtype, f"{name}: {grad.dtype} VJP for {parent.dtype}"
 
 
