@@ -39,10 +39,11 @@ class DemoPlan:
     ranks: tuple[int, ...]
     full_lr: float
     lora_lr: float
-    eval_iters: int
+    eval_iters: int  # validation batches behind each model's val loss in the table
     task_prompts: int | None  # held-out prompts scored (None: all 200)
     batch_size: int = 12
     pretrain_lr: float = 1e-3
+    curve_eval_iters: int = 5  # batches per split behind each point of the loss curves
 
 
 FULL = DemoPlan(model={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
@@ -53,7 +54,8 @@ FULL = DemoPlan(model={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 6
 # all stayed at 0%); about 30 s of CPU time in all
 QUICK = DemoPlan(model={"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64},
                  pretrain_iters=200, finetune_iters=100, ranks=(1, 4, 16), full_lr=4e-3,
-                 lora_lr=1.5e-2, eval_iters=4, task_prompts=50, pretrain_lr=3e-3)
+                 lora_lr=1.5e-2, eval_iters=8, task_prompts=50, pretrain_lr=3e-3,
+                 curve_eval_iters=2)
 
 
 class _KVCache:
@@ -214,7 +216,7 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     _prepare(out, ["base", *methods, "merged"])
     t_start = time.perf_counter()
 
-    common = {"batch_size": plan.batch_size, "eval_iters": plan.eval_iters, "seed": seed,
+    common = {"batch_size": plan.batch_size, "eval_iters": plan.curve_eval_iters, "seed": seed,
               "weight_decay": 0.1}
     _say(f"1/4 pretraining a {plan.model['n_layer']}-layer, {plan.model['n_embd']}-wide GPT on "
          f"builtin:world for {plan.pretrain_iters} steps ...")
@@ -232,9 +234,10 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     task = task_data.task
     with parallel(threads):
         base_acc = task_accuracy(base_model, tokenizer, task, plan.task_prompts)
+        base_loss = val_loss(base_model, task_data, plan)
 
     rows = [{"method": "base (no fine-tuning)", "run": "base", "trainable": 0,
-             "total": base_model.num_parameters(), "val_loss": math.nan,
+             "total": base_model.num_parameters(), "val_loss": base_loss,
              "exact_match": base_acc.accuracy, "ms_per_step": None, "peak_mib": None}]
     curves, answers = {}, {"base": base_acc.completions}
     _say(f"2/4 fine-tuning on builtin:majority for {plan.finetune_iters} steps each:")
@@ -248,17 +251,16 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
         result = runs.finetune(out / "base", "builtin:majority", out / method, cfg, lora,
                                quiet=quiet, threads=threads)
         curves[method] = [(r["iter"], r["val_loss"]) for r in result.history]
-        if lora is None:  # iteration 0 of the full run evaluates the base itself, on these batches
-            rows[0]["val_loss"] = result.history[0]["val_loss"]
         tuned = load_run(out / method).model
         with parallel(threads):
             acc = task_accuracy(tuned, tokenizer, task, plan.task_prompts)
+            loss = val_loss(tuned, task_data, plan)
             peak = _memory(tuned, task_data, plan)  # last: it takes a (tiny) training step
         answers[method] = acc.completions
         label = method if lora is None else f"LoRA r={lora.r} (alpha {lora.lora_alpha:g})"
         rows.append({"method": label, "run": method,
                      "trainable": tuned.num_parameters(trainable_only=True),
-                     "total": tuned.num_parameters(), "val_loss": result.val_loss,
+                     "total": tuned.num_parameters(), "val_loss": loss,
                      "exact_match": acc.accuracy, "ms_per_step": result.ms_per_step,
                      "peak_mib": peak / 2**20})
 
@@ -274,6 +276,18 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     _say(f"\nsaved runs, metrics and results.json{' and ' + plot.name if plot else ''} in {out} "
          f"({results['wall_time_s']:.0f} s in all)")
     return results
+
+
+@no_grad()
+def val_loss(model, data, plan: DemoPlan) -> float:
+    """Mean loss over ``plan.eval_iters`` validation batches, the same batches for every model."""
+    model.eval()
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(plan.eval_iters):
+        x, y = data.get_batch("val", plan.batch_size, model.config.block_size, rng)
+        losses.append(model(x, y)[1].item())
+    return float(np.mean(losses))
 
 
 def format_table(rows: list[dict]) -> str:

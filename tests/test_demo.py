@@ -16,7 +16,7 @@ from minilora.train.checkpoint import CHECKPOINT
 
 TINY = demo.DemoPlan(model={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 48},
                      pretrain_iters=6, finetune_iters=4, ranks=(1, 2), full_lr=2e-3, lora_lr=5e-3,
-                     eval_iters=1, task_prompts=6, batch_size=4)
+                     eval_iters=1, task_prompts=6, batch_size=4, curve_eval_iters=1)
 
 
 @pytest.fixture(scope="module")
