@@ -43,22 +43,24 @@ print("a * b =", y.data, "  dL/da = g * b =", a.grad, "  dL/db = g * a =", b.gra
 assert np.allclose(a.grad, g * b.data) and np.allclose(b.grad, g * a.data)
 
 # ---- 2. The graph ------------------------------------------------------------------------------
-section("2. the graph: each output keeps its parents and a backward closure")
+section("2. the graph: each output points to a node: its backward closure and its inputs' nodes")
 x = Tensor(np.array(2.0), requires_grad=True)
 u = x * x                  # u = x^2
 v = ops.tanh(u)            # v = tanh(x^2)
 w = v + x                  # w = tanh(x^2) + x: x is used twice
 
 
-def show(t: Tensor, name: str, depth: int = 0) -> None:
-    """Print the graph under ``t``, from the engine's internal ``_backward`` and ``_parents``."""
-    op = "leaf" if t._backward is None else t._backward.__qualname__.split(".")[0]
-    print(f"{'    ' * depth}{name}: {op}, value {t.data:.4f}")
-    for i, parent in enumerate(t._parents):
+def show(node, name: str, depth: int = 0) -> None:
+    """Print the graph under a node. Nodes hold no data: a leaf reaches its tensor (weakly)."""
+    if node.backward is None:
+        print(f"{'    ' * depth}{name}: leaf, value {node.tensor().data:.4f}")
+        return
+    print(f"{'    ' * depth}{name}: {node.name}, shape {node.shape}")
+    for i, parent in enumerate(node.parents):
         show(parent, f"input {i}", depth + 1)
 
 
-show(w, "w")
+show(w.grad_fn, "w")
 
 # ---- 3. backward() ------------------------------------------------------------------------------
 section("3. backward(): reverse topological order, gradients summed over uses")
@@ -66,7 +68,7 @@ w.backward()               # a scalar: the upstream gradient is 1
 by_hand = (1 - np.tanh(4.0) ** 2) * 2 * 2.0 + 1   # dw/dx = tanh'(x^2) * 2x + 1
 print(f"dw/dx = {x.grad:.6f}   by hand: {by_hand:.6f}")
 assert np.isclose(x.grad, by_hand)
-print(f"the walk freed the graph behind it: w now has {len(w._parents)} parents")
+print(f"the walk freed the graph behind it: w's node now has {len(w.grad_fn.parents)} inputs")
 print("(a second backward() through it needs retain_graph=True the first time)")
 
 # ---- 4. Broadcasting ----------------------------------------------------------------------------
