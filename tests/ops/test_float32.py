@@ -1,8 +1,8 @@
 """dtype is kept: float32 in, float32 out, and float32 out of every VJP.
 
 The VJPs are checked directly (``out.grad_fn.backward(g)``), not through ``.grad`` of a leaf: the
-engine casts a leaf's gradient to the leaf's dtype, which would hide a backward that silently computed
-in float64 (twice the memory and time, the trap DESIGN.md warns about).
+engine casts a leaf's gradient to the leaf's dtype, which would hide a backward that silently
+computed in float64 (twice the memory and time, the trap DESIGN.md warns about).
 """
 
 import math
