@@ -350,7 +350,8 @@ def _samples(task: Task, answers: dict[str, list[str]], names: list[str], n: int
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     _say("\nsamples (held-out prompts; greedy answers, up to the first newline):")
     for line in [header, *lines]:
-        _say("    " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)))
+        _say(("    " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)))
+             .rstrip())
 
 
 def _plot(out: Path, curves: dict) -> Path | None:
