@@ -16,7 +16,7 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 20 seconds)
+main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 25 seconds)
 help:       minilora COMMAND --help  (every command has examples)
 """
 
@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
         examples:
           minilora demo                          # about 3 minutes on 2 cores
-          minilora demo --quick --out /tmp/demo  # a smaller run, about 20 seconds""")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 20 s)")
+          minilora demo --quick --out /tmp/demo  # a smaller run, about 25 seconds""")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 25 s)")
     p.add_argument("--out", default="minilora-demo", metavar="DIR",
                    help="where runs, metrics and plots go (default: ./minilora-demo); only the "
                         "demo's own run directories in it are replaced")
