@@ -100,3 +100,25 @@ def time_step(cfg, lora: bool, lora_cfg: dict, steps: int, warmup: int, threads:
         step()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
+
+
+def main(argv=None) -> None:
+    """``python torch_peer.py CONFIG_JSON LORA_JSON STEPS WARMUP THREADS``: print {full, lora} ms.
+
+    ``minilora bench`` runs the peer in a process of its own, so neither side's thread pools (or
+    OpenBLAS's spinning threads) compete with the other's.
+    """
+    import json
+    import sys
+    from types import SimpleNamespace
+
+    args = sys.argv[1:] if argv is None else argv
+    cfg, lora_cfg = SimpleNamespace(**json.loads(args[0])), json.loads(args[1])
+    steps, warmup, threads = int(args[2]), int(args[3]), int(args[4])
+    result = {method: time_step(cfg, method == "lora", lora_cfg, steps, warmup, threads)
+              for method in ("full", "lora")}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -168,24 +170,29 @@ def measure(cfg: BenchConfig, lora: bool, steps: int, warmup: int, threads: int 
             "gflops_per_s": flops / ms / 1e6, "memory": memory, "products": products}
 
 
-def _torch_peer():
-    """The PyTorch model of ``benchmarks/torch_peer.py``, or (None, why not)."""
+def _torch_peer_path() -> tuple[Path | None, str]:
+    """Where ``benchmarks/torch_peer.py`` is, or (None, why it cannot run)."""
     if importlib.util.find_spec("torch") is None:
         return None, "PyTorch is not installed (pip install torch)"
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_peer.py"
     if not path.exists():
         return None, f"the PyTorch peer lives in the source tree ({path.name} not found)"
-    spec = importlib.util.spec_from_file_location("minilora_torch_peer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, ""
+    return path, ""
+
+
+def time_torch(path: Path, cfg: BenchConfig, steps: int, warmup: int, threads: int) -> dict:
+    """{"full": ms, "lora": ms} of the PyTorch peer, run in a process of its own."""
+    out = subprocess.run([sys.executable, str(path), json.dumps(asdict(cfg)), json.dumps(LORA),
+                          str(steps), str(warmup), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = None,
         compare: str | None = None) -> dict:
     """Measure each named config (full and LoRA) and, if asked, the PyTorch peer."""
     threads = threads or os.cpu_count() or 1
-    peer, note = _torch_peer() if compare == "torch" else (None, "")
+    peer, note = _torch_peer_path() if compare == "torch" else (None, "")
     results = {"machine": machine(), "threads": threads, "steps": steps,
                "malloc_tuned": backend.malloc_tuned, "configs": {}}
     if compare == "torch" and peer is None:
@@ -193,13 +200,14 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
     for name in names:
         cfg = CONFIGS[name]
         entry = {"config": asdict(cfg)}
+        torch_ms = time_torch(peer, cfg, steps, warmup, threads) if peer is not None else {}
         for method in ("full", "lora"):
             gc.collect()
             m = measure(cfg, method == "lora", steps, warmup, threads)
             m["analytic_flops"] = analytic_flops(cfg, method == "lora")
             m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
-            if peer is not None:
-                m["torch_ms"] = peer.time_step(cfg, method == "lora", LORA, steps, warmup, threads)
+            if method in torch_ms:
+                m["torch_ms"] = torch_ms[method]
             entry[method] = m
         results["configs"][name] = entry
     return results

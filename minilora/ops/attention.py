@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import for_each, note_product, swap
+from minilora.ops.backend import BLOCK_ELEMENTS, for_each, note_product, swap
 from minilora.tensor import Tensor
 
 
@@ -142,9 +142,9 @@ def _put(target: np.ndarray, value: np.ndarray, overwrite: bool) -> None:
         target += value
 
 
-def _blocks(lead: tuple[int, ...], per_matrix: int, target: int = 1 << 16) -> list[tuple]:
+def _blocks(lead: tuple[int, ...], per_matrix: int, target: int = BLOCK_ELEMENTS) -> list[tuple]:
     """Index tuples that cut the leading axes (B,) or (B, H) into blocks of about ``target``
-    score elements (256 KiB of float32, an L2 cache), never across the first axis."""
+    score elements (see ``backend.rows_per_block``), never across the first axis."""
     per = max(1, target // max(1, per_matrix))  # matrices per block
     if len(lead) == 1 or per >= int(np.prod(lead[1:])):
         inner = int(np.prod(lead[1:]))

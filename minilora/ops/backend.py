@@ -3,10 +3,14 @@
 Every matmul in the engine, forward or backward, goes through :func:`mm`. By default that is plain
 ``np.matmul``. Inside :func:`parallel` (which the training loop and the benchmark enter), BLAS is
 limited to one thread and each large product is split into row blocks computed by a small thread
-pool instead (NumPy releases the GIL inside BLAS). Measured on a 2-core machine, OpenBLAS's own
-threads cost ~5 ms per *small* product when the cores are busy (they spin and contend), and their
-spinning after each call slows the NumPy code around them; splitting ourselves keeps large products
-at full speed and makes small ones single-threaded and cheap.
+pool instead (NumPy releases the GIL inside BLAS). Measured on a 2-core machine:
+
+- OpenBLAS's own threads cost ~5 ms per *small* product when the cores are busy (they spin and
+  contend); single-threaded, small products are cheap.
+- On its own, a large product is faster with OpenBLAS's two threads (170-185 GFLOP/s against
+  90-180 for two single-threaded halves), but in a training step its threads keep spinning after
+  each call and halve the speed of the attention, GELU and layer-norm kernels that follow (config B,
+  full step: 2.46 s with BLAS threads, 2.05 s with our split, the products as fast in both).
 """
 
 from __future__ import annotations
@@ -103,9 +107,15 @@ def for_blocks(work, n: int, block: int) -> None:
     for_each(lambda start: work(start, min(start + block, n)), range(0, n, block))
 
 
-def rows_per_block(row_elements: int, target_elements: int = 1 << 15) -> int:
-    """How many rows of ``row_elements`` make a block of about ``target_elements`` (128 KiB of
-    float32): small enough for the L2 cache."""
+BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: L3-resident, few calls per thread
+
+
+def rows_per_block(row_elements: int, target_elements: int = BLOCK_ELEMENTS) -> int:
+    """How many rows of ``row_elements`` make a block of about ``target_elements``.
+
+    Measured on 2 cores (GELU, layer norm and attention at config B's sizes): 2^15-element blocks
+    (an L2 cache) spent their time in per-call overhead and the lock each NumPy call takes, and
+    barely used the second thread; 2^19 ran 2-3x faster; 2^21 left too few blocks to share."""
     return max(1, target_elements // max(1, row_elements))
 
 
