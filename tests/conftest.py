@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-import minilora.ops
 from minilora.ops import backend
 
 
@@ -21,23 +18,34 @@ def one_blas_thread():
 
 
 @pytest.fixture
-def mm_calls(monkeypatch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def mm_calls() -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Every matrix product the ops compute from here on, as (a.shape, b.shape, out.shape).
 
-    All matmuls go through ``minilora.ops.backend.mm`` (imported by name into each op module), so
-    counting them shows which products a backward pass really runs: for a frozen weight, the one
-    that would give its gradient must not be among them.
+    Every product goes through ``backend.mm`` or, inside a fused kernel's blocks, is announced
+    with ``backend.note_product``; ``backend.record_products`` sees both. Counting them shows which
+    products a backward pass really runs: for a frozen weight, the one that would give its
+    gradient must not be among them.
     """
-    calls = []
-    real = backend.mm
+    with backend.record_products() as products:
+        yield _WithOutputs(products)
 
-    def counting_mm(a, b):
-        out = real(a, b)
-        calls.append((a.shape, b.shape, out.shape))
-        return out
 
-    for info in pkgutil.iter_modules(minilora.ops.__path__, "minilora.ops."):
-        module = importlib.import_module(info.name)
-        if getattr(module, "mm", None) is real:
-            monkeypatch.setattr(module, "mm", counting_mm)
-    return calls
+class _WithOutputs(list):
+    """A live view of recorded (a.shape, b.shape) pairs, each with the product's shape added."""
+
+    def __init__(self, products):
+        super().__init__()
+        self._products = products
+
+    def _rows(self):
+        return [(a, b, (*np.broadcast_shapes(a[:-2], b[:-2]), a[-2], b[-1]))
+                for a, b in self._products]
+
+    def __len__(self):
+        return len(self._products)
+
+    def __getitem__(self, i):
+        return self._rows()[i]
+
+    def __iter__(self):
+        return iter(self._rows())

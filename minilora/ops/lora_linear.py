@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import mm
+from minilora.ops.backend import for_blocks, mm, note_product, rows_per_block
 from minilora.tensor import Tensor
 
 
@@ -34,40 +34,80 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if dropout_mask is not None:
         dropout_mask = np.asarray(dropout_mask, dtype=x.dtype)  # so would a float64 mask
     x2 = x.data.reshape(-1, in_f)
-    xd = x2 if dropout_mask is None else (x.data * dropout_mask).reshape(-1, in_f)
-    h = mm(xd, lora_A.data.T)  # (N, r)
-    y = mm(x2, weight.data.T)
+    n = len(x2)
+    mask2 = None if dropout_mask is None else \
+        np.broadcast_to(dropout_mask, x.shape).reshape(n, in_f)
+    xd = x2 if mask2 is None else x2 * mask2  # d(x): (N, in)
+    a_data, b_data = lora_A.data, lora_B.data
+    y = mm(x2, weight.data.T)  # the frozen path: one large product, split over the threads
     if bias is not None:
         y += bias.data
-    y += mm(h * scaling, lora_B.data.T)
+    h = np.empty((n, r), dtype=y.dtype)  # d(x) A^T, kept for dB
+    rows = rows_per_block(max(in_f, out_f))
+
+    def forward_block(lo, hi):  # the adapter path, a block of rows at a time, added in cache
+        hb = np.matmul(xd[lo:hi], a_data.T, out=h[lo:hi])
+        y[lo:hi] += np.matmul(hb * scaling, b_data.T)
+
+    note_product((n, in_f), (in_f, r))
+    note_product((n, r), (r, out_f))
+    for_blocks(forward_block, n, rows)
 
     # Keep only what the wanted gradients use. A frozen W keeps no x for dW; dA needs d(x).
     need_x, need_w, need_a, need_b = (t.requires_grad for t in (x, weight, lora_A, lora_B))
     has_bias, x_shape = bias is not None, x.shape
     need_bias = has_bias and bias.requires_grad
     w = weight.data if need_x else None
-    a = lora_A.data if need_x else None
-    b = lora_B.data if need_x or need_a else None
+    a = a_data if need_x else None
+    b = b_data if need_x or need_a else None
     saved_h = h if need_b else None
     saved_xd = xd if need_a else None
     saved_x = x2 if need_w else None
 
     def backward(g):
         g2 = g.reshape(-1, out_f)
-        u = mm(g2, b) if b is not None else None  # G B: (N, r)
-        gB = mm(saved_h.T * scaling, g2).T if need_b else None  # (s h^T G)^T: (out, r)
-        gA = mm(u.T * scaling, saved_xd) if need_a else None
-        gx = None
+        gx = mm(g2, w) if need_x else None  # G W: the large product, split over the threads
+        parts_a, parts_b = {}, {}  # block start -> that block's share of dA / dB
+
+        def backward_block(lo, hi):  # G's rows are read once, for all the adapter's products
+            gb = g2[lo:hi]
+            if need_b:
+                parts_b[lo] = np.matmul(saved_h[lo:hi].T, gb)  # h^T G: (r, out)
+            if b is None:
+                return
+            u = np.matmul(gb, b)  # G B: (n, r)
+            if need_a:
+                parts_a[lo] = np.matmul(u.T, saved_xd[lo:hi])  # u^T d(x): (r, in)
+            if need_x:
+                adapter = np.matmul(u * scaling, a)  # s u A: (n, in)
+                if mask2 is not None:
+                    adapter *= mask2[lo:hi]
+                gx[lo:hi] += adapter
+
+        if b is not None:
+            note_product((n, out_f), (out_f, r))
+        if need_b:
+            note_product((r, n), (n, out_f))
+        if need_a:
+            note_product((r, n), (n, in_f))
         if need_x:
-            adapter = mm(u * scaling, a)
-            if dropout_mask is not None:
-                adapter = (adapter.reshape(x_shape) * dropout_mask).reshape(-1, in_f)
-            gx = mm(g2, w)
-            gx += adapter
-            gx = gx.reshape(x_shape)
+            note_product((n, r), (r, in_f))
+        for_blocks(backward_block, n, rows)
+        gB = (_sum_in_order(parts_b) * scaling).T if need_b else None  # (s h^T G)^T: (out, r)
+        gA = _sum_in_order(parts_a) * scaling if need_a else None
         gW = mm(g2.T, saved_x) if need_w else None
         gb = g2.sum(axis=0) if need_bias else None
+        gx = gx.reshape(x_shape) if need_x else None
         return [gx, gW] + ([gb] if has_bias else []) + [gA, gB]
 
     parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
     return Tensor.from_op(y.reshape(*x.shape[:-1], out_f), parents, backward)
+
+
+def _sum_in_order(parts: dict) -> np.ndarray:
+    """Per-block partial sums added in block order: the same bits on any number of threads."""
+    keys = sorted(parts)
+    total = parts[keys[0]].copy()
+    for key in keys[1:]:
+        total += parts[key]
+    return total
