@@ -45,7 +45,8 @@ def gelu(x: Tensor) -> Tensor:
         s = _sigmoid_2z(xb, np.empty_like(xb))
         np.multiply(xb, s, out=y[lo:hi])
 
-    for_blocks(forward_block, len(rows), rows_per_block(rows.shape[1]))
+    block = rows_per_block(*rows.shape)
+    for_blocks(forward_block, len(rows), block)
 
     def backward(g):
         g_rows = g.reshape(rows.shape)
@@ -63,7 +64,7 @@ def gelu(x: Tensor) -> Tensor:
             t *= s
             np.multiply(g_rows[lo:hi], t, out=gx[lo:hi])
 
-        for_blocks(backward_block, len(rows), rows_per_block(rows.shape[1]))
+        for_blocks(backward_block, len(rows), block)
         return (gx.reshape(a.shape),)
 
     return Tensor.from_op(y.reshape(a.shape), (x,), backward)

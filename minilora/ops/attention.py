@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import BLOCK_ELEMENTS, for_each, note_product, swap
+from minilora.ops.backend import for_each, note_product, rows_per_block, swap
 from minilora.tensor import Tensor
 
 
@@ -142,12 +142,14 @@ def _put(target: np.ndarray, value: np.ndarray, overwrite: bool) -> None:
         target += value
 
 
-def _blocks(lead: tuple[int, ...], per_matrix: int, target: int = BLOCK_ELEMENTS) -> list[tuple]:
-    """Index tuples that cut the leading axes (B,) or (B, H) into blocks of about ``target``
-    score elements (see ``backend.rows_per_block``), never across the first axis."""
-    per = max(1, target // max(1, per_matrix))  # matrices per block
-    if len(lead) == 1 or per >= int(np.prod(lead[1:])):
-        inner = int(np.prod(lead[1:]))
+def _blocks(lead: tuple[int, ...], per_matrix: int) -> list[tuple]:
+    """Index tuples that cut the leading axes (B,) or (B, H) into blocks of about
+    ``BLOCK_ELEMENTS`` score elements (and at least ``MIN_BLOCKS`` when that many matrices are
+    large enough; see ``backend.rows_per_block``), never across the first axis."""
+    matrices = int(np.prod(lead))
+    per = rows_per_block(matrices, per_matrix)  # matrices per block
+    inner = int(np.prod(lead[1:]))
+    if len(lead) == 1 or per >= inner:
         step = max(1, per // max(1, inner))
         return [(slice(b, b + step),) for b in range(0, lead[0], step)]
     h = lead[1]

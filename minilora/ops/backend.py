@@ -24,8 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-# Products below this many multiply-adds run on one thread: a split would cost more than it saves.
-SPLIT_MIN_MACS = 1 << 20
+# Products below this many multiply-adds run on one thread: handing half to the pool costs
+# ~150-200 us, measured on 2 cores; at 12.6M MACs splitting lost (81 vs 88 GFLOP/s), at 37.7M it won
+# (115-137 vs 93).
+SPLIT_MIN_MACS = 1 << 24
 
 _pool: ThreadPoolExecutor | None = None
 _threads = 1
@@ -108,15 +110,23 @@ def for_blocks(work, n: int, block: int) -> None:
 
 
 BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: L3-resident, few calls per thread
+MIN_BLOCKS = 4  # a large enough array is cut into at least this many blocks
 
 
-def rows_per_block(row_elements: int, target_elements: int = BLOCK_ELEMENTS) -> int:
-    """How many rows of ``row_elements`` make a block of about ``target_elements``.
+def rows_per_block(n_rows: int, row_elements: int, target_elements: int = BLOCK_ELEMENTS) -> int:
+    """How many of ``n_rows`` rows of ``row_elements`` make one block of a fused kernel.
 
-    Measured on 2 cores (GELU, layer norm and attention at config B's sizes): 2^15-element blocks
-    (an L2 cache) spent their time in per-call overhead and the lock each NumPy call takes, and
-    barely used the second thread; 2^19 ran 2-3x faster; 2^21 left too few blocks to share."""
-    return max(1, target_elements // max(1, row_elements))
+    About ``target_elements`` per block. Measured on 2 cores (GELU, layer norm and attention at
+    config B's sizes): 2^15-element blocks (an L2 cache) spent their time in per-call overhead and
+    the lock each NumPy call takes, and barely used the second thread; 2^19 ran 2-3x faster; 2^21
+    left too few blocks to share. Arrays of 2^16 elements or more get at least ``MIN_BLOCKS``
+    blocks so that small models use the threads too. The answer never depends on the number of
+    threads, so neither do the bits of a per-block sum.
+    """
+    rows = max(1, target_elements // max(1, row_elements))
+    if n_rows * row_elements >= 1 << 16:
+        rows = min(rows, -(-n_rows // MIN_BLOCKS))
+    return rows
 
 
 def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:

@@ -43,7 +43,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if bias is not None:
         y += bias.data
     h = np.empty((n, r), dtype=y.dtype)  # d(x) A^T, kept for dB
-    rows = rows_per_block(max(in_f, out_f))
+    rows = rows_per_block(n, max(in_f, out_f))
 
     def forward_block(lo, hi):  # the adapter path, a block of rows at a time, added in cache
         hb = np.matmul(xd[lo:hi], a_data.T, out=h[lo:hi])

@@ -39,7 +39,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         if bias is not None:
             y[lo:hi] += bias.data
 
-    block = rows_per_block(c)
+    block = rows_per_block(len(x2), c)
     for_blocks(forward_block, len(x2), block)
 
     need_x, x_shape = x.requires_grad, x.shape
