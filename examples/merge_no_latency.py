@@ -31,7 +31,7 @@ import numpy as np
 from minilora import no_grad
 from minilora.lora import LoRAConfig, apply_lora, lora_parameter_counts, merge_and_unload
 from minilora.models import GPT, GPTConfig
-from minilora.ops.backend import parallel
+from minilora.runtime import parallel
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--rounds", type=int, default=15, help="timed rounds per measurement")

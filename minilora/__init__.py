@@ -12,12 +12,29 @@ from minilora.errors import (
     StateDictError,
     TargetModuleError,
 )
+from minilora.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    disable_adapters,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    print_trainable_parameters,
+    unload,
+)
+from minilora.models import GPT, GPTConfig
+from minilora.runtime import parallel, tune_malloc
 from minilora.tensor import Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "DataError", "FileFormatError", "GradError", "MiniLoRAError", "NonFiniteError",
-    "RunLockedError", "ShapeError", "StateDictError", "TargetModuleError", "Tensor",
-    "is_grad_enabled", "no_grad",
+    "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LoRAConfig",
+    "LoRALinear", "MiniLoRAError", "NonFiniteError", "RunLockedError", "ShapeError",
+    "StateDictError", "TargetModuleError", "Tensor", "apply_lora", "disable_adapters",
+    "is_grad_enabled", "load_lora_state_dict", "lora_state_dict", "mark_only_lora_as_trainable",
+    "merge_and_unload", "no_grad", "parallel", "print_trainable_parameters", "tune_malloc",
+    "unload",
 ]

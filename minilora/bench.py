@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora import runtime
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.ops import backend
@@ -158,7 +159,7 @@ def _seconds_per_call(fn, min_seconds: float) -> float:
 def measure(cfg: BenchConfig, lora: bool, steps: int, warmup: int, threads: int | None) -> dict:
     """Time and size one config's training step in minilora."""
     model, opt, x, y = build(cfg, lora)
-    with backend.parallel(threads):
+    with runtime.parallel(threads):
         train_step(model, opt, x, y)  # the optimizer state exists from here on
         with backend.record_products() as products:
             train_step(model, opt, x, y)
@@ -194,7 +195,7 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
     threads = threads or os.cpu_count() or 1
     peer, note = _torch_peer_path() if compare == "torch" else (None, "")
     results = {"machine": machine(), "threads": threads, "steps": steps,
-               "malloc_tuned": backend.malloc_tuned, "configs": {}}
+               "malloc_tuned": runtime.malloc_tuned, "configs": {}}
     if compare == "torch" and peer is None:
         results["torch_note"] = note
     for name in names:

@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from minilora import commands
-    from minilora.ops.backend import tune_malloc
+    from minilora.runtime import tune_malloc
 
     if args.command not in ("params",):
         tune_malloc()  # an application may change process-wide settings; the library never does

@@ -198,7 +198,7 @@ def cmd_generate(args) -> int:
         idx = tokenizer.encode(prompt)
     except DataError as e:
         raise DataError(f"--prompt: {e}") from None
-    from minilora.ops.backend import parallel
+    from minilora.runtime import parallel
 
     with parallel(args.threads):
         out = run.model.generate(idx[None, :], args.max_new_tokens,
@@ -209,7 +209,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from minilora.data import load_dataset
-    from minilora.ops.backend import parallel
+    from minilora.runtime import parallel
     from minilora.train import estimate_loss
     from minilora.train.runs import DATA_SEED
 

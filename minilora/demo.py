@@ -24,7 +24,7 @@ import numpy as np
 from minilora.data import ExactMatch, Task, load_dataset, tokenizer_from_dict
 from minilora.errors import ConfigError
 from minilora.lora import LoRAConfig, merge_and_unload
-from minilora.ops.backend import parallel
+from minilora.runtime import parallel
 from minilora.tensor import Tensor, no_grad
 from minilora.train import TrainConfig, load_run, runs
 from minilora.train.checkpoint import CHECKPOINT

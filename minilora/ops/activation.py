@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from minilora.errors import ConfigError
-from minilora.ops.backend import for_blocks, rows_per_block
+from minilora.runtime import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 _K = math.sqrt(2.0 / math.pi)  # Python floats keep a float32 array float32

@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import for_each, note_product, rows_per_block, swap
+from minilora.ops.backend import note_product, swap
+from minilora.runtime import for_each, rows_per_block
 from minilora.tensor import Tensor
 
 
@@ -145,7 +146,7 @@ def _put(target: np.ndarray, value: np.ndarray, overwrite: bool) -> None:
 def _blocks(lead: tuple[int, ...], per_matrix: int) -> list[tuple]:
     """Index tuples that cut the leading axes (B,) or (B, H) into blocks of about
     ``BLOCK_ELEMENTS`` score elements (and at least ``MIN_BLOCKS`` when that many matrices are
-    large enough; see ``backend.rows_per_block``), never across the first axis."""
+    large enough; see ``runtime.rows_per_block``), never across the first axis."""
     matrices = int(np.prod(lead))
     per = rows_per_block(matrices, per_matrix)  # matrices per block
     inner = int(np.prod(lead[1:]))

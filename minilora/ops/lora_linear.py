@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import for_blocks, mm, note_product, rows_per_block
+from minilora.ops.backend import mm, note_product
+from minilora.runtime import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import for_blocks, rows_per_block
+from minilora.runtime import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from minilora.errors import ConfigError, NonFiniteError
-from minilora.ops.backend import parallel
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, param_groups
+from minilora.runtime import parallel
 from minilora.tensor import no_grad
 from minilora.train import checkpoint
 from minilora.train.config import TrainConfig
@@ -108,7 +108,7 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_info: JSON-able facts saved in the checkpoint (tokenizer, LoRA config, base model, data).
     extra_eval: called with the model at each evaluation; its numbers join the metrics record.
     on_eval: called with each metrics record once it is saved (the CLI prints it).
-    threads: how many threads the products use (default: all CPUs); see ``ops.backend.parallel``.
+    threads: how many threads the engine uses (default: all CPUs); see ``runtime.parallel``.
     """
     with parallel(threads):
         return _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,

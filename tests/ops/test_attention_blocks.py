@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora import ops
-from minilora.ops import attention, backend
+from minilora import ops, runtime
+from minilora.ops import attention
 from tests.gradcheck import assert_same_function, gradcheck
 
 
@@ -71,7 +71,7 @@ def test_blocked_attention_on_threads_equals_one_thread():
     results = []
     for threads in (1, 2):
         x = Tensor(qkv.copy(), requires_grad=True)
-        with backend.parallel(threads):
+        with runtime.parallel(threads):
             y = ops.causal_self_attention(x, 4)
             y.backward(np.ones_like(y.data))
         results.append((y.data, x.grad))

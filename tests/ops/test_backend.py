@@ -1,4 +1,5 @@
-"""The product backend: inside parallel(), split products equal np.matmul."""
+"""The product backend and the runtime: inside parallel(), split products equal np.matmul,
+and fused kernels give the same bits on any number of threads."""
 
 import contextlib
 
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from minilora import runtime
 from minilora.ops import backend
 
 # Splitting changes only how BLAS blocks the sums: float32 round-off of a k-term dot product.
@@ -38,7 +40,7 @@ def test_split_products_equal_numpy_matmul(shapes, threads, seed):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal(shapes[0]).astype(np.float32)
     b = rng.standard_normal(shapes[1]).astype(np.float32)
-    with backend.parallel(threads), _split_everything():
+    with runtime.parallel(threads), _split_everything():
         got = backend.mm(a, b)
         got_t = backend.mm(np.swapaxes(np.swapaxes(a, -1, -2).copy(), -1, -2), b)  # strided a
     np.testing.assert_allclose(got, np.matmul(a, b), rtol=RTOL, atol=ATOL)
@@ -46,20 +48,20 @@ def test_split_products_equal_numpy_matmul(shapes, threads, seed):
 
 
 def test_parallel_restores_the_previous_setting():
-    assert backend.threads() == 1
-    with backend.parallel(3):
-        assert backend.threads() == 3
-        with backend.parallel(2):
-            assert backend.threads() == 2
-        assert backend.threads() == 3
-    assert backend.threads() == 1
+    assert runtime.threads() == 1
+    with runtime.parallel(3):
+        assert runtime.threads() == 3
+        with runtime.parallel(2):
+            assert runtime.threads() == 2
+        assert runtime.threads() == 3
+    assert runtime.threads() == 1
 
 
 @given(n=st.integers(1, 50), threads=st.integers(1, 5))
 def test_run_split_covers_each_index_exactly_once(n, threads):
     calls = []
-    with backend.parallel(threads):
-        backend.run_split(lambda lo, hi: calls.append((lo, hi)), n)
+    with runtime.parallel(threads):
+        runtime.run_split(lambda lo, hi: calls.append((lo, hi)), n)
     covered = sorted(i for lo, hi in calls for i in range(lo, hi))
     assert covered == list(range(n))
     assert len(calls) == min(threads, n)
@@ -69,7 +71,7 @@ def _grads_on(threads: int, make):
     """Run ``make()`` (forward) and its backward on ``threads`` threads; the gradients, as bits."""
     from minilora import Tensor  # noqa: F401  (make builds Tensors)
 
-    with backend.parallel(threads):
+    with runtime.parallel(threads):
         inputs, out = make()
         out.backward(np.ones_like(out.data))
     return [t.grad for t in inputs]

@@ -1,0 +1,142 @@
+"""How minilora uses the machine: threads for the engine's kernels, and glibc's malloc.
+
+:func:`parallel` is the one switch: inside it, BLAS runs on one thread and the engine's own small
+pool shares out large products (``ops.backend.mm``) and the blocks of fused kernels (GELU, layer
+norm, attention, the LoRA adapter, the optimizer's update). It is scoped: the previous BLAS thread
+count is restored on exit. :func:`tune_malloc` is process-wide and only the ``minilora`` command
+calls it; a program may.
+
+Measured on a 2-core machine:
+
+- OpenBLAS's own threads cost ~5 ms per *small* product when the cores are busy (they spin and
+  contend); single-threaded, small products are cheap.
+- On its own, a large product is faster with OpenBLAS's two threads (170-185 GFLOP/s against
+  90-180 for two single-threaded halves), but in a training step its threads keep spinning after
+  each call and halve the speed of the attention, GELU and layer-norm kernels that follow (config
+  B, full step: 2.46 s with BLAS threads, 2.05 s with our split, the products as fast in both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+_pool: ThreadPoolExecutor | None = None
+_threads = 1
+malloc_tuned = False  # set by tune_malloc()
+
+
+@contextlib.contextmanager
+def parallel(threads: int | None = None) -> Iterator[None]:
+    """Scoped multi-threading for the engine: one BLAS thread, the work shared over ``threads``.
+
+    threads: how many to use (default: the number of CPUs). The previous BLAS thread count and
+    the previous setting are restored on exit, so minilora changes nothing outside this block.
+    """
+    global _pool, _threads
+    threads = max(1, int(threads or os.cpu_count() or 1))
+    previous = (_pool, _threads)
+    pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="minilora-mm") \
+        if threads > 1 else None
+    with threadpool_limits(1, user_api="blas"):
+        _pool, _threads = pool, threads
+        try:
+            yield
+        finally:
+            _pool, _threads = previous
+            if pool is not None:
+                pool.shutdown()
+
+
+def threads() -> int:
+    """How many threads products use right now (1 outside :func:`parallel`)."""
+    return _threads
+
+
+def run_split(work, n: int) -> None:
+    """Call ``work(start, stop)`` on ``_threads`` contiguous blocks of ``range(n)`` in parallel."""
+    bounds = np.linspace(0, n, min(_threads, n) + 1).astype(int)
+    if _pool is None or len(bounds) <= 2:
+        work(0, n)
+        return
+    futures = [_pool.submit(work, int(lo), int(hi)) for lo, hi in itertools.pairwise(bounds[1:])]
+    work(0, int(bounds[1]))  # the calling thread takes the first block
+    for f in futures:
+        f.result()
+
+
+def for_each(work, items) -> None:
+    """Call ``work(item)`` for every item, the items shared out in order between the threads."""
+    items = list(items)
+
+    def chunk(lo, hi):
+        for item in items[lo:hi]:
+            work(item)
+
+    run_split(chunk, len(items))
+
+
+def for_blocks(work, n: int, block: int) -> None:
+    """Call ``work(start, stop)`` for the blocks ``[0, block), [block, 2 block), ...`` of
+    ``range(n)``, the blocks shared out between the threads.
+
+    Fused elementwise kernels use it so that their temporaries stay in cache (and small enough for
+    malloc to reuse rather than map afresh). The blocks do not depend on the number of threads, so
+    per-block partial sums, added in block order, give the same bits on 1 thread or 8.
+    """
+    block = max(1, int(block))
+    for_each(lambda start: work(start, min(start + block, n)), range(0, n, block))
+
+
+BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: L3-resident, few calls per thread
+MIN_BLOCKS = 4  # a large enough array is cut into at least this many blocks
+
+
+def rows_per_block(n_rows: int, row_elements: int, target_elements: int = BLOCK_ELEMENTS) -> int:
+    """How many of ``n_rows`` rows of ``row_elements`` make one block of a fused kernel.
+
+    About ``target_elements`` per block. Measured on 2 cores (GELU, layer norm and attention at
+    config B's sizes): 2^15-element blocks (an L2 cache) spent their time in per-call overhead and
+    the lock each NumPy call takes, and barely used the second thread; 2^19 ran 2-3x faster; 2^21
+    left too few blocks to share. Arrays of 2^16 elements or more get at least ``MIN_BLOCKS``
+    blocks so that small models use the threads too. The answer never depends on the number of
+    threads, so neither do the bits of a per-block sum.
+    """
+    rows = max(1, target_elements // max(1, row_elements))
+    if n_rows * row_elements >= 1 << 16:
+        rows = min(rows, -(-n_rows // MIN_BLOCKS))
+    return rows
+
+
+def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
+    """Keep freed array memory in the process instead of handing it back to the OS (glibc only).
+
+    A training step frees and re-allocates the same large arrays every time; by default glibc maps
+    each one afresh and unmaps it when freed, so every step page-faults all of its memory again.
+    Measured on config B of the benchmark (2-core machine): ~42,000 page faults per step, and
+    ~1.4x the CPU time per full step and ~1.6x per LoRA step, before this call; ~0 after.
+
+    Process-wide and not undoable (it fixes glibc's otherwise adaptive thresholds), so the library
+    never calls it on its own: the ``minilora`` command does, and a program may. Returns True if
+    the settings took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    global malloc_tuned
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    malloc_tuned = bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and \
+        bool(mallopt(m_trim_threshold, int(trim_threshold)))
+    return malloc_tuned
