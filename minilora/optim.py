@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora.errors import ConfigError, ShapeError, StateDictError
+from minilora.runtime import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 STATE_FORMAT = "minilora.optim/1"
@@ -325,19 +326,28 @@ class AdamW(Optimizer):
     def _update(self, p: Tensor, g: np.ndarray, state: dict, group: dict) -> None:
         lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = (float(b) for b in group["betas"])
+        if not p.data.flags.c_contiguous:  # the flat views below must be views, not copies
+            p.data = np.ascontiguousarray(p.data)
         if "exp_avg" not in state:
-            state["exp_avg"] = np.zeros_like(p.data)
-            state["exp_avg_sq"] = np.zeros_like(p.data)
+            state["exp_avg"] = np.zeros(p.shape, p.dtype)
+            state["exp_avg_sq"] = np.zeros(p.shape, p.dtype)
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        if wd != 0.0:
-            p.data *= 1.0 - lr * wd
-        m += (1.0 - beta1) * (g - m)
-        v *= beta2
-        v += (1.0 - beta2) * g * g
         step_size = lr / (1.0 - beta1**t)
-        denom = np.sqrt(v) / (1.0 - beta2**t) ** 0.5
-        denom += eps
-        p.data += (-step_size * m) / denom
+        correction = (1.0 - beta2**t) ** 0.5
+        flat = [a.reshape(-1) for a in (p.data, g, m, v)]  # views: the update is in place
+
+        def update(lo, hi):  # elementwise, so blocks on any threads give the same bits
+            pb, gb, mb, vb = (a[lo:hi] for a in flat)
+            if wd != 0.0:
+                pb *= 1.0 - lr * wd
+            mb += (1.0 - beta1) * (gb - mb)
+            vb *= beta2
+            vb += (1.0 - beta2) * gb * gb
+            denom = np.sqrt(vb) / correction
+            denom += eps
+            pb += (-step_size * mb) / denom
+
+        for_blocks(update, p.size, rows_per_block(p.size, 1))
 
 
 def param_groups(named_parameters: Iterable[tuple[str, Tensor]], weight_decay: float) -> list[dict]:
