@@ -111,17 +111,6 @@ def train_step(model, opt, x, y) -> None:
     opt.step()
 
 
-def _median_ms(fn, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
-
-
 def numpy_limit_ms(products, min_seconds: float = 0.05) -> float:
     """Milliseconds NumPy's float32 matmul needs for ``products``, timed shape by shape on fresh
     contiguous arrays, each at its best of BLAS's own threading and one BLAS thread (on a busy
@@ -156,19 +145,36 @@ def _seconds_per_call(fn, min_seconds: float) -> float:
     return elapsed / reps
 
 
-def measure(cfg: BenchConfig, lora: bool, steps: int, warmup: int, threads: int | None) -> dict:
-    """Time and size one config's training step in minilora."""
-    model, opt, x, y = build(cfg, lora)
+def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None) -> dict:
+    """Time and size one config's training step in minilora, full and LoRA.
+
+    The two are timed in alternation, step by step, so that both see the same machine (a shared
+    or virtual machine drifts by several percent over a minute). Returns {"full": ..., "lora": ...}.
+    """
+    runs = {method: build(cfg, method == "lora") for method in ("full", "lora")}
+    times: dict[str, list[float]] = {method: [] for method in runs}
+    out = {}
     with runtime.parallel(threads):
-        train_step(model, opt, x, y)  # the optimizer state exists from here on
-        with backend.record_products() as products:
-            train_step(model, opt, x, y)
-        ms = _median_ms(lambda: train_step(model, opt, x, y), steps, warmup)
-        memory = measure_step(model, x, y, opt).as_dict()
-    flops = product_flops(products)
+        for method, (model, opt, x, y) in runs.items():
+            train_step(model, opt, x, y)  # the optimizer state exists from here on
+            with backend.record_products() as products:
+                train_step(model, opt, x, y)
+            out[method] = {"products": products}
+        for i in range(warmup + steps):
+            for method, (model, opt, x, y) in runs.items():
+                t0 = time.perf_counter()
+                train_step(model, opt, x, y)
+                if i >= warmup:
+                    times[method].append(time.perf_counter() - t0)
+        for method, (model, opt, x, y) in runs.items():
+            out[method]["memory"] = measure_step(model, x, y, opt).as_dict()
     tokens = cfg.batch_size * cfg.block_size
-    return {"ms": ms, "tokens_per_s": tokens / ms * 1000, "flops": flops,
-            "gflops_per_s": flops / ms / 1e6, "memory": memory, "products": products}
+    for method, m in out.items():
+        ms = 1000 * float(np.median(times[method]))
+        flops = product_flops(m["products"])
+        m.update(ms=ms, tokens_per_s=tokens / ms * 1000, flops=flops,
+                 gflops_per_s=flops / ms / 1e6)
+    return out
 
 
 def _torch_peer_path() -> tuple[Path | None, str]:
@@ -202,9 +208,9 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
         cfg = CONFIGS[name]
         entry = {"config": asdict(cfg)}
         torch_ms = time_torch(peer, cfg, steps, warmup, threads) if peer is not None else {}
-        for method in ("full", "lora"):
-            gc.collect()
-            m = measure(cfg, method == "lora", steps, warmup, threads)
+        gc.collect()
+        measured = measure(cfg, steps, warmup, threads)
+        for method, m in measured.items():
             m["analytic_flops"] = analytic_flops(cfg, method == "lora")
             m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
             if method in torch_ms:

@@ -95,23 +95,25 @@ def for_blocks(work, n: int, block: int) -> None:
 
 
 BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: L3-resident, few calls per thread
+MIN_BLOCK_ELEMENTS = 1 << 17  # below this a block costs more to hand to a thread than it saves
 MIN_BLOCKS = 4  # a large enough array is cut into at least this many blocks
 
 
 def rows_per_block(n_rows: int, row_elements: int, target_elements: int = BLOCK_ELEMENTS) -> int:
     """How many of ``n_rows`` rows of ``row_elements`` make one block of a fused kernel.
 
-    About ``target_elements`` per block. Measured on 2 cores (GELU, layer norm and attention at
-    config B's sizes): 2^15-element blocks (an L2 cache) spent their time in per-call overhead and
-    the lock each NumPy call takes, and barely used the second thread; 2^19 ran 2-3x faster; 2^21
-    left too few blocks to share. Arrays of 2^16 elements or more get at least ``MIN_BLOCKS``
-    blocks so that small models use the threads too. The answer never depends on the number of
-    threads, so neither do the bits of a per-block sum.
+    About ``target_elements`` per block, at least ``MIN_BLOCK_ELEMENTS``, and at least
+    ``MIN_BLOCKS`` blocks when the array is large enough. Measured on 2 cores: at config B's sizes,
+    2^15-element blocks (an L2 cache) spent their time in per-call overhead and the lock each
+    NumPy call takes, and barely used the second thread; 2^19 ran GELU, layer norm and attention
+    2-3x faster; 2^21 left too few blocks to share. At config A's sizes, handing 2^15-element
+    blocks of layer norm to a second thread made it twice as slow as one thread. The answer never
+    depends on the number of threads, so neither do the bits of a per-block sum.
     """
-    rows = max(1, target_elements // max(1, row_elements))
-    if n_rows * row_elements >= 1 << 16:
-        rows = min(rows, -(-n_rows // MIN_BLOCKS))
-    return rows
+    row_elements = max(1, row_elements)
+    most = max(1, target_elements // row_elements)
+    least = -(-MIN_BLOCK_ELEMENTS // row_elements)
+    return min(most, max(least, -(-n_rows // MIN_BLOCKS)))
 
 
 def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
