@@ -132,6 +132,8 @@ def _add_train(sub) -> None:
     g.add_argument("--dropout", type=_number, metavar="P",
                    help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
+    g.add_argument("--no-bias", action="store_true",
+                   help="no biases in Linear and LayerNorm layers (nanoGPT's own default)")
     g = p.add_argument_group("optimisation (AdamW, cosine schedule with linear warm-up)")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
                    help=f"(default: {d.batch_size})")

@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
     common = {"quiet": args.quiet, "threads": args.threads, **talk}
     if args.resume:
         settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r", *_LORA_FLAGS,
-                                 "data", "init_from", "skip_nonfinite"))
+                                 "data", "init_from", "skip_nonfinite", "no_bias"))
         if settings:
             raise ConfigError("--resume continues with the run's own settings; drop "
                               + ", ".join(_flag(n) for n in settings))
@@ -113,10 +113,13 @@ def cmd_train(args) -> int:
             model = lora = None
             if args.init_from is None:
                 model = {**DEFAULT_MODEL, **_given(args, (*_MODEL_FLAGS, "dropout"))}
+                if args.no_bias:
+                    model["bias"] = False
                 GPTConfig(vocab_size=1, **model)  # check the architecture before any data
-            elif _given(args, _MODEL_FLAGS):
+            elif _given(args, (*_MODEL_FLAGS, "no_bias")):
+                fixed = _given(args, (*_MODEL_FLAGS, "no_bias"))
                 raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
-                                  + ", ".join(_flag(n) for n in _given(args, _MODEL_FLAGS)))
+                                  + ", ".join(_flag(n) for n in fixed))
             elif args.lora_r is not None:
                 targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
                 lora = LoRAConfig(

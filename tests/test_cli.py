@@ -101,6 +101,21 @@ def test_train_writes_a_checkpoint_and_one_metrics_line_per_evaluation(work):
     assert meta["data"]["source"] == "builtin:world"
 
 
+def test_train_no_bias_makes_a_model_without_biases(work, capsys):
+    """nanoGPT's default (bias=False), for comparing with its published runs."""
+    code, _, err = _in_this_process(["train", "--data", "builtin:world", "--out",
+                                     str(work / "nobias"), *TINY, "--max-iters", "2",
+                                     "--no-bias", "--quiet", "--threads", "1"], capsys)
+    assert code == 0, err
+    ckpt = read_checkpoint(work / "nobias")
+    assert ckpt.meta["model_config"]["bias"] is False
+    assert not any(name.endswith(".bias") for name in ckpt.weights)
+    code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                     str(work / "base"), "--out", str(work / "nb2"),
+                                     "--no-bias"], capsys)
+    assert code == 2 and "fixes the architecture; drop --no-bias" in err
+
+
 def test_train_init_from_fine_tunes_every_parameter(work):
     assert "fine-tuning base in full" in work.outputs["full"]
     base, full = read_checkpoint(work / "base"), read_checkpoint(work / "full")
