@@ -79,6 +79,8 @@ def attention_forward(q, k, v, causal: bool, scale: float, out=None):
     spans = attention_spans(t_q, t_k, causal)
     _note_spans(lead, spans, hd, lambda n, kk: [((n, hd), (hd, kk)), ((n, kk), (kk, hd))])
 
+    ones = np.ones(t_k, dtype=p.dtype)
+
     def block(i):
         qs = q[i] * scale  # scaling q costs Tq hd multiplies, scaling the scores Tq Tk
         for r0, r1, k1 in spans:
@@ -88,7 +90,7 @@ def attention_forward(q, k, v, causal: bool, scale: float, out=None):
                 s += bias[r0:r1, :k1]
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
+            s /= (s @ ones[:k1])[..., None]  # row sums as a product: faster than sum(axis=-1)
             np.matmul(s, v[i][..., :k1, :], out=out[i][..., r0:r1, :])
 
     for_each(block, _blocks(lead, t_q * t_k))
@@ -124,7 +126,7 @@ def attention_backward(g, q, k, v, p, scale: float, need=(True, True, True), out
             if dq is None and dk is None:
                 continue
             ds = np.matmul(gb, swap(v[i][..., :k1, :]))  # dP
-            ds -= (ds * pb).sum(axis=-1, keepdims=True)
+            ds -= np.einsum("...ij,...ij->...i", ds, pb)[..., None]  # row-wise dot, in one pass
             ds *= pb
             ds *= scale  # dS
             if dq is not None:

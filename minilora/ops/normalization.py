@@ -25,9 +25,15 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     rstd = np.empty((len(x2), 1), dtype=x2.dtype)
     y = np.empty_like(x2)
 
+    # Row means as products with a vector of 1/C: BLAS does them 4-5x faster than ``mean(axis=-1)``
+    # (measured on rows of 128 and 384), and einsum's row-wise dot ~2.4x faster than (x*x).mean.
+    inv_c = np.full(c, 1.0 / c, dtype=x2.dtype)
+
     def forward_block(lo, hi):
-        xh = np.subtract(x2[lo:hi], x2[lo:hi].mean(axis=-1, keepdims=True), out=xhat[lo:hi])
-        r = np.mean(xh * xh, axis=-1, keepdims=True)
+        xb = x2[lo:hi]
+        xh = np.subtract(xb, (xb @ inv_c)[:, None], out=xhat[lo:hi])
+        r = np.einsum("ij,ij->i", xh, xh)[:, None]
+        r *= 1.0 / c
         r += eps
         np.sqrt(r, out=r)
         np.reciprocal(r, out=rstd[lo:hi])
@@ -60,8 +66,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                 partial_b[lo] = gb.sum(axis=0)
             if need_x:
                 gh = gb * w if w is not None else gb.copy()
-                proj = np.mean(gh * xh, axis=-1, keepdims=True)
-                gh -= gh.mean(axis=-1, keepdims=True)
+                proj = np.einsum("ij,ij->i", gh, xh)[:, None]
+                proj *= 1.0 / c
+                gh -= (gh @ inv_c)[:, None]
                 gh -= xh * proj
                 np.multiply(gh, rstd[lo:hi], out=gx[lo:hi])
 
