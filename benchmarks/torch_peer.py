@@ -79,15 +79,18 @@ def build(cfg, lora: bool, lora_cfg: dict):
     return model, opt
 
 
-def time_steps(cfg, lora_cfg: dict, steps: int, warmup: int, threads: int) -> dict:
-    """Median milliseconds of one training step, full and LoRA, timed in alternation."""
+def time_steps(cfg, lora_cfg: dict, steps: int, warmup: int, threads: int,
+               min_seconds: float = 0.0) -> dict:
+    """Median milliseconds of one training step, full and LoRA, timed in alternation: at least
+    ``steps`` each, and more until the full steps add up to ``min_seconds``."""
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
     y = torch.from_numpy(rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
     runs = {method: build(cfg, method == "lora", lora_cfg) for method in ("full", "lora")}
     times = {method: [] for method in runs}
-    for i in range(warmup + steps):
+    i = 0
+    while i < warmup + steps or sum(times["full"]) < min_seconds:
         for method, (model, opt) in runs.items():
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -95,11 +98,13 @@ def time_steps(cfg, lora_cfg: dict, steps: int, warmup: int, threads: int) -> di
             opt.step()
             if i >= warmup:
                 times[method].append(time.perf_counter() - t0)
+        i += 1
     return {method: 1000 * float(np.median(t)) for method, t in times.items()}
 
 
 def main(argv=None) -> None:
-    """``python torch_peer.py CONFIG_JSON LORA_JSON STEPS WARMUP THREADS``: print {full, lora} ms.
+    """``python torch_peer.py CONFIG_JSON LORA_JSON STEPS WARMUP THREADS [MIN_SECONDS]``: print
+    {full, lora} ms.
 
     ``minilora bench`` runs the peer in a process of its own, so neither side's thread pools (or
     OpenBLAS's spinning threads) compete with the other's.
@@ -111,7 +116,8 @@ def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
     cfg, lora_cfg = SimpleNamespace(**json.loads(args[0])), json.loads(args[1])
     steps, warmup, threads = int(args[2]), int(args[3]), int(args[4])
-    print(json.dumps(time_steps(cfg, lora_cfg, steps, warmup, threads)))
+    min_seconds = float(args[5]) if len(args) > 5 else 0.0
+    print(json.dumps(time_steps(cfg, lora_cfg, steps, warmup, threads, min_seconds)))
 
 
 if __name__ == "__main__":

@@ -145,9 +145,12 @@ def _seconds_per_call(fn, min_seconds: float) -> float:
     return elapsed / reps
 
 
-def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None) -> dict:
+def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
+            min_seconds: float = 3.0) -> dict:
     """Time and size one config's training step in minilora, full and LoRA.
 
+    At least ``steps`` timed steps each, and more until the full steps add up to ``min_seconds``
+    (a small config's median over a few steps moves with the machine's noise).
     The two are timed in alternation, step by step, so that both see the same machine (a shared
     or virtual machine drifts by several percent over a minute). Returns {"full": ..., "lora": ...}.
     """
@@ -160,16 +163,19 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None) -> d
             with backend.record_products() as products:
                 train_step(model, opt, x, y)
             out[method] = {"products": products}
-        for i in range(warmup + steps):
+        i = 0
+        while i < warmup + steps or sum(times["full"]) < min_seconds:
             for method, (model, opt, x, y) in runs.items():
                 t0 = time.perf_counter()
                 train_step(model, opt, x, y)
                 if i >= warmup:
                     times[method].append(time.perf_counter() - t0)
+            i += 1
         for method, (model, opt, x, y) in runs.items():
             out[method]["memory"] = measure_step(model, x, y, opt).as_dict()
     tokens = cfg.batch_size * cfg.block_size
     for method, m in out.items():
+        m["timed_steps"] = len(times[method])
         ms = 1000 * float(np.median(times[method]))
         flops = product_flops(m["products"])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, flops=flops,
@@ -187,29 +193,31 @@ def _torch_peer_path() -> tuple[Path | None, str]:
     return path, ""
 
 
-def time_torch(path: Path, cfg: BenchConfig, steps: int, warmup: int, threads: int) -> dict:
+def time_torch(path: Path, cfg: BenchConfig, steps: int, warmup: int, threads: int,
+               min_seconds: float = 3.0) -> dict:
     """{"full": ms, "lora": ms} of the PyTorch peer, run in a process of its own."""
     out = subprocess.run([sys.executable, str(path), json.dumps(asdict(cfg)), json.dumps(LORA),
-                          str(steps), str(warmup), str(threads)],
+                          str(steps), str(warmup), str(threads), str(min_seconds)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = None,
-        compare: str | None = None) -> dict:
+        compare: str | None = None, min_seconds: float = 3.0) -> dict:
     """Measure each named config (full and LoRA) and, if asked, the PyTorch peer."""
     threads = threads or os.cpu_count() or 1
     peer, note = _torch_peer_path() if compare == "torch" else (None, "")
-    results = {"machine": machine(), "threads": threads, "steps": steps,
+    results = {"machine": machine(), "threads": threads, "steps": steps, "min_seconds": min_seconds,
                "malloc_tuned": runtime.malloc_tuned, "configs": {}}
     if compare == "torch" and peer is None:
         results["torch_note"] = note
     for name in names:
         cfg = CONFIGS[name]
         entry = {"config": asdict(cfg)}
-        torch_ms = time_torch(peer, cfg, steps, warmup, threads) if peer is not None else {}
+        torch_ms = time_torch(peer, cfg, steps, warmup, threads, min_seconds) \
+            if peer is not None else {}
         gc.collect()
-        measured = measure(cfg, steps, warmup, threads)
+        measured = measure(cfg, steps, warmup, threads, min_seconds)
         for method, m in measured.items():
             m["analytic_flops"] = analytic_flops(cfg, method == "lora")
             m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
@@ -244,7 +252,8 @@ def report(results: dict) -> str:
     m = results["machine"]
     tuned = "tuned" if results.get("malloc_tuned") else "default"
     lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs; threads {results['threads']}; numpy "
-             f"{m['numpy']}; glibc malloc {tuned}; median of {results['steps']} steps", ""]
+             f"{m['numpy']}; glibc malloc {tuned}; median step of at least {results['steps']} "
+             f"(and {results['min_seconds']:g} s), full and LoRA in alternation", ""]
     head = ("config", "method", "ms/step", "tokens/s", "GFLOP", "GFLOP/s", "of numpy peak",
             "torch ms", "minilora/torch", "peak MiB")
     rows = []
@@ -291,7 +300,7 @@ def _table(head, rows) -> list[str]:
 def main(args) -> int:
     """Entry point of ``minilora bench`` (args from the CLI parser)."""
     results = run(tuple(args.config or ("A",)), args.steps, args.warmup, args.threads,
-                  args.compare)
+                  args.compare, args.min_seconds)
     print(report(results))
     if args.json:
         from minilora.io import save_json

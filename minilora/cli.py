@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", choices=("A", "B"), help="repeatable; default A")
     p.add_argument("--steps", type=_positive_int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=_nonneg_int, default=2)
+    p.add_argument("--min-seconds", type=_number, default=3.0,
+                   help="time more steps until the full ones add up to this (default: 3)")
     p.add_argument("--compare", choices=("torch",), help="also time the same model in PyTorch")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=_positive_int)
