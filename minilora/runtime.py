@@ -94,6 +94,18 @@ def for_blocks(work, n: int, block: int) -> None:
     for_each(lambda start: work(start, min(start + block, n)), range(0, n, block))
 
 
+def sum_in_order(parts: dict, empty: np.ndarray) -> np.ndarray:
+    """The sum of per-block partial sums ({block start: array}) added in block order, so the
+    bits do not depend on which thread finished first; ``empty`` if there were no blocks."""
+    keys = sorted(parts)
+    if not keys:
+        return empty
+    total = parts[keys[0]].copy()
+    for key in keys[1:]:
+        total += parts[key]
+    return total
+
+
 BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per temporary: L3-resident, few calls per thread
 MIN_BLOCK_ELEMENTS = 1 << 17  # below this a block costs more to hand to a thread than it saves
 MIN_BLOCKS = 4  # a large enough array is cut into at least this many blocks

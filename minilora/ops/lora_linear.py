@@ -13,7 +13,7 @@ import numpy as np
 
 from minilora.errors import ShapeError
 from minilora.ops.backend import mm, note_product
-from minilora.runtime import for_blocks, rows_per_block
+from minilora.runtime import for_blocks, rows_per_block, sum_in_order
 from minilora.tensor import Tensor
 
 
@@ -94,8 +94,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         if need_x:
             note_product((n, r), (r, in_f))
         for_blocks(backward_block, n, rows)
-        gB = (_sum_in_order(parts_b) * scaling).T if need_b else None  # (s h^T G)^T: (out, r)
-        gA = _sum_in_order(parts_a) * scaling if need_a else None
+        zeros = np.zeros((r, out_f), g2.dtype), np.zeros((r, in_f), g2.dtype)
+        gB = (sum_in_order(parts_b, zeros[0]) * scaling).T if need_b else None  # (s h^T G)^T
+        gA = sum_in_order(parts_a, zeros[1]) * scaling if need_a else None
         gW = mm(g2.T, saved_x) if need_w else None
         gb = g2.sum(axis=0) if need_bias else None
         gx = gx.reshape(x_shape) if need_x else None
@@ -104,11 +105,3 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
     return Tensor.from_op(y.reshape(*x.shape[:-1], out_f), parents, backward)
 
-
-def _sum_in_order(parts: dict) -> np.ndarray:
-    """Per-block partial sums added in block order: the same bits on any number of threads."""
-    keys = sorted(parts)
-    total = parts[keys[0]].copy()
-    for key in keys[1:]:
-        total += parts[key]
-    return total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.runtime import for_blocks, rows_per_block
+from minilora.runtime import for_blocks, rows_per_block, sum_in_order
 from minilora.tensor import Tensor
 
 
@@ -75,21 +75,11 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         for_blocks(backward_block, len(x2), block)
         grads = [None if gx is None else gx.reshape(x_shape)]
         if has_w:
-            grads.append(_in_order(partial_w) if need_w else None)
+            grads.append(sum_in_order(partial_w, np.zeros(c, g2.dtype)) if need_w else None)
         if has_b:
-            grads.append(_in_order(partial_b) if need_b else None)
+            grads.append(sum_in_order(partial_b, np.zeros(c, g2.dtype)) if need_b else None)
         return grads
 
     parents = (x,) + tuple(p for p in (weight, bias) if p is not None)
     return Tensor.from_op(y.reshape(x.shape), parents, backward)
 
-
-def _in_order(partials: dict) -> np.ndarray:
-    """The sum of per-block partial sums, added in block order (deterministic across threads)."""
-    keys = sorted(partials)
-    if not keys:  # no rows at all
-        return np.zeros(0)
-    total = partials[keys[0]].copy()
-    for key in keys[1:]:
-        total += partials[key]
-    return total
