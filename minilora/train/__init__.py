@@ -1,9 +1,8 @@
-"""Training: the loop, its config, and run directories with atomic checkpoints."""
+"""Training: the loop, its config, checkpoints (one atomic file) and run directories."""
 
 from minilora.train.checkpoint import (
     Checkpoint,
     LoadedRun,
-    RunDir,
     load_run,
     model_fingerprint,
     read_checkpoint,
@@ -11,6 +10,7 @@ from minilora.train.checkpoint import (
 )
 from minilora.train.config import TrainConfig
 from minilora.train.loop import TrainResult, estimate_loss, train
+from minilora.train.rundir import RunDir
 
 __all__ = ["Checkpoint", "LoadedRun", "RunDir", "TrainConfig", "TrainResult", "estimate_loss",
            "load_run", "model_fingerprint", "read_checkpoint", "train", "write_checkpoint"]

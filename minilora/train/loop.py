@@ -24,8 +24,9 @@ from minilora.errors import ConfigError, NonFiniteError
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, param_groups
 from minilora.runtime import parallel
 from minilora.tensor import no_grad
-from minilora.train import checkpoint
+from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
+from minilora.train.rundir import RunDir
 
 
 @dataclass
@@ -131,9 +132,9 @@ def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
 
     if resume and out_dir is None:
         raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
-    if resume and not (Path(out_dir) / checkpoint.CHECKPOINT).is_file():  # before making the dir
+    if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
         raise ConfigError(f"--resume: {out_dir} holds no checkpoint to resume from")
-    run = checkpoint.RunDir(out_dir) if out_dir is not None else None
+    run = RunDir(out_dir) if out_dir is not None else None
     start, elapsed, history, skipped = 0, 0.0, [], 0
     try:
         if run is not None:

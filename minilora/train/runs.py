@@ -22,13 +22,13 @@ from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.train.checkpoint import (
     CHECKPOINT,
-    RunDir,
     load_run,
     model_fingerprint,
     read_checkpoint,
 )
 from minilora.train.config import TrainConfig
 from minilora.train.loop import TrainResult, train
+from minilora.train.rundir import RunDir
 
 DATA_SEED = 0  # built-in corpora (and their held-out prompts) are always generated from seed 0
 

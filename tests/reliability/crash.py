@@ -138,7 +138,7 @@ def child(kind_of_run: str, out: str, data: str, base: str | None, counter, kind
         import minilora.io.tensors
         minilora.io.tensors.write_atomic_bytes = _non_atomic_write
     elif mutant == "keep-metrics":
-        from minilora.train.checkpoint import RunDir
+        from minilora.train.rundir import RunDir
         RunDir.metrics_until = _keep_metrics
     if slow:
         slow_disk(counter, kind)

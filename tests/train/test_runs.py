@@ -13,7 +13,8 @@ from minilora.errors import ConfigError, FileFormatError
 from minilora.lora import merge_and_unload
 from minilora.tensor import no_grad
 from minilora.train import load_run, read_checkpoint, runs
-from minilora.train.checkpoint import CHECKPOINT, METRICS, RunDir
+from minilora.train.checkpoint import CHECKPOINT, METRICS
+from minilora.train.rundir import RunDir
 from tests.train.conftest import (
     FINETUNE,
     LORA,
