@@ -62,32 +62,34 @@ def _note_spans(lead, spans, hd: int, products) -> None:
 
 
 def attention_forward(q, k, v, causal: bool, scale: float, out=None):
-    """q: (n, ..., Tq, hd), k, v: (n, ..., Tk, hd) -> out (n, ..., Tq, hd) and P (n, ..., Tq, Tk).
+    """q: (n, ..., Tq, hd), k, v: (n, ..., Tk, hd) -> out (n, ..., Tq, hd) and P.
 
-    Runs in blocks along the leading axes on the engine's threads: each block's scores, softmax
-    and product stay together in cache. ``out`` may be a strided view to write into. Where a
-    causal row block cannot see a key, P is left unwritten (it is never read).
+    P is a list with one array per span of ``attention_spans``: span (r0, r1, k1) holds
+    softmax rows r0:r1 over keys 0:k1, shape (n, ..., r1 - r0, k1). Each is contiguous, so every
+    softmax pass runs over long runs of memory, and the keys a causal span cannot see are not
+    stored at all. Runs in blocks along the leading axes on the engine's threads: each block's
+    scores, softmax and product stay together in cache. ``out`` may be a strided view.
     """
     if q.ndim == 2:  # one matrix: a batch of one
         o, p = attention_forward(q[None], k[None], v[None], causal, scale,
                                  None if out is None else out[None])
-        return o[0], p[0]
+        return o[0], [part[0] for part in p]
     lead, (t_q, hd), t_k = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    p = np.empty((*lead, t_q, t_k), dtype=q.dtype)
-    out = np.empty((*lead, t_q, hd), dtype=q.dtype) if out is None else out
-    bias = _causal_bias(t_q, t_k, p.dtype) if causal else None
     spans = attention_spans(t_q, t_k, causal)
+    p = [np.empty((*lead, r1 - r0, k1), dtype=q.dtype) for r0, r1, k1 in spans]
+    out = np.empty((*lead, t_q, hd), dtype=q.dtype) if out is None else out
+    bias = _causal_bias(t_q, t_k, q.dtype) if causal else None
     _note_spans(lead, spans, hd, lambda n, kk: [((n, hd), (hd, kk)), ((n, kk), (kk, hd))])
-
-    ones = np.ones(t_k, dtype=p.dtype)
+    ones = np.ones(t_k, dtype=q.dtype)
 
     def block(i):
         qs = q[i] * scale  # scaling q costs Tq hd multiplies, scaling the scores Tq Tk
-        for r0, r1, k1 in spans:
-            s = p[i][..., r0:r1, :k1]
+        for (r0, r1, k1), part in zip(spans, p, strict=True):
+            s = part[i]
             np.matmul(qs[..., r0:r1, :], swap(k[i][..., :k1, :]), out=s)
-            if bias is not None:
-                s += bias[r0:r1, :k1]
+            if bias is not None:  # only keys from r0 (shifted by Tk - Tq) on can be masked
+                c0 = max(0, r0 + t_k - t_q)
+                s[..., c0:] += bias[r0:r1, c0:k1]
             s -= s.max(axis=-1, keepdims=True)
             np.exp(s, out=s)
             s /= (s @ ones[:k1])[..., None]  # row sums as a product: faster than sum(axis=-1)
@@ -101,28 +103,33 @@ def attention_backward(g, q, k, v, p, scale: float, need=(True, True, True), out
                        causal: bool = False):
     """Gradients (dq, dk, dv) for upstream g: (n, ..., Tq, hd); ``need`` skips unwanted ones.
 
-    ``out`` may hold arrays (or strided views) to write dq, dk, dv into. ``causal`` must be what
-    the forward pass used (it decides which part of P was written).
+    ``p`` is what ``attention_forward`` returned with the same ``causal``. ``out`` may hold
+    arrays (or strided views) to write dq, dk, dv into.
     """
     if q.ndim == 2:  # one matrix: a batch of one
-        grads = attention_backward(g[None], q[None], k[None], v[None], p[None], scale, need,
-                                   tuple(None if o is None else o[None] for o in out), causal)
+        grads = attention_backward(g[None], q[None], k[None], v[None], [part[None] for part in p],
+                                   scale, need, tuple(None if o is None else o[None] for o in out),
+                                   causal)
         return tuple(None if d is None else d[0] for d in grads)
     dq, dk, dv = (None if not wanted else np.empty(like.shape, q.dtype) if o is None else o
                   for wanted, o, like in zip(need, out, (q, k, v), strict=True))
     lead, (t_q, hd), t_k = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    spans = attention_spans(t_q, t_k, causal)[::-1]  # widest first: it writes, the rest add
+    spans = attention_spans(t_q, t_k, causal)
     _note_spans(lead, spans, hd, lambda n, kk: (
         ([((kk, n), (n, hd))] if dv is not None else [])
         + ([((n, hd), (hd, kk))] if dq is not None or dk is not None else [])
         + ([((n, kk), (kk, hd))] if dq is not None else [])
         + ([((kk, n), (n, hd))] if dk is not None else [])))
+    order = sorted(range(len(spans)), key=lambda j: -spans[j][2])  # widest first: it writes
 
     def block(i):
-        for first, (r0, r1, k1) in enumerate(spans):
-            pb, gb = p[i][..., r0:r1, :k1], g[i][..., r0:r1, :]
+        # dk and dv sum over the spans; add them up in contiguous memory, store once at the end
+        acc_v = acc_k = None
+        for j in order:
+            r0, r1, k1 = spans[j]
+            pb, gb = p[j][i], g[i][..., r0:r1, :]
             if dv is not None:
-                _put(dv[i][..., :k1, :], np.matmul(swap(pb), gb), first == 0)
+                acc_v = _accumulate(acc_v, np.matmul(swap(pb), gb), k1)
             if dq is None and dk is None:
                 continue
             ds = np.matmul(gb, swap(v[i][..., :k1, :]))  # dP
@@ -132,17 +139,29 @@ def attention_backward(g, q, k, v, p, scale: float, need=(True, True, True), out
             if dq is not None:
                 np.matmul(ds, k[i][..., :k1, :], out=dq[i][..., r0:r1, :])
             if dk is not None:
-                _put(dk[i][..., :k1, :], np.matmul(swap(ds), q[i][..., r0:r1, :]), first == 0)
+                acc_k = _accumulate(acc_k, np.matmul(swap(ds), q[i][..., r0:r1, :]), k1)
+        for target, acc in ((dv, acc_v), (dk, acc_k)):
+            if target is not None:
+                _store(target[i], acc, t_k)
 
     for_each(block, _blocks(lead, t_q * t_k))
     return dq, dk, dv
 
 
-def _put(target: np.ndarray, value: np.ndarray, overwrite: bool) -> None:
-    if overwrite:
-        target[...] = value
-    else:
-        target += value
+def _accumulate(acc: np.ndarray | None, value: np.ndarray, k1: int) -> np.ndarray:
+    """Add a span's gradient for keys 0:k1 into ``acc`` (the first, widest span becomes it)."""
+    if acc is None:
+        return value
+    acc[..., :k1, :] += value
+    return acc
+
+
+def _store(target: np.ndarray, acc: np.ndarray, t_k: int) -> None:
+    """Write the summed key gradients; keys no span reached (none, in practice) get 0."""
+    k_done = acc.shape[-2]
+    target[..., :k_done, :] = acc
+    if k_done < t_k:
+        target[..., k_done:, :] = 0
 
 
 def _blocks(lead: tuple[int, ...], per_matrix: int) -> list[tuple]:

@@ -77,3 +77,17 @@ def test_blocked_attention_on_threads_equals_one_thread():
         results.append((y.data, x.grad))
     np.testing.assert_array_equal(results[0][0], results[1][0])  # the same blocks, the same bits
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_causal_attention_keeps_only_the_scores_it_can_see():
+    """The saved probabilities hold one contiguous array per span, and nothing for masked keys:
+    5/8 of a full (T, T) matrix at T = 256, which is what config B's backward pass keeps."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 3, 256, 4)).astype(np.float32) for _ in range(3))
+    _, p = attention.attention_forward(q, k, v, causal=True, scale=0.5)
+    assert all(part.flags.c_contiguous for part in p)
+    assert sum(part.size for part in p) == 0.625 * 2 * 3 * 256 * 256
+    full = np.concatenate([np.pad(part, [(0, 0)] * 3 + [(0, 256 - part.shape[-1])]) for part in p],
+                          axis=-2)
+    np.testing.assert_allclose(full.sum(axis=-1), 1.0, rtol=1e-5)  # each row a distribution
+    assert not np.triu(full[0, 0], k=1).any()  # no weight on a future position
