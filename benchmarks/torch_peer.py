@@ -79,35 +79,48 @@ def build(cfg, lora: bool, lora_cfg: dict):
     return model, opt
 
 
-def time_steps(cfg, lora_cfg: dict, steps: int, warmup: int, threads: int,
-               min_seconds: float = 0.0) -> dict:
-    """Median milliseconds of one training step, full and LoRA, timed in alternation: at least
-    ``steps`` each, and more until the full steps add up to ``min_seconds``."""
+def serve(cfg, lora_cfg: dict, warmup: int, threads: int, requests=None, replies=None) -> None:
+    """Answer ``minilora bench`` step by step: for each line it sends, time one full and one LoRA
+    step and reply {"full": seconds, "lora": seconds} on a line of its own.
+
+    ``minilora bench`` takes one step of its own, then one of ours, and so on, so that both see the
+    same machine: a shared machine's speed drifts by 10-20% over minutes, which timing the two one
+    after the other turned into the ratio (1.11 in one such run, 0.89-1.02 in others).
+    """
+    import json
+    import sys
+
+    requests = sys.stdin if requests is None else requests
+    replies = sys.stdout if replies is None else replies
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
     y = torch.from_numpy(rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
     runs = {method: build(cfg, method == "lora", lora_cfg) for method in ("full", "lora")}
-    times = {method: [] for method in runs}
-    i = 0
-    while i < warmup + steps or sum(times["full"]) < min_seconds:
+
+    def step_pair() -> dict:
+        seconds = {}
         for method, (model, opt) in runs.items():
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             model(x, y).backward()
             opt.step()
-            if i >= warmup:
-                times[method].append(time.perf_counter() - t0)
-        i += 1
-    return {method: 1000 * float(np.median(t)) for method, t in times.items()}
+            seconds[method] = time.perf_counter() - t0
+        return seconds
+
+    for _ in range(warmup):
+        step_pair()
+    print("ready", file=replies, flush=True)
+    for _ in requests:
+        print(json.dumps(step_pair()), file=replies, flush=True)
 
 
 def main(argv=None) -> None:
-    """``python torch_peer.py CONFIG_JSON LORA_JSON STEPS WARMUP THREADS [MIN_SECONDS]``: print
-    {full, lora} ms.
+    """``python torch_peer.py CONFIG_JSON LORA_JSON WARMUP THREADS``: warm up, print ``ready``,
+    then answer each line on stdin with one timed full and LoRA step (see ``serve``).
 
     ``minilora bench`` runs the peer in a process of its own, so neither side's thread pools (or
-    OpenBLAS's spinning threads) compete with the other's.
+    OpenBLAS's spinning threads) compete with the other's, and only one of them runs at a time.
     """
     import json
     import sys
@@ -115,9 +128,7 @@ def main(argv=None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     cfg, lora_cfg = SimpleNamespace(**json.loads(args[0])), json.loads(args[1])
-    steps, warmup, threads = int(args[2]), int(args[3]), int(args[4])
-    min_seconds = float(args[5]) if len(args) > 5 else 0.0
-    print(json.dumps(time_steps(cfg, lora_cfg, steps, warmup, threads, min_seconds)))
+    serve(cfg, lora_cfg, warmup=int(args[2]), threads=int(args[3]))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ measured in the same run:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from minilora import runtime
+from minilora.errors import BenchmarkError
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.ops import backend
@@ -146,16 +148,19 @@ def _seconds_per_call(fn, min_seconds: float) -> float:
 
 
 def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
-            min_seconds: float = 3.0) -> dict:
-    """Time and size one config's training step in minilora, full and LoRA.
+            min_seconds: float = 3.0, peer: TorchPeer | None = None) -> dict:
+    """Time and size one config's training step in minilora, full and LoRA (and the peer's).
 
     At least ``steps`` timed steps each, and more until the full steps add up to ``min_seconds``
     (a small config's median over a few steps moves with the machine's noise).
     The two are timed in alternation, step by step, so that both see the same machine (a shared
-    or virtual machine drifts by several percent over a minute). Returns {"full": ..., "lora": ...}.
+    or virtual machine drifts by several percent over a minute); so is the PyTorch ``peer``, if
+    given: after each pair of our steps it times a pair of its own, while we wait.
+    Returns {"full": ..., "lora": ...}; with a peer, each holds "torch_ms" too.
     """
     runs = {method: build(cfg, method == "lora") for method in ("full", "lora")}
     times: dict[str, list[float]] = {method: [] for method in runs}
+    peer_times: dict[str, list[float]] = {method: [] for method in runs}
     out = {}
     with runtime.parallel(threads):
         for method, (model, opt, x, y) in runs.items():
@@ -170,6 +175,10 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
                 train_step(model, opt, x, y)
                 if i >= warmup:
                     times[method].append(time.perf_counter() - t0)
+            if peer is not None:
+                for method, seconds in peer.step_pair().items():
+                    if i >= warmup:
+                        peer_times[method].append(seconds)
             i += 1
         for method, (model, opt, x, y) in runs.items():
             out[method]["memory"] = measure_step(model, x, y, opt).as_dict()
@@ -180,6 +189,8 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
         flops = product_flops(m["products"])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, flops=flops,
                  gflops_per_s=flops / ms / 1e6)
+        if peer_times[method]:
+            m["torch_ms"] = 1000 * float(np.median(peer_times[method]))
     return out
 
 
@@ -193,13 +204,41 @@ def _torch_peer_path() -> tuple[Path | None, str]:
     return path, ""
 
 
-def time_torch(path: Path, cfg: BenchConfig, steps: int, warmup: int, threads: int,
-               min_seconds: float = 3.0) -> dict:
-    """{"full": ms, "lora": ms} of the PyTorch peer, run in a process of its own."""
-    out = subprocess.run([sys.executable, str(path), json.dumps(asdict(cfg)), json.dumps(LORA),
-                          str(steps), str(warmup), str(threads), str(min_seconds)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class TorchPeer:
+    """The PyTorch peer in a process of its own (``benchmarks/torch_peer.py``), stepping on
+    request so that its steps alternate with ours. A context manager."""
+
+    def __init__(self, path: Path, cfg: BenchConfig, warmup: int, threads: int):
+        self._proc = subprocess.Popen(
+            [sys.executable, str(path), json.dumps(asdict(cfg)), json.dumps(LORA), str(warmup),
+             str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._expect("ready")
+
+    def step_pair(self) -> dict[str, float]:
+        """One full and one LoRA step of the peer: {"full": seconds, "lora": seconds}."""
+        self._proc.stdin.write("step\n")
+        self._proc.stdin.flush()
+        return json.loads(self._expect(None))
+
+    def _expect(self, word: str | None) -> str:
+        line = self._proc.stdout.readline().strip()
+        if not line or (word is not None and line != word):
+            self.close()
+            raise BenchmarkError(f"{self._proc.args[1]}: the PyTorch peer stopped (exit code "
+                                 f"{self._proc.returncode}) instead of answering "
+                                 f"{word or 'a step'}")
+        return line
+
+    def close(self) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        self._proc.wait()
+
+    def __enter__(self) -> TorchPeer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = None,
@@ -214,15 +253,14 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
     for name in names:
         cfg = CONFIGS[name]
         entry = {"config": asdict(cfg)}
-        torch_ms = time_torch(peer, cfg, steps, warmup, threads, min_seconds) \
-            if peer is not None else {}
         gc.collect()
-        measured = measure(cfg, steps, warmup, threads, min_seconds)
+        with contextlib.ExitStack() as stack:
+            torch_peer = None if peer is None else \
+                stack.enter_context(TorchPeer(peer, cfg, warmup, threads))
+            measured = measure(cfg, steps, warmup, threads, min_seconds, torch_peer)
         for method, m in measured.items():
             m["analytic_flops"] = analytic_flops(cfg, method == "lora")
             m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
-            if method in torch_ms:
-                m["torch_ms"] = torch_ms[method]
             entry[method] = m
         results["configs"][name] = entry
     return results

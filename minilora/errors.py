@@ -49,3 +49,7 @@ class NonFiniteError(MiniLoRAError, FloatingPointError):
 
 class RunLockedError(MiniLoRAError, RuntimeError):
     """A run directory already in use by another live process."""
+
+
+class BenchmarkError(MiniLoRAError, RuntimeError):
+    """The benchmark's PyTorch peer (``benchmarks/torch_peer.py``) stopped before answering."""

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from minilora import bench
+from minilora.errors import BenchmarkError
 from minilora.ops import backend
 
 SMALL = {"A": dataclasses.replace(bench.CONFIGS["A"], n_layer=2, batch_size=2, block_size=16),
@@ -43,3 +44,18 @@ def test_bench_command_runs_and_prints_its_tables():
                          text=True, timeout=300, check=True).stdout
     assert "of numpy peak" in out and "LoRA / full" in out and "optimizer state" in out
     assert " A    full" in out and " A    lora" in out
+
+
+def test_the_torch_peer_steps_in_alternation_with_minilora():
+    pytest.importorskip("torch")
+    results = bench.run(("A",), steps=2, warmup=1, compare="torch", min_seconds=0)
+    entry = results["configs"]["A"]
+    assert entry["full"]["torch_ms"] > 0 and entry["lora"]["torch_ms"] > 0
+    assert "minilora/torch" in bench.report(results)
+
+
+def test_a_peer_that_dies_is_a_clear_error(tmp_path):
+    dead = tmp_path / "peer.py"
+    dead.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(BenchmarkError, match=r"peer\.py.*exit code 3"):
+        bench.TorchPeer(dead, bench.CONFIGS["A"], warmup=0, threads=1)
