@@ -55,6 +55,9 @@ CONFIGS = {
     "A": BenchConfig(4, 4, 128, 64, 12),  # nanoGPT's CPU config for tiny Shakespeare
     "B": BenchConfig(6, 6, 384, 256, 16),  # nanoGPT's Shakespeare model, a CPU-sized batch
 }
+# OpenBLAS's threads spin for ~0.11 s after a threaded product (measured: a process sleeping
+# 0.1 s after one used 100 ms of CPU, 0.4 s after one 112 ms); the benchmark waits them out.
+OPENBLAS_SPIN_S = 0.15
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ("c_attn", "c_proj")}
 
 
@@ -113,27 +116,54 @@ def train_step(model, opt, x, y) -> None:
     opt.step()
 
 
-def numpy_limit_ms(products, min_seconds: float = 0.05) -> float:
-    """Milliseconds NumPy's float32 matmul needs for ``products``, timed shape by shape on fresh
-    contiguous arrays, each at its best of BLAS's own threading and one BLAS thread (on a busy
-    machine BLAS threads lose badly on small products, and the limit should be the best NumPy
-    can do)."""
-    from threadpoolctl import threadpool_limits
+class NumpyLimit:
+    """NumPy's own float32 matmul doing exactly the products of a step: the limit.
 
-    counts: dict[tuple, int] = {}
-    for sa, sb in products:
-        counts[(sa, sb)] = counts.get((sa, sb), 0) + 1
-    rng = np.random.default_rng(0)
-    total = 0.0
-    for (sa, sb), count in counts.items():
-        a = rng.standard_normal(sa, dtype=np.float32)
-        b = rng.standard_normal(sb, dtype=np.float32)
-        best = np.inf
-        for limit in (None, 1):
+    Each distinct shape runs at its best of BLAS's own threads and one BLAS thread (on a busy
+    machine BLAS threads lose badly on small products, and the limit should be the best NumPy
+    can do), picked once by timing both. :meth:`seconds` then computes all of the step's
+    products back to back on fresh contiguous arrays, so that the benchmark can take it in turn
+    with the steps and the machine's drift stays out of the ratio.
+    """
+
+    def __init__(self, products, threads: int, min_seconds: float = 0.05):
+        from threadpoolctl import threadpool_limits
+
+        counts: dict[tuple, int] = {}
+        for sa, sb in products:
+            counts[(sa, sb)] = counts.get((sa, sb), 0) + 1
+        rng = np.random.default_rng(0)
+        self.threads = threads
+        self._by_threads: dict[int, list] = {1: [], threads: []}  # BLAS threads -> (a, b, count)
+        for (sa, sb), count in counts.items():
+            a = rng.standard_normal(sa, dtype=np.float32)
+            b = rng.standard_normal(sb, dtype=np.float32)
+            seconds = {}
+            for limit in self._by_threads:
+                with threadpool_limits(limit, user_api="blas"):
+                    seconds[limit] = _seconds_per_call(lambda a=a, b=b: np.matmul(a, b),
+                                                       min_seconds)
+            self._by_threads[min(seconds, key=seconds.get)].append((a, b, count))
+
+    def seconds(self) -> float:
+        """Seconds NumPy takes for all the products of one step."""
+        from threadpoolctl import threadpool_limits
+
+        t0 = time.perf_counter()
+        for limit, products in self._by_threads.items():
             with threadpool_limits(limit, user_api="blas"):
-                best = min(best, _seconds_per_call(lambda a=a, b=b: np.matmul(a, b), min_seconds))
-        total += count * best
-    return 1000 * total
+                for a, b, count in products:
+                    for _ in range(count):
+                        np.matmul(a, b)
+        return time.perf_counter() - t0
+
+
+def _busy_wait(seconds: float) -> None:
+    """Wait without sleeping: a virtual machine left idle is slow to wake up again (measured:
+    config A's first step after a 0.15 s sleep took 94 ms, against 70 after a busy wait)."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
 
 
 def _seconds_per_call(fn, min_seconds: float) -> float:
@@ -154,20 +184,25 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     At least ``steps`` timed steps each, and more until the full steps add up to ``min_seconds``
     (a small config's median over a few steps moves with the machine's noise).
     The two are timed in alternation, step by step, so that both see the same machine (a shared
-    or virtual machine drifts by several percent over a minute); so is the PyTorch ``peer``, if
-    given: after each pair of our steps it times a pair of its own, while we wait.
-    Returns {"full": ..., "lora": ...}; with a peer, each holds "torch_ms" too.
+    or virtual machine drifts by 10-20% over minutes); so are the limit (:class:`NumpyLimit`)
+    and the PyTorch ``peer``, if given: after each pair of our steps, NumPy does the same
+    products, then the peer times a pair of steps of its own while we wait.
+    Returns {"full": ..., "lora": ...}, each with "ms", "numpy_limit_ms" and, with a peer,
+    "torch_ms" (medians).
     """
+    threads = threads or os.cpu_count() or 1
     runs = {method: build(cfg, method == "lora") for method in ("full", "lora")}
     times: dict[str, list[float]] = {method: [] for method in runs}
     peer_times: dict[str, list[float]] = {method: [] for method in runs}
-    out = {}
+    limit_times: dict[str, list[float]] = {method: [] for method in runs}
+    out, limits = {}, {}
     with runtime.parallel(threads):
         for method, (model, opt, x, y) in runs.items():
             train_step(model, opt, x, y)  # the optimizer state exists from here on
             with backend.record_products() as products:
                 train_step(model, opt, x, y)
-            out[method] = {"products": products}
+            out[method] = {"flops": product_flops(products)}
+            limits[method] = NumpyLimit(products, threads)
         i = 0
         while i < warmup + steps or sum(times["full"]) < min_seconds:
             for method, (model, opt, x, y) in runs.items():
@@ -175,6 +210,11 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
                 train_step(model, opt, x, y)
                 if i >= warmup:
                     times[method].append(time.perf_counter() - t0)
+            for method, limit in limits.items():
+                seconds = limit.seconds()
+                if i >= warmup:
+                    limit_times[method].append(seconds)
+            _busy_wait(OPENBLAS_SPIN_S)  # until BLAS's threads stop spinning (see the constant)
             if peer is not None:
                 for method, seconds in peer.step_pair().items():
                     if i >= warmup:
@@ -186,9 +226,8 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     for method, m in out.items():
         m["timed_steps"] = len(times[method])
         ms = 1000 * float(np.median(times[method]))
-        flops = product_flops(m["products"])
-        m.update(ms=ms, tokens_per_s=tokens / ms * 1000, flops=flops,
-                 gflops_per_s=flops / ms / 1e6)
+        m.update(ms=ms, tokens_per_s=tokens / ms * 1000, gflops_per_s=m["flops"] / ms / 1e6,
+                 numpy_limit_ms=1000 * float(np.median(limit_times[method])))
         if peer_times[method]:
             m["torch_ms"] = 1000 * float(np.median(peer_times[method]))
     return out
@@ -260,7 +299,6 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
             measured = measure(cfg, steps, warmup, threads, min_seconds, torch_peer)
         for method, m in measured.items():
             m["analytic_flops"] = analytic_flops(cfg, method == "lora")
-            m["numpy_limit_ms"] = numpy_limit_ms(m.pop("products"))
             entry[method] = m
         results["configs"][name] = entry
     return results
