@@ -10,6 +10,9 @@ measured in the same run:
 - the peer (``--compare torch``): the same model trained in PyTorch on the CPU with the same
   number of threads. It lives in ``benchmarks/torch_peer.py`` of the source tree, never in the
   package; without PyTorch (or outside a source checkout) it is skipped with a note.
+
+The steps and both references take turns (ours, NumPy's, PyTorch's, and again), one at a time, so
+that the ratios do not depend on which of them ran while the machine was fast.
 """
 
 from __future__ import annotations
