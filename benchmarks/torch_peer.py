@@ -6,7 +6,9 @@ plus trainable A (r, in) and B (out, r) on c_attn and c_proj, and a step is the 
 forward, cross-entropy, backward, AdamW (weight decay 0.1 on >= 2-D parameters).
 """
 
+import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -79,7 +81,7 @@ def build(cfg, lora: bool, lora_cfg: dict):
     return model, opt
 
 
-def serve(cfg, lora_cfg: dict, warmup: int, threads: int, requests=None, replies=None) -> None:
+def serve(cfg, lora_cfg: dict, warmup: int, threads: int) -> None:
     """Answer ``minilora bench`` step by step: for each line it sends, time one full and one LoRA
     step and reply {"full": seconds, "lora": seconds} on a line of its own.
 
@@ -87,11 +89,6 @@ def serve(cfg, lora_cfg: dict, warmup: int, threads: int, requests=None, replies
     same machine: a shared machine's speed drifts by 10-20% over minutes, which timing the two one
     after the other turned into the ratio (1.11 in one such run, 0.89-1.02 in others).
     """
-    import json
-    import sys
-
-    requests = sys.stdin if requests is None else requests
-    replies = sys.stdout if replies is None else replies
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
@@ -110,9 +107,9 @@ def serve(cfg, lora_cfg: dict, warmup: int, threads: int, requests=None, replies
 
     for _ in range(warmup):
         step_pair()
-    print("ready", file=replies, flush=True)
-    for _ in requests:
-        print(json.dumps(step_pair()), file=replies, flush=True)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(step_pair()), flush=True)
 
 
 def main(argv=None) -> None:
@@ -122,8 +119,6 @@ def main(argv=None) -> None:
     ``minilora bench`` runs the peer in a process of its own, so neither side's thread pools (or
     OpenBLAS's spinning threads) compete with the other's, and only one of them runs at a time.
     """
-    import json
-    import sys
     from types import SimpleNamespace
 
     args = sys.argv[1:] if argv is None else argv

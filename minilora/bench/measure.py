@@ -56,33 +56,33 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
                 train_step(model, opt, x, y)
             out[method] = {"flops": product_flops(products)}
             limits[method] = NumpyLimit(products, threads)
-        i = 0
-        while i < warmup + steps or sum(times["full"]) < min_seconds:
+        blas_threads_spin = any(limit.uses_blas_threads for limit in limits.values())
+        while len(times["full"]) < warmup + steps or sum(times["full"][warmup:]) < min_seconds:
             for method, (model, opt, x, y) in runs.items():
                 t0 = time.perf_counter()
                 train_step(model, opt, x, y)
-                if i >= warmup:
-                    times[method].append(time.perf_counter() - t0)
+                times[method].append(time.perf_counter() - t0)
             for method, limit in limits.items():
-                seconds = limit.seconds()
-                if i >= warmup:
-                    limit_times[method].append(seconds)
-            busy_wait(OPENBLAS_SPIN_S)  # until BLAS's threads stop spinning (see the constant)
+                limit_times[method].append(limit.seconds())
+            if blas_threads_spin:
+                busy_wait(OPENBLAS_SPIN_S)  # until BLAS's threads stop spinning (see the constant)
             if peer is not None:
                 for method, seconds in peer.step_pair().items():
-                    if i >= warmup:
-                        peer_times[method].append(seconds)
-            i += 1
+                    peer_times[method].append(seconds)
         for method, (model, opt, x, y) in runs.items():
             out[method]["memory"] = measure_step(model, x, y, opt).as_dict()
     tokens = cfg.batch_size * cfg.block_size
+
+    def median_ms(seconds: list[float]) -> float:  # the warm-up rounds are not counted
+        return 1000 * float(np.median(seconds[warmup:]))
+
     for method, m in out.items():
-        m["timed_steps"] = len(times[method])
-        ms = 1000 * float(np.median(times[method]))
+        m["timed_steps"] = len(times[method]) - warmup
+        ms = median_ms(times[method])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, gflops_per_s=m["flops"] / ms / 1e6,
-                 numpy_limit_ms=1000 * float(np.median(limit_times[method])))
-        if peer_times[method]:
-            m["torch_ms"] = 1000 * float(np.median(peer_times[method]))
+                 numpy_limit_ms=median_ms(limit_times[method]))
+        if peer is not None:
+            m["torch_ms"] = median_ms(peer_times[method])
     return out
 
 

@@ -49,6 +49,11 @@ class NumpyLimit:
                                                        min_seconds)
             self._by_threads[min(seconds, key=seconds.get)].append((a, b, count))
 
+    @property
+    def uses_blas_threads(self) -> bool:
+        """Whether some product runs on BLAS's own threads (which then spin for a while)."""
+        return self.threads > 1 and bool(self._by_threads[self.threads])
+
     def seconds(self) -> float:
         """Seconds NumPy takes for all the products of one step."""
         t0 = time.perf_counter()
