@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minilora.configs import config_from_dict
 from minilora.errors import ConfigError
 
 INIT_LORA_WEIGHTS = ("kaiming", "gaussian")
@@ -195,12 +196,4 @@ class LoRAConfig:
     def from_dict(cls, d) -> LoRAConfig:
         """The config saved by ``to_dict`` (e.g. read from an adapter's JSON). Missing fields take
         their defaults; an unknown field or a value of the wrong type is a ConfigError naming it."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"LoRAConfig.from_dict: expected a mapping of fields, "
-                              f"got {type(d).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise ConfigError(f"LoRAConfig.from_dict: unknown fields {unknown}; "
-                              f"the fields are {known}")
-        return cls(**d)
+        return config_from_dict(cls, d)

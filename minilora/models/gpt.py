@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora import nn, ops
+from minilora.configs import config_from_dict
 from minilora.errors import ConfigError, ShapeError
 from minilora.tensor import Tensor, no_grad
 
@@ -57,16 +58,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d) -> GPTConfig:
         """A config from a JSON object; unknown or missing fields are a ConfigError naming them."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"GPTConfig: expected a JSON object, got {type(d).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"GPTConfig: unknown fields {unknown}")
-        missing = sorted({"vocab_size", "block_size", "n_layer", "n_head", "n_embd"} - set(d))
-        if missing:
-            raise ConfigError(f"GPTConfig: missing fields {missing}")
-        return cls(**d)
+        return config_from_dict(cls, d, required=("vocab_size", "block_size", "n_layer", "n_head",
+                                                  "n_embd"))
 
 
 class CausalSelfAttention(nn.Module):

@@ -10,6 +10,7 @@ thread pool instead (NumPy releases the GIL inside BLAS). See ``minilora.runtime
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,9 +51,8 @@ def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if threads == 1 or a.ndim < 2 or b.ndim < 2:
         return np.matmul(a, b)
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    count = int(np.prod(batch))
-    if count * n * k * m < SPLIT_MIN_MACS:
+    batch = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if math.prod(batch) * n * k * m < SPLIT_MIN_MACS:
         return np.matmul(a, b)
     out = np.empty((*batch, n, m), dtype=np.result_type(a, b))
     if a.ndim == b.ndim > 2 and a.shape[0] == b.shape[0] >= threads:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from minilora.configs import config_from_dict
 from minilora.errors import ConfigError
 
 _INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed")
@@ -76,9 +77,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d) -> TrainConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"TrainConfig: expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"TrainConfig: unknown fields {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
