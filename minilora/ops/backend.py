@@ -43,28 +43,36 @@ def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
         _recorder.append((tuple(a_shape), tuple(b_shape)))
 
 
-def mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a: (..., n, k) @ b: (..., k, m) -> (..., n, m), batch axes broadcast as in ``np.matmul``."""
+def mm(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """a: (..., n, k) @ b: (..., k, m) [+ bias: (m,)] -> (..., n, m), batch axes broadcast as in
+    ``np.matmul``. A split product adds the bias to each block as soon as it is computed, on the
+    block's own thread, rather than in one more pass over the whole result afterwards."""
     if _recorder is not None:
         _recorder.append((a.shape, b.shape))
     threads = runtime.threads()
     if threads == 1 or a.ndim < 2 or b.ndim < 2:
-        return np.matmul(a, b)
+        return _plus(np.matmul(a, b), bias)
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     if math.prod(batch) * n * k * m < SPLIT_MIN_MACS:
-        return np.matmul(a, b)
+        return _plus(np.matmul(a, b), bias)
     out = np.empty((*batch, n, m), dtype=np.result_type(a, b))
     if a.ndim == b.ndim > 2 and a.shape[0] == b.shape[0] >= threads:
         def work(lo, hi):  # split the leading batch axis: each block a stack of whole products
-            np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi])
+            _plus(np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi]), bias)
 
         runtime.run_split(work, a.shape[0])
     else:
         def work(lo, hi):  # split the rows of the product
-            np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
+            _plus(np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]), bias)
 
         runtime.run_split(work, n)
+    return out
+
+
+def _plus(out: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    if bias is not None:
+        out += bias
     return out
 
 

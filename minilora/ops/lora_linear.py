@@ -44,9 +44,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         np.broadcast_to(dropout_mask, x.shape).reshape(n, in_f)
     xd = x2 if mask2 is None else x2 * mask2  # d(x): (N, in)
     a_data, b_data = lora_A.data, lora_B.data
-    y = mm(x2, weight.data.T)  # the frozen path: one large product, split over the threads
-    if bias is not None:
-        y += bias.data
+    y = mm(x2, weight.data.T, None if bias is None else bias.data)  # the frozen path, split
     h = np.empty((n, r), dtype=y.dtype)  # d(x) A^T, kept for dB
     rows = rows_per_block(n, max(in_f, out_f))
 

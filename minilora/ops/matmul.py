@@ -72,9 +72,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ShapeError(f"linear: bias of shape {bias.shape}, expected ({weight.shape[0]},)")
     x2 = _rows(x.data)
-    y2 = mm(x2, weight.data.T)
-    if bias is not None:
-        y2 += bias.data
+    y2 = mm(x2, weight.data.T, None if bias is None else bias.data)
     # Save only what the wanted gradients use: dx needs W, dW needs x. A frozen W keeps no x.
     saved_x = x2 if weight.requires_grad else None
     saved_w = weight.data if x.requires_grad else None
