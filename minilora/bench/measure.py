@@ -27,6 +27,7 @@ from minilora.bench.step import (
     train_step,
 )
 from minilora.ops import backend
+from minilora.train.loop import largest_product
 from minilora.train.memory import measure_step
 
 
@@ -49,7 +50,8 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     peer_times: dict[str, list[float]] = {method: [] for method in runs}
     limit_times: dict[str, list[float]] = {method: [] for method in runs}
     out, limits = {}, {}
-    with runtime.parallel(threads):
+    tokens = cfg.batch_size * cfg.block_size
+    with runtime.parallel_for(largest_product(runs["full"][0], tokens), threads):  # as training
         for method, (model, opt, x, y) in runs.items():
             train_step(model, opt, x, y)  # the optimizer state exists from here on
             with backend.record_products() as products:
@@ -71,7 +73,6 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
                     peer_times[method].append(seconds)
         for method, (model, opt, x, y) in runs.items():
             out[method]["memory"] = measure_step(model, x, y, opt).as_dict()
-    tokens = cfg.batch_size * cfg.block_size
 
     def median_ms(seconds: list[float]) -> float:  # the warm-up rounds are not counted
         return 1000 * float(np.median(seconds[warmup:]))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from minilora.errors import ConfigError, NonFiniteError
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, param_groups
-from minilora.runtime import parallel
+from minilora.runtime import parallel_for
 from minilora.tensor import no_grad
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
@@ -109,11 +109,18 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_info: JSON-able facts saved in the checkpoint (tokenizer, LoRA config, base model, data).
     extra_eval: called with the model at each evaluation; its numbers join the metrics record.
     on_eval: called with each metrics record once it is saved (the CLI prints it).
-    threads: how many threads the engine uses (default: all CPUs); see ``runtime.parallel``.
+    threads: how many threads the engine uses (default: all CPUs); see ``runtime.parallel_for``.
     """
-    with parallel(threads):
+    with parallel_for(largest_product(model, config.batch_size * model.config.block_size), threads):
         return _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
                       on_eval)
+
+
+def largest_product(model, tokens: int) -> int:
+    """Multiply-adds of the largest product in a step over ``tokens`` tokens: every 2-D parameter
+    (a linear layer's weight, the embedding that is also the output layer) meets every token."""
+    return tokens * max((p.shape[0] * p.shape[1] for p in model.parameters() if p.ndim == 2),
+                        default=0)
 
 
 def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,

@@ -102,3 +102,45 @@ def test_fused_kernels_give_the_same_bits_on_any_number_of_threads(op):
     for threads in (2, 3):
         for g1, gn in zip(one, _grads_on(threads, make), strict=True):
             np.testing.assert_array_equal(g1, gn)
+
+
+@pytest.mark.parametrize("blas", [False, True], ids=["engine's threads", "BLAS's threads"])
+def test_a_training_step_gives_the_same_bits_however_the_threads_are_used(blas):
+    """parallel() splits products and kernels over the engine's threads, parallel(blas=True) lets
+    BLAS thread the products: one step of a GPT ends with the same weights bit for bit as on
+    one thread, so a run may be resumed with any --threads."""
+    from minilora.bench.step import BenchConfig, build, train_step
+
+    cfg = BenchConfig(n_layer=1, n_head=4, n_embd=128, block_size=64, batch_size=12)
+
+    def weights_after_a_step(threads, use_blas):
+        model, opt, x, y = build(cfg, lora=False)
+        with runtime.parallel(threads, blas=use_blas):
+            train_step(model, opt, x, y)
+        return [p.data for p in model.parameters()]
+
+    one = weights_after_a_step(1, False)
+    for threads in (2, 3):
+        for w1, wn in zip(one, weights_after_a_step(threads, blas), strict=True):
+            np.testing.assert_array_equal(w1, wn)
+
+
+def test_parallel_for_lets_blas_thread_only_a_step_of_small_products():
+    from threadpoolctl import threadpool_info
+
+    from minilora.bench.step import CONFIGS
+    from minilora.models import GPT
+    from minilora.train.loop import largest_product
+
+    def blas_threads():
+        return max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+
+    sizes = {}
+    for name, cfg in CONFIGS.items():
+        tokens = cfg.batch_size * cfg.block_size
+        sizes[name] = largest_product(GPT(cfg.gpt(), seed=0), tokens)
+        assert sizes[name] == tokens * 4 * cfg.n_embd * cfg.n_embd  # the MLP's c_fc and c_proj
+    with runtime.parallel_for(sizes["A"], threads=2):
+        assert runtime.threads() == 1 and blas_threads() == 2  # A: BLAS threads its products
+    with runtime.parallel_for(sizes["B"], threads=2):
+        assert runtime.threads() == 2 and blas_threads() == 1  # B: the engine splits them
