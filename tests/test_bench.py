@@ -44,6 +44,7 @@ def test_bench_command_runs_and_prints_its_tables():
                          text=True, timeout=300, check=True).stdout
     assert "of numpy peak" in out and "LoRA / full" in out and "optimizer state" in out
     assert " A    full" in out and " A    lora" in out
+    assert "products threaded by: config A BLAS (largest 50M multiply-adds)" in out  # A is small
 
 
 def test_the_torch_peer_steps_in_alternation_with_minilora():

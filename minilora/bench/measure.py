@@ -51,7 +51,8 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     limit_times: dict[str, list[float]] = {method: [] for method in runs}
     out, limits = {}, {}
     tokens = cfg.batch_size * cfg.block_size
-    with runtime.parallel_for(largest_product(runs["full"][0], tokens), threads):  # as training
+    largest = largest_product(runs["full"][0], tokens)
+    with runtime.parallel_for(largest, threads):  # as the training loop does
         for method, (model, opt, x, y) in runs.items():
             train_step(model, opt, x, y)  # the optimizer state exists from here on
             with backend.record_products() as products:
@@ -79,6 +80,8 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
 
     for method, m in out.items():
         m["timed_steps"] = len(times[method]) - warmup
+        m["largest_product"] = largest
+        m["blas_threads"] = largest < runtime.SMALL_STEP_MACS  # see runtime.parallel_for
         ms = median_ms(times[method])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, gflops_per_s=m["flops"] / ms / 1e6,
                  numpy_limit_ms=median_ms(limit_times[method]))

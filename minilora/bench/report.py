@@ -18,7 +18,12 @@ def report(results: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cpus']} CPUs; threads {results['threads']}; numpy "
              f"{m['numpy']}; glibc malloc {tuned}; median step of at least {results['steps']} "
              f"(and {results['min_seconds']:g} s); full, LoRA, NumPy's products and PyTorch "
-             "taken in turn", ""]
+             "taken in turn"]
+    lines.append("products threaded by: " + "; ".join(
+        f"config {name} {'BLAS' if entry['full']['blas_threads'] else 'the engine'} (largest "
+        f"{entry['full']['largest_product'] / 1e6:,.0f}M multiply-adds)"
+        for name, entry in results["configs"].items()) + "; see runtime.parallel_for")
+    lines.append("")
     head = ("config", "method", "ms/step", "tokens/s", "GFLOP", "GFLOP/s", "of numpy peak",
             "torch ms", "minilora/torch", "peak MiB")
     rows = []
