@@ -72,7 +72,12 @@ def parallel_for(largest_product: int, threads: int | None = None):
     threads for the small products of a large model) made config B 4-6% slower, so the choice is
     made for the whole step.
     """
-    return parallel(threads, blas=largest_product < SMALL_STEP_MACS)
+    return parallel(threads, blas=lets_blas_thread(largest_product))
+
+
+def lets_blas_thread(largest_product: int) -> bool:
+    """Whether :func:`parallel_for` hands a step with this largest product to BLAS's threads."""
+    return largest_product < SMALL_STEP_MACS
 
 
 def threads() -> int:

@@ -81,7 +81,7 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     for method, m in out.items():
         m["timed_steps"] = len(times[method]) - warmup
         m["largest_product"] = largest
-        m["blas_threads"] = largest < runtime.SMALL_STEP_MACS  # see runtime.parallel_for
+        m["blas_threads"] = runtime.lets_blas_thread(largest)
         ms = median_ms(times[method])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, gflops_per_s=m["flops"] / ms / 1e6,
                  numpy_limit_ms=median_ms(limit_times[method]))
