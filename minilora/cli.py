@@ -37,6 +37,7 @@ examples:
   # the same in full
   minilora train --data builtin:majority --init-from runs/base --out runs/full --max-iters 300
   # continue a run that was stopped (Ctrl-C, a crash): bit for bit as if it never stopped
+  # (with the same --threads; see --threads)
   minilora train --out runs/lora --resume
   # nanoGPT's CPU run on tiny Shakespeare (the defaults are its settings)
   minilora train --data shakespeare.txt --out runs/shakespeare
@@ -152,8 +153,8 @@ def _add_train(sub) -> None:
                    help=f"evaluate and checkpoint every N steps (default: {d.eval_interval})")
     g.add_argument("--eval-iters", type=_positive_int, metavar="N",
                    help=f"batches per evaluation and split (default: {d.eval_iters})")
-    g.add_argument("--seed", type=_nonneg_int, help=f"same seed, same run, bit for bit "
-                                                    f"(default: {d.seed})")
+    g.add_argument("--seed", type=_nonneg_int, help=f"same seed, same run, bit for bit on one "
+                   f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
     g = p.add_argument_group("LoRA (with --init-from; without --lora-r, fine-tuning is full)")
@@ -177,7 +178,10 @@ def _add_common(p) -> None:
 
 def _add_threads(p) -> None:
     p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="threads for matrix products (default: all CPUs)")
+                   help="threads for matrix products (default: all CPUs). The same --threads "
+                        "gives the same bits; another gives the same bits for a model whose "
+                        "largest product has 64M multiply-adds or more (the engine's threads), "
+                        "float32 round-off for a smaller one (BLAS's threads): docs/engine.md")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 _pool: ThreadPoolExecutor | None = None
 _threads = 1
+_splitting = False  # inside parallel() without blas=True: products run as fixed row blocks
 malloc_tuned = False  # set by tune_malloc()
 
 
@@ -43,17 +44,17 @@ def parallel(threads: int | None = None, blas: bool = False) -> Iterator[None]:
     blas: instead, let BLAS thread every product itself and run the engine's kernels on one
     thread. Faster when every product is small (see :func:`parallel_for`), slower otherwise.
     """
-    global _pool, _threads
+    global _pool, _threads, _splitting
     threads = max(1, int(threads or os.cpu_count() or 1))
-    previous = (_pool, _threads)
+    previous = (_pool, _threads, _splitting)
     pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="minilora-mm") \
         if threads > 1 and not blas else None
     with threadpool_limits(threads if blas else 1, user_api="blas"):
-        _pool, _threads = pool, 1 if blas else threads
+        _pool, _threads, _splitting = pool, 1 if blas else threads, not blas
         try:
             yield
         finally:
-            _pool, _threads = previous
+            _pool, _threads, _splitting = previous
             if pool is not None:
                 pool.shutdown()
 
@@ -83,6 +84,12 @@ def lets_blas_thread(largest_product: int) -> bool:
 def threads() -> int:
     """How many threads products use right now (1 outside :func:`parallel`)."""
     return _threads
+
+
+def splits_products() -> bool:
+    """Whether large products run as fixed row blocks on the engine's threads: inside
+    :func:`parallel` (on any number of threads, one included), not with ``blas=True``."""
+    return _splitting
 
 
 def run_split(work, n: int) -> None:

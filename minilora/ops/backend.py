@@ -3,7 +3,7 @@
 Every matmul in the engine, forward or backward, goes through :func:`mm` (or, inside a fused
 kernel's blocks, is announced with :func:`note_product`). By default that is plain ``np.matmul``.
 Inside ``minilora.runtime.parallel`` (which the training loop and the benchmark enter), BLAS is
-limited to one thread and each large product is split into row blocks computed by the engine's
+limited to one thread and each large product is cut into fixed row blocks computed by the engine's
 thread pool instead (NumPy releases the GIL inside BLAS). See ``minilora.runtime`` for why.
 """
 
@@ -17,10 +17,13 @@ import numpy as np
 
 from minilora import runtime
 
-# Products below this many multiply-adds run on one thread: handing half to the pool costs
-# ~150-200 us, measured on 2 cores; at 12.6M MACs splitting lost (81 vs 88 GFLOP/s), at 37.7M it won
-# (115-137 vs 93).
+# Products below this many multiply-adds run whole: handing half to the pool costs more than it
+# saves (figures in docs/performance.md).
 SPLIT_MIN_MACS = 1 << 24
+# A split product is cut into this many blocks at most (enough for 2 or 4 threads; more cost 2-3%
+# on 2 cores: docs/performance.md), and into blocks of MIN_BLOCK_MACS at least.
+MAX_PRODUCT_BLOCKS = 4
+MIN_BLOCK_MACS = 1 << 23
 
 _recorder: list | None = None  # when a list, every product's (a.shape, b.shape) is appended
 
@@ -43,30 +46,51 @@ def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
         _recorder.append((tuple(a_shape), tuple(b_shape)))
 
 
+def block_size(length: int, macs: int) -> int:
+    """Rows (or columns) per block of a split product of ``macs`` multiply-adds, cut along an
+    axis of ``length``.
+
+    A function of the shape alone, never of the thread count: BLAS rounds a row differently
+    depending on where it falls in a call (OpenBLAS's Haswell sgemm works in tiles of 24 rows,
+    and the rows of a call's narrower last tile round differently; its SkylakeX small-matrix
+    kernels differ by shape too), so only the same calls with the same shapes give the same bits.
+    Cut into fixed blocks, a product makes the same calls on 1, 2 or 8 threads.
+    """
+    parts = max(1, min(MAX_PRODUCT_BLOCKS, length, macs // MIN_BLOCK_MACS))
+    return -(-length // parts)
+
+
 def mm(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """a: (..., n, k) @ b: (..., k, m) [+ bias: (m,)] -> (..., n, m), batch axes broadcast as in
-    ``np.matmul``. A split product adds the bias to each block as soon as it is computed, on the
-    block's own thread, rather than in one more pass over the whole result afterwards."""
+    ``np.matmul``. Inside ``runtime.parallel`` a large product runs as fixed blocks (of a stack's
+    matrices, or of the longer of the result's two sides) shared by the engine's threads, each
+    block adding the bias as soon as it is computed, on its own thread."""
     if _recorder is not None:
         _recorder.append((a.shape, b.shape))
-    threads = runtime.threads()
-    if threads == 1 or a.ndim < 2 or b.ndim < 2:
+    if not runtime.splits_products() or a.ndim < 2 or b.ndim < 2:
         return _plus(np.matmul(a, b), bias)
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = () if a.ndim == b.ndim == 2 else np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    if math.prod(batch) * n * k * m < SPLIT_MIN_MACS:
+    macs = math.prod(batch) * n * k * m
+    if macs < SPLIT_MIN_MACS:
         return _plus(np.matmul(a, b), bias)
     out = np.empty((*batch, n, m), dtype=np.result_type(a, b))
-    if a.ndim == b.ndim > 2 and a.shape[0] == b.shape[0] >= threads:
+    if a.ndim == b.ndim > 2 and a.shape[0] == b.shape[0] > 1:
         def work(lo, hi):  # split the leading batch axis: each block a stack of whole products
             _plus(np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi]), bias)
 
-        runtime.run_split(work, a.shape[0])
+        runtime.for_blocks(work, a.shape[0], block_size(a.shape[0], macs))
+    elif m > n:
+        def work(lo, hi):  # split the columns: each block packs all of a but only its part of b
+            _plus(np.matmul(a, b[..., lo:hi], out=out[..., lo:hi]),
+                  None if bias is None else bias[lo:hi])
+
+        runtime.for_blocks(work, m, block_size(m, macs))
     else:
-        def work(lo, hi):  # split the rows of the product
+        def work(lo, hi):  # split the rows: each block packs all of b but only its part of a
             _plus(np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]), bias)
 
-        runtime.run_split(work, n)
+        runtime.for_blocks(work, n, block_size(n, macs))
     return out
 
 
