@@ -27,15 +27,19 @@ from minilora.io.jsonio import (
 from minilora.io.lock import RunLock
 from minilora.io.tensors import (
     CHECKSUM_KEY,
+    TensorInfo,
     check_tensors,
     load_metadata,
     load_tensors,
+    read_header,
+    read_tensors,
     save_tensors,
 )
 
 __all__ = [
-    "CHECKSUM_KEY", "RunLock", "append_jsonl", "atomic_write", "check_schema", "check_tensors",
-    "dumps_json", "fsync_dir", "generator_state", "load_json", "load_metadata", "load_tensors",
-    "read_bytes", "read_jsonl", "remove_temp_files", "restore_generator", "save_json",
-    "save_tensors", "strict_loads", "write_atomic_bytes", "write_atomic_text",
+    "CHECKSUM_KEY", "RunLock", "TensorInfo", "append_jsonl", "atomic_write", "check_schema",
+    "check_tensors", "dumps_json", "fsync_dir", "generator_state", "load_json", "load_metadata",
+    "load_tensors", "read_bytes", "read_header", "read_jsonl", "read_tensors", "remove_temp_files",
+    "restore_generator", "save_json", "save_tensors", "strict_loads", "write_atomic_bytes",
+    "write_atomic_text",
 ]

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 _NATIVE = {np.dtype(v).newbyteorder("=") for v in _DTYPES.values()}
+_DTYPES["BF16"] = "<u2"  # numpy has no bfloat16: its 16 bits, read by read_tensors
 
 
 def _digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
@@ -72,15 +74,27 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
 
 def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str], int]:
     """Check a safetensors header completely: (tensor entries, metadata, start of the data)."""
-    if len(raw) < 8:
-        raise FileFormatError(f"{path}: truncated: {len(raw)} bytes, a safetensors file has at "
+    n = _header_length(path, raw[:8], len(raw))
+    header, metadata = _check_header(path, raw[8:8 + n], len(raw) - 8 - n)
+    return header, metadata, 8 + n
+
+
+def _header_length(path: Path, first8: bytes, file_size: int) -> int:
+    if file_size < 8 or len(first8) < 8:
+        raise FileFormatError(f"{path}: truncated: {file_size} bytes, a safetensors file has at "
                               f"least 8")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > MAX_HEADER_BYTES or n > len(raw) - 8:
-        raise FileFormatError(f"{path}: header length {n} exceeds the file's {len(raw) - 8} "
+    (n,) = struct.unpack("<Q", first8)
+    if n > MAX_HEADER_BYTES or n > file_size - 8:
+        raise FileFormatError(f"{path}: header length {n} exceeds the file's {file_size - 8} "
                               f"remaining bytes (truncated or damaged)")
+    return n
+
+
+def _check_header(path: Path, text: bytes, data_len: int) -> tuple[dict, dict[str, str]]:
+    """The header's tensor entries and metadata, every entry checked against ``data_len``, the
+    number of bytes after the header: tensors must tile the data exactly."""
     try:
-        header = strict_loads(raw[8:8 + n].decode("utf-8"))
+        header = strict_loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FileFormatError(f"{path}: damaged header: not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -88,7 +102,6 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str], int]:
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FileFormatError(f"{path}: damaged header: __metadata__ must map str to str")
-    data_len = len(raw) - 8 - n
     spans = []
     for name, entry in header.items():
         ok = (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
@@ -113,7 +126,7 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str], int]:
     if covered != data_len:
         raise FileFormatError(f"{path}: {data_len - covered} bytes after the last tensor "
                               f"(damaged or not a safetensors file)")
-    return header, metadata, 8 + n
+    return header, metadata
 
 
 def _is_count(x) -> bool:
@@ -190,3 +203,72 @@ def check_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
         if dtype is not None and a.dtype != np.dtype(dtype):
             raise FileFormatError(f"{path}: tensor {name!r} has dtype {a.dtype}, expected "
                                   f"{np.dtype(dtype)}")
+
+
+# ---- foreign safetensors files, read tensor by tensor ------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it: ``dtype`` is the file's name for it
+    (``"F32"``, ``"BF16"``, ...), ``begin``/``end`` its bytes counted from the end of the header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors (name -> TensorInfo) and metadata of a safetensors file, checked as completely
+    as :func:`load_tensors` checks them, without reading any tensor: what a reader compares with
+    what it expects before it allocates anything."""
+    path = Path(path)
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        n = _header_length(path, _read(f, path, 8), size)
+        text = _read(f, path, n)
+    if len(text) != n:
+        raise FileFormatError(f"{path}: truncated while reading its header")
+    header, metadata = _check_header(path, text, size - 8 - n)
+    infos = {name: TensorInfo(e["dtype"], tuple(e["shape"]), *e["data_offsets"])
+             for name, e in header.items()}
+    return infos, metadata
+
+
+def read_tensors(path: str | os.PathLike, infos: Mapping[str, TensorInfo],
+                 dtype=None) -> dict[str, np.ndarray]:
+    """name -> array for each of ``infos`` (from :func:`read_header` of the same file), one tensor
+    read at a time. bfloat16 is widened exactly to float32 (its bits are the top half of a
+    float32's); ``dtype`` converts every tensor after that (None keeps the stored dtype)."""
+    path = Path(path)
+    out = {}
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        start = 8 + _header_length(path, _read(f, path, 8), size)
+        for name, info in infos.items():
+            raw = _read(f, path, info.end - info.begin, start + info.begin)
+            if len(raw) != info.end - info.begin:
+                raise FileFormatError(f"{path}: truncated while reading tensor {name!r}")
+            a = np.frombuffer(raw, dtype=_DTYPES[info.dtype]).reshape(info.shape)
+            if info.dtype == "BF16":
+                a = (a.astype(np.uint32) << 16).view(np.float32)
+            out[name] = a.astype(a.dtype.newbyteorder("=") if dtype is None else dtype)
+    return out
+
+
+def _read(f, path: Path, n: int, at: int | None = None) -> bytes:
+    try:
+        if at is not None:
+            f.seek(at)
+        return f.read(n)
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot read safetensors file: {e.strerror}") from None
+
+
+def _open(path: Path):
+    if not path.is_file():
+        read_bytes(path, "safetensors")  # raises the right error for missing / directory
+    try:
+        return open(path, "rb")  # the caller closes it (with)
+    except OSError as e:
+        raise FileFormatError(f"{path}: cannot read safetensors file: {e.strerror}") from None

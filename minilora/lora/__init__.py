@@ -16,6 +16,7 @@ from minilora.lora.model import (
     merge_adapter,
     merge_and_unload,
     named_lora_layers,
+    plan_lora,
     unload,
     unmerge_adapter,
 )
@@ -25,6 +26,6 @@ __all__ = [
     "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapters",
     "get_nb_trainable_parameters", "load_lora_state_dict", "lora_parameter_counts", "lora_scaling",
     "lora_state_dict", "mark_only_lora_as_trainable", "matches_target", "merge_adapter",
-    "merge_and_unload", "named_lora_layers", "print_trainable_parameters",
+    "merge_and_unload", "named_lora_layers", "plan_lora", "print_trainable_parameters",
     "trainable_parameters_report", "unload", "unmerge_adapter",
 ]

@@ -22,6 +22,8 @@ from minilora.errors import ConfigError
 
 INIT_LORA_WEIGHTS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
+TASK_TYPES = ("CAUSAL_LM",)  # PEFT's task_type for a language model, the one minilora has
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear but the output layer
 
 
 # ---- checks shared by LoRAConfig and LoRALinear: each names the owner, field and value ----
@@ -127,16 +129,26 @@ class LoRAConfig:
     use_rslora: rank-stabilised LoRA, ``s = lora_alpha / sqrt(r)``.
     lora_dropout: dropout probability on the adapter's input, ``dropout(x) A^T``.
     target_modules: a list of names, each matching a module whose dotted name equals it or ends with
-        ``"." + name`` (PEFT's rule), or one string, a regular expression the whole name must match.
+        ``"." + name`` (PEFT's rule), or one string, a regular expression the whole name must match,
+        or ``"all-linear"`` (PEFT's shorthand: every Linear except the model's output layer).
         The default, ``("c_attn",)``, is PEFT's default for GPT-2.
-    init_lora_weights: ``"kaiming"`` (PEFT's default: A ~ Kaiming-uniform with a=sqrt(5), i.e.
-        U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"`` (A ~ N(0, 1/r), PEFT's reading of the paper);
-        B = 0 in both, so a fresh adapter changes nothing.
+    init_lora_weights: ``"kaiming"`` (PEFT's default, which PEFT spells ``True``: A ~
+        Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"``
+        (A ~ N(0, 1/r), PEFT's reading of the paper); B = 0 in both, so a fresh adapter changes
+        nothing. ``True`` is read as ``"kaiming"``.
     bias: which biases train, loralib's meanings: ``"none"``, ``"all"`` (every bias in the model),
         ``"lora_only"`` (the biases of adapted layers). Trained biases are saved with the adapter.
     modules_to_save: modules (same name rule) trained in full and saved with the adapter.
     rank_pattern, alpha_pattern: {name pattern: r or alpha} overriding ``r`` / ``lora_alpha`` for
         the adapted layers a pattern matches (first matching key wins, as in PEFT).
+    task_type: PEFT's task, None or ``"CAUSAL_LM"`` (the only task minilora's models do).
+    fan_in_fan_out: PEFT's flag for layers that store W as (in, out), as GPT-2's ``Conv1D`` does.
+        minilora's Linear is always (out, in), so it changes nothing here; the PEFT file reader and
+        writer (``minilora.hf``) set it from the Hugging Face layer type, as PEFT does.
+    ensure_weight_tying: PEFT's switch for tied weights in ``modules_to_save`` (GPT-2's
+        ``lm_head`` is ``transformer.wte``). minilora trains a module in place, so the tie always
+        holds; a config that names a tied module must say so with True (PEFT would otherwise train
+        an untied copy, other numbers), or ``apply_lora`` refuses it.
     """
 
     r: int = 8
@@ -149,6 +161,9 @@ class LoRAConfig:
     modules_to_save: tuple[str, ...] | None = None
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    task_type: str | None = None
+    fan_in_fan_out: bool = False
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
@@ -156,7 +171,8 @@ class LoRAConfig:
         if isinstance(targets, str):
             if not targets:
                 raise ConfigError(f"{owner}: target_modules must not be empty, got {targets!r}")
-            targets = _regex(owner, "target_modules", targets)
+            targets = ALL_LINEAR if targets.lower() == ALL_LINEAR else \
+                _regex(owner, "target_modules", targets)
         else:
             targets = _string_list(owner, "target_modules", targets, allow_none=False)
         checked = {
@@ -165,13 +181,17 @@ class LoRAConfig:
             "lora_dropout": check_dropout(owner, self.lora_dropout),
             "target_modules": targets,
             "use_rslora": check_flag(owner, "use_rslora", self.use_rslora),
-            "init_lora_weights": check_choice(owner, "init_lora_weights", self.init_lora_weights,
-                                              INIT_LORA_WEIGHTS),
+            "init_lora_weights": _init_method(owner, self.init_lora_weights),
             "bias": check_choice(owner, "bias", self.bias, BIAS_MODES),
             "modules_to_save": _string_list(owner, "modules_to_save", self.modules_to_save,
                                             allow_none=True),
             "rank_pattern": _pattern_dict(owner, "rank_pattern", self.rank_pattern, check_rank),
             "alpha_pattern": _pattern_dict(owner, "alpha_pattern", self.alpha_pattern, check_alpha),
+            "task_type": None if self.task_type is None else check_choice(
+                owner, "task_type", self.task_type, TASK_TYPES),
+            "fan_in_fan_out": check_flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
+            "ensure_weight_tying": check_flag(owner, "ensure_weight_tying",
+                                              self.ensure_weight_tying),
         }
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
@@ -197,3 +217,51 @@ class LoRAConfig:
         """The config saved by ``to_dict`` (e.g. read from an adapter's JSON). Missing fields take
         their defaults; an unknown field or a value of the wrong type is a ConfigError naming it."""
         return config_from_dict(cls, d)
+
+    @classmethod
+    def from_peft(cls, d) -> LoRAConfig:
+        """The config a PEFT ``adapter_config.json`` (or ``LoraConfig.to_dict()``) describes; a
+        field minilora does not implement, set to other than PEFT's default, is a ConfigError
+        naming it. See :mod:`minilora.lora.peft_config`."""
+        from minilora.lora.peft_config import lora_config_from_peft
+
+        return lora_config_from_peft(d)
+
+    def to_peft(self) -> dict:
+        """Every field of PEFT's ``LoraConfig``, as its ``adapter_config.json`` holds them."""
+        from minilora.lora.peft_config import peft_dict
+
+        return peft_dict(self)
+
+
+def _init_method(owner: str, value) -> str:
+    """PEFT spells Kaiming-uniform A ``True``; minilora ``"kaiming"``. PEFT's ``False`` (B drawn
+    too, so a fresh adapter is not the identity) is not implemented."""
+    if value is True or (isinstance(value, np.bool_) and value):
+        return "kaiming"
+    if isinstance(value, str) and value in INIT_LORA_WEIGHTS:
+        return value
+    why = " (PEFT's False, a random B, is not implemented)" if value is False else ""
+    raise ConfigError(f"{owner}: init_lora_weights must be True (PEFT's spelling of 'kaiming'), "
+                      f"'kaiming' or 'gaussian', got {value!r}{why}")
+
+
+# A regular expression from a file could take exponential time to match (``(.*)*z`` took 18 s per
+# module name here): patterns read from a file must not repeat a group and may hold at most a few
+# repetitions, which every pattern PEFT's docs show (``.*\.attn\.c_attn``,
+# ``h\.\d+\.attn\.(c_attn|c_proj)``) satisfies; such patterns match a module name in linear time.
+MAX_PATTERN_REPEATS = 4
+_REPEATED_GROUP = re.compile(r"\)(?:[*+?]|\{\d)")
+_REPEAT = re.compile(r"(?<!\\)(?:[*+]|\{\d+,\d*\})")
+
+
+def slow_patterns(config: LoRAConfig) -> list[tuple[str, str]]:
+    """(field, pattern) for each regular expression in ``config`` that a file may not hold: one
+    that repeats a group, holds more than MAX_PATTERN_REPEATS repetitions or 200 characters."""
+    patterns = [("target_modules", config.target_modules)] if isinstance(
+        config.target_modules, str) and config.target_modules != ALL_LINEAR else []
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns += [(f"{field} key", k) for k in (getattr(config, field) or {})]
+    return [(where, pattern) for where, pattern in patterns
+            if len(pattern) > 200 or _REPEATED_GROUP.search(pattern)
+            or len(_REPEAT.findall(pattern)) > MAX_PATTERN_REPEATS]

@@ -17,6 +17,7 @@ import numpy as np
 
 from minilora.errors import ConfigError, TargetModuleError
 from minilora.lora.config import (
+    ALL_LINEAR,
     BIAS_MODES,
     LoRAConfig,
     check_choice,
@@ -62,7 +63,8 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
     targets = [config.target_modules] if regex else list(config.target_modules)
     matched: list[str] = []
     for target in targets:
-        hits = _matching(names, target, regex)
+        hits = _all_linear(model, modules) if target == ALL_LINEAR else \
+            _matching(names, target, regex)
         if not hits:
             raise TargetModuleError(f"apply_lora: target_modules entry {target!r} matches no "
                                     f"module; the model's Linear modules are {_names(linears)}")
@@ -117,7 +119,38 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                         f"adapted ({clash}); a module is either trained in full "
                                         "or adapted")
             saved.append(name)
+    if saved and not config.ensure_weight_tying:
+        _refuse_untying(modules, saved, owners)
     return [(n, modules[n]) for n in matched], saved
+
+
+def _all_linear(model: Module, modules: dict[str, Module]) -> list[str]:
+    """PEFT's ``"all-linear"``: every Linear but the output layer (``get_output_embeddings()``)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return [n for n, m in modules.items() if isinstance(m, Linear) and m is not output]
+
+
+def _refuse_untying(modules: dict[str, Module], saved: list[str],
+                    owners: dict[int, list[str]]) -> None:
+    """A saved module whose weight another module shares: PEFT (ensure_weight_tying=False) trains
+    an untied copy; minilora trains in place and keeps the tie. Different numbers: refuse."""
+    inside = [n for n in modules if any(n == s or n.startswith(s + ".") for s in saved)]
+    for name in inside:
+        for p in modules[name]._parameters.values():
+            tied = [o for o in owners.get(id(p), []) if o not in inside]
+            if tied:
+                raise TargetModuleError(
+                    f"apply_lora: modules_to_save {name!r} shares its weight with {tied} (tied "
+                    "weights); minilora trains it in place and keeps the tie, which PEFT does "
+                    "only with ensure_weight_tying=True: set it")
+
+
+def plan_lora(model: Module, config: LoRAConfig) -> tuple[list[str], list[str]]:
+    """(names of the layers ``apply_lora(model, config)`` would adapt, names of the modules it
+    would train in full), in model order, changing nothing; the same errors as ``apply_lora``."""
+    targets, saved = _plan(model, config)
+    return [name for name, _ in targets], saved
 
 
 def apply_lora(model: Module, config: LoRAConfig,

@@ -22,7 +22,11 @@ from minilora.tensor import Tensor, no_grad
 
 @dataclass
 class GPTConfig:
-    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``."""
+    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``.
+
+    n_inner: the MLP's hidden width; None means ``4 * n_embd`` (GPT-2's ``n_inner``).
+    layer_norm_epsilon: the ``eps`` of every LayerNorm (GPT-2's ``layer_norm_epsilon``).
+    """
 
     vocab_size: int = 65
     block_size: int = 64
@@ -32,6 +36,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     dtype: str = "float32"
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -51,6 +57,23 @@ class GPTConfig:
             raise ConfigError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.n_inner is not None:
+            if isinstance(self.n_inner, bool) or not isinstance(self.n_inner, (int, np.integer)) \
+                    or self.n_inner < 1:
+                raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None, got "
+                                  f"{self.n_inner!r}")
+            self.n_inner = int(self.n_inner)
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+                or not (math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a finite number > 0, got "
+                              f"{eps!r}")
+        self.layer_norm_epsilon = float(eps)
+
+    @property
+    def mlp_size(self) -> int:
+        """The MLP's hidden width: ``n_inner``, or ``4 * n_embd`` when that is None."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,13 +122,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """x: (B, T, C) -> c_fc (C -> 4C) -> GELU -> c_proj (4C -> C)."""
+    """x: (B, T, C) -> c_fc (C -> H) -> GELU -> c_proj (H -> C); H = 4C unless ``n_inner``."""
 
     def __init__(self, config: GPTConfig, rng: np.random.Generator):
         super().__init__()
-        c, dtype = config.n_embd, config.dtype
-        self.c_fc = nn.Linear(c, 4 * c, bias=config.bias, dtype=dtype, rng=rng)
-        self.c_proj = nn.Linear(4 * c, c, bias=config.bias, dtype=dtype, rng=rng)
+        c, h, dtype = config.n_embd, config.mlp_size, config.dtype
+        self.c_fc = nn.Linear(c, h, bias=config.bias, dtype=dtype, rng=rng)
+        self.c_proj = nn.Linear(h, c, bias=config.bias, dtype=dtype, rng=rng)
         self.dropout = nn.Dropout(config.dropout, rng)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,9 +140,10 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, rng: np.random.Generator):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias, dtype=config.dtype)
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias, dtype=config.dtype)
         self.attn = CausalSelfAttention(config, rng)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias, dtype=config.dtype)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias, dtype=config.dtype)
         self.mlp = MLP(config, rng)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,7 +160,8 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd, dtype=config.dtype, rng=rng)
         self.drop = nn.Dropout(config.dropout, rng)
         self.h = nn.ModuleList(Block(config, rng) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias, dtype=config.dtype)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias,
+                                 dtype=config.dtype)
 
 
 class GPT(nn.Module):
@@ -154,6 +179,26 @@ class GPT(nn.Module):
                                  rng=self.rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self._init_weights(self.rng)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: str = "float32", dropout: float | None = None) -> GPT:
+        """A GPT-2 directory as Hugging Face ``transformers`` writes it (``config.json`` and
+        ``model.safetensors``, or shards), in eval mode; see :func:`minilora.hf.from_pretrained`."""
+        from minilora.hf import from_pretrained  # the file formats sit above the models
+
+        return from_pretrained(path, dtype=dtype, dropout=dropout, model_type="gpt2")
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained``
+        loads; see :func:`minilora.hf.save_pretrained`."""
+        from minilora.hf import save_pretrained
+
+        save_pretrained(self, path)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output layer (``lm_head``), as ``transformers`` names it: what PEFT's
+        ``target_modules="all-linear"`` leaves out."""
+        return self.lm_head
 
     def _init_weights(self, rng: np.random.Generator) -> None:
         """nanoGPT's init: N(0, 0.02) for weights and embeddings, zero biases, and

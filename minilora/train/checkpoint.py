@@ -39,6 +39,7 @@ from minilora.lora import (
     lora_state_dict,
     matches_target,
 )
+from minilora.lora.config import ALL_LINEAR, MAX_PATTERN_REPEATS, slow_patterns
 from minilora.models import GPT, GPTConfig
 from minilora.nn import Parameter
 from minilora.optim import SGD, AdamW
@@ -115,27 +116,12 @@ def _config(cls, d, path: Path, what: str):
         raise FileFormatError(f"{path}: bad {what}: {e}") from None
 
 
-# A regular expression from a file could take exponential time to match (``(.*)*z`` took 18 s per
-# module name here): patterns read from a checkpoint must not repeat a group and may hold at most
-# a few repetitions, which every pattern PEFT's docs show (``.*\.attn\.c_attn``,
-# ``h\.\d+\.attn\.(c_attn|c_proj)``) satisfies; such patterns match a module name in linear time.
-_MAX_REPEATS = 4
-_REPEATED_GROUP = re.compile(r"\)(?:[*+?]|\{\d)")
-_REPEAT = re.compile(r"(?<!\\)(?:[*+]|\{\d+,\d*\})")
-
-
 def _check_patterns(path: Path, config: LoRAConfig) -> None:
-    patterns = [("target_modules", config.target_modules)] if isinstance(
-        config.target_modules, str) else []
-    for field in ("rank_pattern", "alpha_pattern"):
-        patterns += [(f"{field} key", k) for k in (getattr(config, field) or {})]
-    for where, pattern in patterns:
-        if len(pattern) > 200 or _REPEATED_GROUP.search(pattern) \
-                or len(_REPEAT.findall(pattern)) > _MAX_REPEATS:
-            raise FileFormatError(f"{path}: lora_config {where} {pattern[:60]!r} is refused: a "
-                                  "pattern read from a file may not repeat a group or hold more "
-                                  f"than {_MAX_REPEATS} repetitions (it could take exponential "
-                                  "time to match)")
+    for where, pattern in slow_patterns(config):
+        raise FileFormatError(f"{path}: lora_config {where} {pattern[:60]!r} is refused: a "
+                              "pattern read from a file may not repeat a group or hold more "
+                              f"than {MAX_PATTERN_REPEATS} repetitions (it could take "
+                              "exponential time to match)")
 
 
 def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None]:
@@ -270,7 +256,9 @@ def _check_adapter(path: Path, config: LoRAConfig, weights: dict) -> None:
     each has a 2-D lora_A (r, in) and lora_B (out, r), with the rank lora_config gives it."""
     layers = sorted({n.rpartition(".")[0] for n in weights if n.endswith((".lora_A", ".lora_B"))})
     targets = config.target_modules
-    if isinstance(targets, str):
+    if targets == ALL_LINEAR:  # which layers are Linear only the base can say; it is checked then
+        odd, unused = [], []
+    elif isinstance(targets, str):
         odd = [n for n in layers if not re.fullmatch(targets, n)]
         unused = []
     else:

@@ -132,6 +132,8 @@ def kind_of(v) -> str:
 # Facts whose value may take more than one JSON kind: optional (null) or a union (a regex string or
 # a list of names). Anything else given a value of another kind must be refused.
 UNIONS = {("tokenizer",), ("lora_config", "target_modules"), ("lora_config", "modules_to_save"),
+          ("lora_config", "task_type"), ("lora_config", "init_lora_weights"),  # True is "kaiming"
+          ("model_config", "n_inner"),
           ("lora_config", "rank_pattern"), ("lora_config", "alpha_pattern"),
           ("train_config", "lr_decay_iters"), ("last_eval", "tokens_per_s")}
 
