@@ -1,4 +1,5 @@
-"""Tokenizers: characters (a vocabulary built from the text) and bytes (all 256 values).
+"""Tokenizers: characters (a vocabulary built from the text) and bytes (all 256 values); GPT-2's
+BPE, through the ``tokenizers`` package, is in ``bpe.py``.
 
 Both map text to a 1-D ``int64`` array of token ids and back, and save themselves as a small JSON
 object (``to_dict``) that :func:`tokenizer_from_dict` turns back into a tokenizer after checking it
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from minilora.data.bpe import BPETokenizer
 from minilora.errors import ConfigError, DataError, FileFormatError
 
 
@@ -121,14 +123,15 @@ class ByteTokenizer:
         return "ByteTokenizer()"
 
 
-Tokenizer = CharTokenizer | ByteTokenizer
+Tokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
 
-TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer}
+TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
+_FIELDS = {"char": {"type", "chars"}, "byte": {"type"}, "bpe": {"type", "tokenizer_json"}}
 
 
 def tokenizer_from_dict(d, source: str | None = None) -> Tokenizer:
-    """The tokenizer that ``to_dict`` described, checked: ``{"type": "char", "chars": "..."}`` or
-    ``{"type": "byte"}``.
+    """The tokenizer that ``to_dict`` described, checked: ``{"type": "char", "chars": "..."}``,
+    ``{"type": "byte"}`` or ``{"type": "bpe", "tokenizer_json": "..."}``.
 
     Anything else is a ConfigError, or a FileFormatError naming ``source`` (the file it came from)
     when given.
@@ -139,12 +142,14 @@ def tokenizer_from_dict(d, source: str | None = None) -> Tokenizer:
         kind = d.get("type")
         if not isinstance(kind, str) or kind not in TOKENIZERS:
             raise ConfigError(f"tokenizer: type must be one of {sorted(TOKENIZERS)}, got {kind!r}")
-        allowed = {"type", "chars"} if kind == "char" else {"type"}
+        allowed = _FIELDS[kind]
         if set(d) != allowed:
             raise ConfigError(f"tokenizer: a {kind!r} tokenizer has fields {sorted(allowed)}, "
                               f"got {sorted(map(str, d))}")
         if kind == "byte":
             return ByteTokenizer()
+        if kind == "bpe":
+            return BPETokenizer.from_json(d["tokenizer_json"])
         if not isinstance(d["chars"], str):
             raise ConfigError(f"tokenizer: chars must be a string, got {type(d['chars']).__name__}")
         return CharTokenizer(d["chars"])

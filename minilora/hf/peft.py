@@ -1,0 +1,280 @@
+"""PEFT LoRA adapters, both ways: ``adapter_config.json`` plus ``adapter_model.safetensors``, the
+files ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` reads.
+
+PEFT names a tensor by the module path inside ``PeftModel`` (``base_model.model.`` + the base
+model's name) with the adapter name taken out: ``...c_attn.lora_A.weight`` (r, in),
+``...c_attn.lora_B.weight`` (out, r), an adapted layer's trained bias ``...c_attn.base_layer.bias``,
+any other trained bias or ``modules_to_save`` parameter under its base-model name, in the base
+file's layout (GPT-2's Conv1D weights as (in, out)). Where PEFT and minilora differ:
+
+- ``modules_to_save``: PEFT trains a copy of each module and matches names with a plain suffix
+  (``"1"`` matches ``h.1`` and ``h.11``); minilora trains the module in place and matches dotted
+  suffixes (``h.1`` alone). A file is read with PEFT's rule (the names it matches become the config's) and written
+  with full names wherever the two rules would differ.
+- GPT-2's tied ``lm_head`` / ``transformer.wte``: PEFT keeps them tied only with
+  ``ensure_weight_tying=True`` and ``lm_head`` in ``modules_to_save``, and then writes both tensors
+  and ``modules_to_save=["transformer.wte"]``; minilora always keeps the tie and writes that. A file
+  that trains one of the two without the other (untied in PEFT) is refused.
+- With ``bias="all"`` PEFT also saves the biases of its own two copies of each saved module
+  (``M.original_module.*.bias``, ``M.modules_to_save.*.bias``); minilora reads past them (the
+  trained values are the ``M.*`` tensors) and does not write them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+
+from minilora import io
+from minilora.errors import ConfigError, FileFormatError, MiniLoRAError, TargetModuleError
+from minilora.hf import files
+from minilora.hf.pretrained import architecture_of
+from minilora.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    named_lora_layers,
+    plan_lora,
+)
+from minilora.lora.config import ALL_LINEAR, matches_target, slow_patterns
+from minilora.lora.peft_config import lora_config_from_peft, peft_dict
+from minilora.nn import Module
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_COPIES = re.compile(r"(?P<module>.+)\.(?:original_module|modules_to_save(?:\.default)?)\..*bias")
+
+
+# ---- names: PEFT's rule for modules_to_save, and the key of each adapter tensor ---------------
+
+def peft_saved_modules(model: Module, entries) -> list[str]:
+    """The modules PEFT wraps for ``modules_to_save`` ``entries``: every module whose dotted name
+    ends with an entry, as a plain string suffix; inner ones of a matched module left out."""
+    matched: list[str] = []
+    for name, _ in model.named_modules():
+        if name and any(name.endswith(e) for e in entries or ()) \
+                and not any(name.startswith(m + ".") for m in matched):
+            matched.append(name)
+    return matched
+
+
+def _file_key(name: str, lora_layers: set[str]) -> str:
+    """PEFT's key (without ``base_model.model.``) for minilora's adapter parameter ``name``."""
+    module, _, pname = name.rpartition(".")
+    if module in lora_layers:
+        return f"{module}.{pname}.weight" if pname in ("lora_A", "lora_B") else \
+            f"{module}.base_layer.{pname}"
+    return name
+
+
+def _model_name(key: str) -> str:
+    """minilora's parameter name for PEFT's key (``base_model.model.`` already taken off)."""
+    for kind in ("lora_A", "lora_B"):
+        if key.endswith(f".{kind}.weight"):
+            return key[:-len(".weight")]
+    return key.replace(".base_layer.", ".") if key.endswith(".base_layer.bias") else key
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def save_adapter(model: Module, path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter of ``model`` as PEFT 0.21 would for the same adapter on
+    ``GPT2LMHeadModel``: ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
+
+    base_model_name_or_path: what PEFT records as the base (a hub name or a directory).
+    Returns the directory.
+    """
+    arch = architecture_of(model, "save_adapter")
+    config = model.__dict__.get("lora_config")
+    layers = [name for name, _ in named_lora_layers(model)]
+    if config is None or not layers:
+        raise TargetModuleError("save_adapter: the model has no adapter (apply_lora or "
+                                "load_adapter first)")
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ConfigError(f"save_adapter: base_model_name_or_path must be a string, got "
+                          f"{type(base_model_name_or_path).__name__}")
+    state = lora_state_dict(model)
+    lora_layers = set(layers)
+    tensors = {}
+    for name, array in state.items():
+        key = _file_key(name, lora_layers)
+        tensors[PREFIX + key] = arch.to_file(key, array)
+    d = peft_dict(config)
+    tied = [n for n in (*arch.TIED, *arch.TIED.values()) if n in state]
+    if tied:  # PEFT's tied form: both tensors, the input embedding in modules_to_save
+        for key in (*arch.TIED, *arch.TIED.values()):
+            tensors[PREFIX + key] = state[tied[0]]
+        d["ensure_weight_tying"] = True
+    d["modules_to_save"] = _peft_modules_to_save(model, config, arch, bool(tied))
+    if config.target_modules == ALL_LINEAR:
+        d["target_modules"] = layers  # PEFT writes "all-linear" out as the names it chose
+    d.update(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+             inference_mode=True, fan_in_fan_out=all(arch.is_conv1d(n) for n in layers))
+    return files.write_files(path, {
+        ADAPTER_WEIGHTS: files.safetensors_bytes(tensors, "save_adapter"),
+        ADAPTER_CONFIG: io.dumps_json(d) + "\n"})
+
+
+def _peft_modules_to_save(model: Module, config: LoRAConfig, arch, tied: bool) -> list[str] | None:
+    """``modules_to_save`` as PEFT must read it to save what minilora saved: the tied embedding
+    as PEFT writes it (``transformer.wte``), and full names where PEFT's plain-suffix rule would
+    match other modules than minilora's dotted one."""
+    entries = list(config.modules_to_save or ())
+    if not entries:
+        return None
+    saved = [n for n, _ in model.named_modules() if n and any(matches_target(n, e)
+                                                               for e in entries)]
+    if tied:
+        tied_modules = {k.rpartition(".")[0] for k in (*arch.TIED, *arch.TIED.values())}
+        holders = [n for n in saved if any(t.startswith(n + ".") for t in tied_modules)]
+        if holders:
+            raise ConfigError(f"save_adapter: modules_to_save {holders} hold the tied "
+                              f"{sorted(tied_modules)}, which PEFT keeps tied only when they are "
+                              "named themselves; name them (and the rest) one by one")
+        entries = [e for e in entries if not any(matches_target(t, e) for t in tied_modules)]
+        saved = [n for n in saved if n not in tied_modules]
+        entries.append(arch.INPUT_EMBEDDING)
+        saved.append(arch.INPUT_EMBEDDING)
+    if set(peft_saved_modules(model, entries)) != set(saved):
+        entries = saved  # a full name matches itself alone under both rules
+    return entries
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
+    """Apply the LoRA adapter in the directory ``path`` to ``model`` and load its weights, whether
+    PEFT (``PeftModel.save_pretrained``) or :func:`save_adapter` wrote it.
+
+    is_trainable: as PEFT's ``from_pretrained``: False freezes every parameter (inference), True
+        leaves the adapter trainable, as ``apply_lora`` does.
+    Another ``peft_type``, a PEFT feature minilora does not implement, missing or unexpected
+    tensors, wrong shapes or dtypes, NaN or infinity: a FileFormatError naming the file and the
+    field or key, raised before the model changes; on any error the model is as it was.
+    Returns ``model``.
+    """
+    arch = architecture_of(model, "load_adapter")
+    if not isinstance(is_trainable, bool):
+        raise ConfigError(f"load_adapter: is_trainable must be True or False, got "
+                          f"{is_trainable!r}")
+    directory = files.directory_of(path, "adapter")
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    config = _read_config(config_path, files.read_json(directory, ADAPTER_CONFIG,
+                                                       "adapter config", {}), model)
+    headers = files.tensor_headers(directory, ADAPTER_WEIGHTS, None, "adapter")
+    try:
+        targets, saved = plan_lora(model, config)
+    except MiniLoRAError as e:
+        raise FileFormatError(f"{config_path}: the adapter does not fit the model: {e}") from None
+    wanted = _plan_keys(weights_path, headers, config, saved, arch)
+    _check_lora_shapes(weights_path, wanted, model, config, targets)
+    state = io.read_tensors(weights_path, {key: info for name, (key, info) in wanted.items()})
+    state = {name: arch.from_file(name, state[key]) for name, (key, _) in wanted.items()}
+    _collapse_tie(weights_path, state, saved, arch)
+    _apply_and_load(model, config, state, targets, weights_path)
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def _read_config(path: Path, d, model: Module) -> LoRAConfig:
+    """The LoRAConfig of ``adapter_config.json``, with PEFT's meaning of modules_to_save."""
+    try:
+        config = lora_config_from_peft(d, weights_follow=True)
+    except ConfigError as e:
+        raise FileFormatError(f"{path}: {e}") from None
+    for where, pattern in slow_patterns(config):
+        raise FileFormatError(f"{path}: {where} {pattern[:60]!r} is refused: a pattern read from "
+                              "a file may not repeat a group or hold many repetitions (it could "
+                              "take exponential time to match)")
+    if config.modules_to_save:
+        peft_names = peft_saved_modules(model, config.modules_to_save)
+        dotted = [n for n, _ in model.named_modules()
+                  if n and any(matches_target(n, e) for e in config.modules_to_save)]
+        if peft_names != dotted:  # PEFT's plain suffix matched other modules: take its names
+            config = dataclasses.replace(config, modules_to_save=tuple(peft_names) or None)
+    return config
+
+
+def _plan_keys(path: Path, headers: dict, config: LoRAConfig, saved: list[str],
+               arch) -> dict[str, tuple[str, io.TensorInfo]]:
+    """minilora's parameter name -> (the file's key, its info), for every tensor but PEFT's
+    copies of saved biases; a key outside ``base_model.model.``, twice, or not a float: refused."""
+    wanted: dict[str, tuple[str, io.TensorInfo]] = {}
+    for key, (_, info) in headers.items():
+        if not key.startswith(PREFIX):
+            raise FileFormatError(f"{path}: unexpected tensor {key!r} (PEFT's keys start with "
+                                  f"{PREFIX!r})")
+        copy = _COPIES.fullmatch(key[len(PREFIX):])
+        if copy and config.bias == "all" and copy["module"] in saved:
+            continue
+        name = _model_name(key[len(PREFIX):])
+        if name in wanted:
+            raise FileFormatError(f"{path}: tensors {wanted[name][0]!r} and {key!r} are both "
+                                  f"{name!r}")
+        files.check_float(path, key, info)
+        wanted[name] = (key, info)
+    for lm_head, embedding in arch.TIED.items():
+        present = [n for n in (lm_head, embedding) if n in wanted]
+        if len(present) == 1:
+            other = embedding if present[0] == lm_head else lm_head
+            raise FileFormatError(
+                f"{path}: the adapter trains {present[0]!r} but not {other!r}, which GPT-2 ties "
+                "to it: PEFT had untied them "
+                "(ensure_weight_tying=False, or modules_to_save naming wte); minilora keeps the "
+                "tie (PEFT: modules_to_save=['lm_head'], ensure_weight_tying=True)")
+    return wanted
+
+
+def _check_lora_shapes(path: Path, wanted: dict, model: Module, config: LoRAConfig,
+                       targets: list[str]) -> None:
+    """Every adapted layer's A (r, in) and B (out, r) in the file, with the config's rank: so
+    that applying the config allocates only what the file holds."""
+    for name in targets:
+        layer = model.get_submodule(name)
+        r = config.rank_and_alpha(name)[0]
+        shapes = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
+        for kind, shape in shapes.items():
+            entry = wanted.get(f"{name}.{kind}")
+            if entry is None:
+                raise FileFormatError(f"{path}: missing tensor {PREFIX}{name}.{kind}.weight (the "
+                                      "config adapts the layer)")
+            if entry[1].shape != shape:
+                raise FileFormatError(f"{path}: tensor {entry[0]!r} has shape {entry[1].shape}, "
+                                      f"expected {shape} (r={r} from the config, in="
+                                      f"{layer.in_features}, out={layer.out_features})")
+
+
+def _collapse_tie(path: Path, state: dict, saved: list[str], arch) -> None:
+    """Both tensors of a tie, which must be equal, become the one name minilora's adapter uses."""
+    for lm_head, embedding in arch.TIED.items():
+        if lm_head in state and embedding in state:
+            if not np.array_equal(state[lm_head], state[embedding]):
+                raise FileFormatError(f"{path}: {lm_head!r} and {embedding!r} differ, but GPT-2 "
+                                      "ties them: an untied adapter, which minilora does not run")
+            module = embedding.rpartition(".")[0]
+            by_embedding = any(module == s or module.startswith(s + ".") for s in saved)
+            del state[lm_head if by_embedding else embedding]
+
+
+def _apply_and_load(model: Module, config: LoRAConfig, state: dict, targets: list[str],
+                    path: Path) -> None:
+    """apply_lora, then load_lora_state_dict (strict); on any error, the model as it was."""
+    layers = {name: model.get_submodule(name) for name in targets}
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        apply_lora(model, config, rng=0)  # A is drawn, then replaced by the file's
+        load_lora_state_dict(model, state)
+    except MiniLoRAError as e:
+        for name, layer in layers.items():
+            model.set_submodule(name, layer)
+        model.__dict__.pop("lora_config", None)
+        for p, requires_grad, grad in flags:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        raise FileFormatError(f"{path}: {e}") from None

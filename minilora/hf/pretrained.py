@@ -1,0 +1,147 @@
+"""Hugging Face model directories, both ways: ``config.json`` plus ``model.safetensors`` (or its
+shards), for every architecture in ``ARCHITECTURES`` (a module each: see ``gpt2.py``).
+
+Reading checks everything it can before it allocates: the config against what minilora runs, then
+every tensor's name, shape and dtype in the headers against the shapes the config implies. Only
+then is the model built and filled, one tensor at a time; on any error nothing is returned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from minilora import io
+from minilora.errors import ConfigError, FileFormatError
+from minilora.hf import files, gpt2
+from minilora.lora import named_lora_layers
+from minilora.nn import Module
+
+ARCHITECTURES = {gpt2.MODEL_TYPE: gpt2}
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def is_pretrained_dir(path) -> bool:
+    """Whether ``path`` looks like a Hugging Face model directory (a ``config.json`` with a
+    ``model_type``), as opposed to a minilora run directory. Reads only that small file."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        return isinstance(files.read_json(path, CONFIG, "model config").get("model_type"), str)
+    except (FileFormatError, AttributeError):
+        return False
+
+
+def architecture_of(model: Module, what: str):
+    """The architecture module for ``model``'s class, or a ConfigError."""
+    for arch in ARCHITECTURES.values():
+        if isinstance(model, arch.MODEL_CLASS):
+            return arch
+    known = [arch.MODEL_CLASS.__name__ for arch in ARCHITECTURES.values()]
+    raise ConfigError(f"{what}: expected one of {known}, got {type(model).__name__}")
+
+
+def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
+                    model_type: str | None = None) -> Module:
+    """The model a Hugging Face directory holds, in eval mode (as ``from_pretrained`` returns it).
+
+    path: a directory with ``config.json`` and ``model.safetensors`` (or
+        ``model.safetensors.index.json`` and its shards), as ``save_pretrained`` writes it.
+    dtype: "float32" or "float64"; float16 and bfloat16 tensors are read exactly and converted.
+    dropout: replaces the file's dropout rates (they matter only when training).
+    model_type: if given, the ``model_type`` the config must have (``GPT.from_pretrained``: gpt2).
+    Damaged or hostile files, variants minilora does not run: a MiniLoRAError naming the file and
+    the field or tensor.
+    """
+    directory = files.directory_of(path, "model")
+    hf_config = files.read_json(directory, CONFIG, "model config", {"model_type": str})
+    kind = hf_config["model_type"]
+    arch = ARCHITECTURES.get(kind)
+    if arch is None or (model_type is not None and kind != model_type):
+        wanted = [model_type] if model_type else sorted(ARCHITECTURES)
+        raise FileFormatError(f"{directory / CONFIG}: model_type {kind!r}; minilora reads "
+                              f"{', '.join(wanted)}")
+    try:
+        config = arch.config_from_hf(hf_config, dtype, dropout)
+    except ConfigError as e:
+        raise FileFormatError(f"{directory / CONFIG}: {e}") from None
+    plan = _plan(arch, config, files.tensor_headers(directory, WEIGHTS, WEIGHTS_INDEX, "model"))
+    model = arch.MODEL_CLASS(config, seed=0)  # every size now agrees with the files
+    _fill(arch, model, plan, np.dtype(config.dtype))
+    return model.eval()
+
+
+def _plan(arch, config, headers: dict) -> dict[str, tuple[Path, str, io.TensorInfo]]:
+    """key (as ``tensor_shapes`` names it) -> (file, key in the file, info), every tensor the
+    config implies present once with its shape and a float dtype, and nothing else."""
+    expected = arch.tensor_shapes(config)
+    plan: dict[str, tuple[Path, str, io.TensorInfo]] = {}
+    for file_key, (path, info) in headers.items():
+        key = arch.canonical_key(file_key)
+        if key is None:
+            continue
+        if key in plan:
+            raise FileFormatError(f"{path}: tensors {plan[key][1]!r} and {file_key!r} are the same "
+                                  f"tensor {key!r}")
+        shape = expected.get(key, expected.get(arch.TIED.get(key)))
+        if shape is None:
+            raise FileFormatError(f"{path}: unexpected tensor {file_key!r} (not part of "
+                                  f"{arch.ARCHITECTURES[0]})")
+        if info.shape != shape:
+            raise FileFormatError(f"{path}: tensor {file_key!r} has shape {info.shape}, the "
+                                  f"config implies {shape}")
+        files.check_float(path, file_key, info)
+        plan[key] = (path, file_key, info)
+    missing = [k for k in expected if k not in plan]
+    if missing:
+        where = sorted({str(p) for p, _, _ in plan.values()}) or ["the directory"]
+        raise FileFormatError(f"{where[0]}: missing tensors {missing[:4]}"
+                              f"{f' (and {len(missing) - 4} more)' if len(missing) > 4 else ''}")
+    return plan
+
+
+def _fill(arch, model: Module, plan: dict, dtype: np.dtype) -> None:
+    """Read the planned tensors file by file into ``model``'s parameters; a tied copy in the file
+    must equal the tensor it is tied to."""
+    params = dict(model.named_parameters())
+    by_file: dict[Path, dict[str, str]] = {}
+    for key, (path, file_key, _) in plan.items():
+        by_file.setdefault(path, {})[file_key] = key
+    tied_copies = {}
+    for path, keys in by_file.items():
+        infos = {fk: plan[k][2] for fk, k in keys.items()}
+        for file_key, array in io.read_tensors(path, infos, dtype).items():
+            key = keys[file_key]
+            if not np.all(np.isfinite(array)):
+                raise FileFormatError(f"{path}: tensor {file_key!r} holds NaN or infinity")
+            if key in arch.TIED:
+                tied_copies[key] = (path, file_key, array)
+                continue
+            params[key].data = arch.from_file(key, array)
+    for key, (path, file_key, array) in tied_copies.items():
+        if not np.array_equal(array, params[arch.TIED[key]].data):
+            raise FileFormatError(f"{path}: {file_key!r} differs from {arch.TIED[key]!r}, which "
+                                  "it is tied to: untied embeddings, which minilora does not run")
+
+
+def save_pretrained(model: Module, path) -> Path:
+    """Write ``model`` as ``transformers`` would: ``config.json`` and ``model.safetensors`` (tied
+    weights once, Conv1D weights as (in, out)), each file atomically. Returns the directory.
+
+    A model with LoRA layers is refused: merge it (``merge_and_unload``) or save the adapter
+    (``save_adapter``)."""
+    arch = architecture_of(model, "save_pretrained")
+    adapted = [name for name, _ in named_lora_layers(model)]
+    if adapted:
+        raise ConfigError(f"save_pretrained: the model has LoRA layers ({adapted[:3]}); "
+                          "merge_and_unload(model) first, or save the adapter with save_adapter")
+    hf_config = arch.config_to_hf(model.config)
+    params = dict(model.named_parameters())
+    tensors = {key: arch.to_file(key, params[key].data)
+               for key in arch.tensor_shapes(model.config)}
+    return files.write_files(path, {WEIGHTS: files.safetensors_bytes(tensors, "save_pretrained"),
+                                    CONFIG: io.dumps_json(hf_config) + "\n"})

@@ -1,0 +1,98 @@
+"""What the Hugging Face tests share: small models, hand-written safetensors files (bfloat16, which
+NumPy cannot write), the relative error and its bound per dtype, and the skip for the parity
+extra."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilora.lora import LoRAConfig, apply_lora, named_lora_layers
+from minilora.models import GPT, GPTConfig
+
+PARITY = 'needs torch, transformers and peft: pip install -e ".[parity]"'
+TOKENIZERS = 'needs tokenizers: pip install -e ".[hf]"'
+
+# Relative error max|ours - theirs| / max|theirs| allowed per dtype (the issue's targets): the two
+# sides compute the same sums in different orders, a few hundred eps apart at most.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+WORST: dict[tuple[str, str], float] = defaultdict(float)  # (direction, dtype) -> worst seen
+
+
+def need(*modules: str):
+    """The modules, imported, or a skip naming the extra that installs them."""
+    reason = TOKENIZERS if modules == ("tokenizers",) else PARITY
+    return [pytest.importorskip(m, reason=reason) for m in modules]
+
+
+def relative_error(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def assert_close(ours, theirs, dtype: str, direction: str) -> float:
+    """ours within TOLERANCE[dtype] of theirs (relative); the error is kept for the summary."""
+    err = relative_error(ours, theirs)
+    WORST[(direction, dtype)] = max(WORST[(direction, dtype)], err)
+    assert err <= TOLERANCE[dtype], f"{direction} {dtype}: relative error {err:.3g}"
+    return err
+
+
+def tiny_config(dtype="float32", **kw) -> GPTConfig:
+    fields = {"vocab_size": 23, "block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 16,
+              "dtype": dtype, **kw}
+    return GPTConfig(**fields)
+
+
+def random_gpt(dtype="float32", seed=0, **kw) -> GPT:
+    """A tiny GPT with every weight and bias random (LayerNorms too), so no tensor is trivial."""
+    model = GPT(tiny_config(dtype, **kw), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for _, p in model.named_parameters():
+        p.data = (rng.standard_normal(p.shape) * 0.3 + (1.0 if p.ndim == 1 else 0.0)
+                  ).astype(p.dtype)
+    return model
+
+
+def adapted(model: GPT, config: LoRAConfig, seed=0) -> GPT:
+    """``model`` with ``config`` applied and every trainable parameter moved off its start, so a
+    dropped B, bias or saved module changes the logits."""
+    apply_lora(model, config, rng=seed)
+    rng = np.random.default_rng(seed + 7)
+    for _, layer in named_lora_layers(model):
+        layer.lora_B.data = (rng.standard_normal(layer.lora_B.shape) * 0.2).astype(model.config.dtype)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = (p.data + rng.standard_normal(p.shape) * 0.05).astype(p.dtype)
+    return model
+
+
+def tokens(n=2, t=16, vocab=23, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (n, t))
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple, bytes]],
+                      metadata: dict | None = None) -> Path:
+    """A safetensors file written by hand: name -> (dtype name, shape, raw little-endian bytes)."""
+    header, offset, blobs = {}, 0, []
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    return path
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """The top 16 bits of float32 ``x`` (x rounded toward zero to bfloat16), as uint16."""
+    return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
