@@ -9,8 +9,8 @@ file's layout (GPT-2's Conv1D weights as (in, out)). Where PEFT and minilora dif
 
 - ``modules_to_save``: PEFT trains a copy of each module and matches names with a plain suffix
   (``"1"`` matches ``h.1`` and ``h.11``); minilora trains the module in place and matches dotted
-  suffixes (``h.1`` alone). A file is read with PEFT's rule (the names it matches become the config's) and written
-  with full names wherever the two rules would differ.
+  suffixes (``h.1`` alone). A file is read with PEFT's rule (the names it matches become the
+  config's) and written with full names wherever the two rules would differ.
 - GPT-2's tied ``lm_head`` / ``transformer.wte``: PEFT keeps them tied only with
   ``ensure_weight_tying=True`` and ``lm_head`` in ``modules_to_save``, and then writes both tensors
   and ``modules_to_save=["transformer.wte"]``; minilora always keeps the tie and writes that. A file
@@ -151,8 +151,8 @@ def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
     """Apply the LoRA adapter in the directory ``path`` to ``model`` and load its weights, whether
     PEFT (``PeftModel.save_pretrained``) or :func:`save_adapter` wrote it.
 
-    is_trainable: as PEFT's ``from_pretrained``: False freezes every parameter (inference), True
-        leaves the adapter trainable, as ``apply_lora`` does.
+    is_trainable: as PEFT's ``from_pretrained``: False freezes every parameter and sets eval mode
+        (inference), True leaves the adapter trainable, as ``apply_lora`` does.
     Another ``peft_type``, a PEFT feature minilora does not implement, missing or unexpected
     tensors, wrong shapes or dtypes, NaN or infinity: a FileFormatError naming the file and the
     field or key, raised before the model changes; on any error the model is as it was.
@@ -177,8 +177,9 @@ def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
     state = {name: arch.from_file(name, state[key]) for name, (key, _) in wanted.items()}
     _collapse_tie(weights_path, state, saved, arch)
     _apply_and_load(model, config, state, targets, weights_path)
-    if not is_trainable:
+    if not is_trainable:  # as PEFT: frozen, and in eval mode (no dropout)
         model.requires_grad_(False)
+        model.eval()
     return model
 
 

@@ -167,6 +167,7 @@ def apply_lora(model: Module, config: LoRAConfig,
         r, alpha = config.rank_and_alpha(name)
         layer = LoRALinear(linear, r, alpha, config.lora_dropout, config.use_rslora,
                            config.init_lora_weights, rng)
+        layer.train(linear.training)  # an eval model stays in eval: no dropout on the adapter
         model.set_submodule(name, layer)
     mark_only_lora_as_trainable(model, config.bias)
     for name in saved:

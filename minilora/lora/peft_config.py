@@ -16,6 +16,7 @@ which is how a newer PEFT writes a feature nobody used.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import Enum
 
 from minilora.errors import ConfigError
 from minilora.lora.config import LoRAConfig
@@ -55,12 +56,21 @@ REFUSED = {
 _INITS_OF_A_AND_B = (True, False, "gaussian")
 
 
+def _plain(value):
+    """A value of ``LoraConfig.to_dict()`` as its JSON file holds it: an enum's value (PEFT's
+    ``TaskType.CAUSAL_LM``), a set (its target_modules) as a sorted list."""
+    if isinstance(value, Enum):
+        return value.value
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
+
+
 def _empty(value) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list)) and not value)
 
 
 def lora_config_from_peft(d, weights_follow: bool = False) -> LoRAConfig:
-    """The LoRAConfig a PEFT config dict (``adapter_config.json``) describes.
+    """The LoRAConfig a PEFT config dict (``adapter_config.json``, or ``LoraConfig.to_dict()``)
+    describes.
 
     weights_follow: the adapter's weights come from a file, so how PEFT would have drawn A and B
         does not matter: ``init_lora_weights=False`` (a random B) is read as ``"kaiming"``.
@@ -70,11 +80,11 @@ def lora_config_from_peft(d, weights_follow: bool = False) -> LoRAConfig:
     owner = "PEFT config"
     if not isinstance(d, Mapping):
         raise ConfigError(f"{owner}: expected a JSON object of fields, got {type(d).__name__}")
-    if d.get("peft_type") != "LORA":
+    if _plain(d.get("peft_type")) != "LORA":
         raise ConfigError(f"{owner}: peft_type must be 'LORA' (minilora reads LoRA adapters), got "
-                          f"{d.get('peft_type')!r}")
+                          f"{_plain(d.get('peft_type'))!r}")
     fields = {}
-    for name, value in d.items():
+    for name, value in ((k, _plain(v)) for k, v in d.items()):
         if name in MAPPED:
             fields[name] = value
         elif name in DESCRIPTIVE:

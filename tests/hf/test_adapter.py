@@ -150,7 +150,7 @@ def test_modules_to_save_is_read_with_peft_plain_suffix_rule(tmp_path):
     assert config_of(tmp_path / "a")["modules_to_save"] == ["transformer.h.1"]
     hf.load_adapter(random_gpt(n_layer=12), tmp_path / "a")
     forge(tmp_path / "a", modules_to_save=["1"])  # as PEFT reads it, whose tensors are not there
-    with pytest.raises(FileFormatError, match="missing keys.*transformer.h.11.ln_1.weight"):
+    with pytest.raises(FileFormatError, match=r"missing keys.*transformer\.h\.11\.ln_1\.weight"):
         hf.load_adapter(random_gpt(n_layer=12), tmp_path / "a")
     peft_names = hf.peft.peft_saved_modules(random_gpt(n_layer=12), ["1"])
     assert {"transformer.h.1", "transformer.h.11", "transformer.h.0.ln_1"} <= set(peft_names)
@@ -182,7 +182,7 @@ def one(tmp_path):
     ("modules_to_save", ["ln_f"], "missing keys"),
 ])
 def test_a_config_minilora_cannot_follow_is_refused_naming_the_field(one, field, value, shown):
-    model, directory, base = one
+    _, directory, base = one
     forge(directory, **{field: value})
     before = {k: v.copy() for k, v in base.state_dict().items()}
     with pytest.raises(FileFormatError) as e:
@@ -202,7 +202,7 @@ def test_a_config_minilora_cannot_follow_is_refused_naming_the_field(one, field,
     (lambda s, k: s[k].__setitem__((0, 0), np.inf), "NaN or infinity"),
 ])
 def test_bad_tensors_are_refused_and_leave_the_model_as_it_was(one, damage, shown):
-    model, directory, base = one
+    _, directory, base = one
     state = state_of(directory)
     damage(state, "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight")
     forge(directory, state)
@@ -220,7 +220,7 @@ def test_a_pickled_adapter_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(peft_dict(LoRAConfig())))
     (tmp_path / "a" / "adapter_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(FileFormatError, match="pickle.*safetensors"):
+    with pytest.raises(FileFormatError, match=r"pickle.*safetensors"):
         hf.load_adapter(random_gpt(), tmp_path / "a")
 
 

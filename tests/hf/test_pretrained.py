@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilora import FileFormatError, GPT, MiniLoRAError, hf
+from minilora import GPT, FileFormatError, MiniLoRAError, hf
 from minilora.hf import gpt2
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPTConfig

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from minilora import Tensor
+from minilora import TargetModuleError, Tensor
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -132,6 +132,24 @@ def test_modules_to_save_train_in_full_and_are_saved_with_the_adapter():
     expected = {"transformer.ln_f.weight", "transformer.ln_f.bias",
                 "transformer.h.0.mlp.c_fc.lora_A", "transformer.h.0.mlp.c_fc.lora_B"}
     assert trainable(model) == expected and set(lora_state_dict(model)) == expected
+
+
+def test_a_tied_module_trains_in_place_keeping_the_tie_only_with_ensure_weight_tying():
+    """PEFT trains an untied copy of a tied module unless ensure_weight_tying=True; minilora
+    keeps GPT-2's tie, so it asks for that flag."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    with pytest.raises(TargetModuleError, match="ensure_weight_tying=True"):
+        apply_lora(model, LoRAConfig(modules_to_save=["lm_head"]))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    apply_lora(model, LoRAConfig(modules_to_save=["lm_head"], ensure_weight_tying=True))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.requires_grad
+
+
+def test_an_adapted_eval_model_stays_in_eval_mode():
+    model = apply_lora(ToyGPT(n_layer=1).eval(), LoRAConfig(target_modules=["c_fc"],
+                                                            lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())
 
 
 # ---- merging and unloading ---------------------------------------------------------------------
