@@ -1,6 +1,5 @@
 """What the Hugging Face tests share: small models, hand-written safetensors files (bfloat16, which
-NumPy cannot write), the relative error and its bound per dtype, and the skip for the parity
-extra."""
+NumPy cannot write), and the relative error with its bound per dtype."""
 
 from __future__ import annotations
 
@@ -10,24 +9,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from minilora.lora import LoRAConfig, apply_lora, named_lora_layers
 from minilora.models import GPT, GPTConfig
-
-PARITY = 'needs torch, transformers and peft: pip install -e ".[parity]"'
-TOKENIZERS = 'needs tokenizers: pip install -e ".[hf]"'
 
 # Relative error max|ours - theirs| / max|theirs| allowed per dtype (the issue's targets): the two
 # sides compute the same sums in different orders, a few hundred eps apart at most.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 WORST: dict[tuple[str, str], float] = defaultdict(float)  # (direction, dtype) -> worst seen
-
-
-def need(*modules: str):
-    """The modules, imported, or a skip naming the extra that installs them."""
-    reason = TOKENIZERS if modules == ("tokenizers",) else PARITY
-    return [pytest.importorskip(m, reason=reason) for m in modules]
 
 
 def relative_error(ours, theirs) -> float:

@@ -25,7 +25,8 @@ from minilora.lora import (
     merge_and_unload,
     named_lora_layers,
 )
-from tests.hf.helpers import adapted, assert_close, need, random_gpt, tokens
+from tests.extras import need
+from tests.hf.helpers import adapted, assert_close, random_gpt, tokens
 
 torch, transformers, peft = need("torch", "transformers", "peft")
 DTYPES = ("float64", "float32")

@@ -12,7 +12,7 @@ import pytest
 
 from minilora import FileFormatError, hf
 from minilora.data import BPETokenizer, load_builtin, tokenizer_from_dict
-from tests.hf.helpers import need
+from tests.extras import need
 
 (tokenizers,) = need("tokenizers")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from minilora.models import GPT, GPTConfig
+from tests.extras import need
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch, transformers = need("torch", "transformers")
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
