@@ -12,6 +12,7 @@ from minilora.errors import (
     StateDictError,
     TargetModuleError,
 )
+from minilora.hf import load_adapter, save_adapter
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -34,7 +35,7 @@ __all__ = [
     "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LoRAConfig",
     "LoRALinear", "MiniLoRAError", "NonFiniteError", "RunLockedError", "ShapeError",
     "StateDictError", "TargetModuleError", "Tensor", "apply_lora", "disable_adapters",
-    "is_grad_enabled", "load_lora_state_dict", "lora_state_dict", "mark_only_lora_as_trainable",
-    "merge_and_unload", "no_grad", "parallel", "print_trainable_parameters", "tune_malloc",
-    "unload",
+    "is_grad_enabled", "load_adapter", "load_lora_state_dict", "lora_state_dict",
+    "mark_only_lora_as_trainable", "merge_and_unload", "no_grad", "parallel",
+    "print_trainable_parameters", "save_adapter", "tune_malloc", "unload",
 ]

@@ -268,3 +268,22 @@ def test_all_linear_adapts_every_linear_but_the_output_layer():
     model = apply_lora(random_gpt(), LoRAConfig(target_modules="all-linear"))
     names = {n.rpartition(".")[2] for n, _ in named_lora_layers(model)}
     assert names == {"c_attn", "c_proj", "c_fc"} and model.lm_head.__class__.__name__ == "Linear"
+
+
+def test_the_docs_table_lists_every_peft_field():
+    """docs/interop.md's table of PEFT LoraConfig fields says for each what the code does."""
+    from pathlib import Path
+
+    from minilora.lora.peft_config import DESCRIPTIVE, REFUSED
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "interop.md").read_text()
+    table = text[text.index("| PEFT field |"):].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        name, _, status = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name.strip("`")] = status
+    assert set(rows) == set(MAPPED) | set(DESCRIPTIVE) | set(REFUSED) | {"runtime_config"}
+    for name, status in rows.items():
+        expected = "supported" if name in MAPPED else "read, not kept" if name in DESCRIPTIVE \
+            else "refused unless default" if name in REFUSED else "not in the file"
+        assert status.startswith(expected), (name, status)
