@@ -1,12 +1,19 @@
 """GPT-2 as Hugging Face ``transformers`` stores it: the config map and the tensor map.
 
-An architecture is this much and no more (``pretrained.py`` does the reading and writing for all):
+An architecture is this much and no more (``pretrained.py`` reads and writes the model files for
+all of them, ``peft.py`` the adapters; a second architecture is a second module like this one,
+registered in ``pretrained.ARCHITECTURES``):
 
-- ``config_from_hf(d, dtype, dropout)`` / ``config_to_hf(config)``: ``config.json`` <-> GPTConfig;
+- ``MODEL_TYPE`` (``config.json``'s ``model_type``), ``MODEL_CLASS`` (minilora's model),
+  ``ARCHITECTURES`` (the ``transformers`` classes whose files it reads), ``TIED`` (output key ->
+  the key it is tied to; empty if untied), ``INPUT_EMBEDDING`` (its module name);
+- ``config_from_hf(d, dtype, dropout)`` / ``config_to_hf(config)``: ``config.json`` <-> the config;
 - ``tensor_shapes(config)``: every tensor the file must hold, key -> shape in the file, computed
   from the config alone (so sizes are checked against the files before anything is allocated);
+  minilora's parameter names are the keys;
 - ``canonical_key(key)``: a file's key as ``tensor_shapes`` names it (None: a buffer to skip);
-- ``to_file(name, array)`` / ``from_file(key, array)``: between minilora's layout and the file's.
+- ``to_file(name, array)`` / ``from_file(key, array)``: between minilora's layout and the file's;
+- ``is_conv1d(module_name)``: whether PEFT sees the layer as ``fan_in_fan_out``.
 
 GPT-2's ``Conv1D`` (``c_attn``, ``c_proj``, ``c_fc``) stores its weight as (in, out), the transpose
 of minilora's ``Linear.weight`` (out, in): transposed by layer name, never guessed from a shape
@@ -15,7 +22,6 @@ of minilora's ``Linear.weight`` (out, in): transposed by layer name, never guess
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -143,6 +149,3 @@ def is_conv1d(module_name: str) -> bool:
     """Whether Hugging Face stores the layer ``module_name`` as a Conv1D (PEFT's fan_in_fan_out)."""
     return (module_name + ".weight").endswith(CONV1D)
 
-
-def num_parameters(config: GPTConfig) -> int:
-    return sum(math.prod(s) for s in tensor_shapes(config).values())

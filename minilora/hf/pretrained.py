@@ -57,6 +57,8 @@ def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
     Damaged or hostile files, variants minilora does not run: a MiniLoRAError naming the file and
     the field or tensor.
     """
+    if dtype not in ("float32", "float64"):
+        raise ConfigError(f"from_pretrained: dtype must be 'float32' or 'float64', got {dtype!r}")
     directory = files.directory_of(path, "model")
     hf_config = files.read_json(directory, CONFIG, "model config", {"model_type": str})
     kind = hf_config["model_type"]
