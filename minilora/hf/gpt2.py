@@ -10,7 +10,7 @@ registered in ``pretrained.ARCHITECTURES``):
 - ``config_from_hf(d, dtype, dropout)`` / ``config_to_hf(config)``: ``config.json`` <-> the config;
 - ``tensor_shapes(config)``: every tensor the file must hold, key -> shape in the file, computed
   from the config alone (so sizes are checked against the files before anything is allocated);
-  minilora's parameter names are the keys;
+  the keys are minilora's parameter names (its models use Hugging Face's module names);
 - ``canonical_key(key)``: a file's key as ``tensor_shapes`` names it (None: a buffer to skip);
 - ``to_file(name, array)`` / ``from_file(key, array)``: between minilora's layout and the file's;
 - ``is_conv1d(module_name)``: whether PEFT sees the layer as ``fan_in_fan_out``.

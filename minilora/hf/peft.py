@@ -108,7 +108,7 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
     tied = [n for n in (*arch.TIED, *arch.TIED.values()) if n in state]
     if tied:  # PEFT's tied form: both tensors, the input embedding in modules_to_save
         for key in (*arch.TIED, *arch.TIED.values()):
-            tensors[PREFIX + key] = state[tied[0]]
+            tensors[PREFIX + key] = arch.to_file(key, state[tied[0]])
         d["ensure_weight_tying"] = True
     d["modules_to_save"] = _peft_modules_to_save(model, config, arch, bool(tied))
     if config.target_modules == ALL_LINEAR:
@@ -167,6 +167,7 @@ def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
     config = _read_config(config_path, files.read_json(directory, ADAPTER_CONFIG,
                                                        "adapter config", {}), model)
     headers = files.tensor_headers(directory, ADAPTER_WEIGHTS, None, "adapter")
+    _check_tie(weights_path, headers, arch)
     try:
         targets, saved = plan_lora(model, config)
     except MiniLoRAError as e:
@@ -220,8 +221,15 @@ def _plan_keys(path: Path, headers: dict, config: LoRAConfig, saved: list[str],
                                   f"{name!r}")
         files.check_float(path, key, info)
         wanted[name] = (key, info)
+    return wanted
+
+
+def _check_tie(path: Path, headers: dict, arch) -> None:
+    """An adapter that trains one of a tied pair (GPT-2's lm_head, transformer.wte) without the
+    other was untied in PEFT: refused, before anything else says how to tie it."""
+    names = {_model_name(key.removeprefix(PREFIX)) for key in headers}
     for lm_head, embedding in arch.TIED.items():
-        present = [n for n in (lm_head, embedding) if n in wanted]
+        present = [n for n in (lm_head, embedding) if n in names]
         if len(present) == 1:
             other = embedding if present[0] == lm_head else lm_head
             raise FileFormatError(
@@ -229,7 +237,6 @@ def _plan_keys(path: Path, headers: dict, config: LoRAConfig, saved: list[str],
                 "to it: PEFT had untied them "
                 "(ensure_weight_tying=False, or modules_to_save naming wte); minilora keeps the "
                 "tie (PEFT: modules_to_save=['lm_head'], ensure_weight_tying=True)")
-    return wanted
 
 
 def _check_lora_shapes(path: Path, wanted: dict, model: Module, config: LoRAConfig,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilora import GPT, ConfigError, hf
+from minilora import GPT, ConfigError, FileFormatError, hf
 from minilora.hf import gpt2
 from minilora.lora import (
     LoRAConfig,
@@ -255,3 +255,14 @@ def test_loraconfig_reads_peft_own_config_objects():
         LoRAConfig.from_peft(peft.LoraConfig(use_dora=True).to_dict())
     assert peft.LoraConfig(**{k: v for k, v in ours.to_peft().items()
                               if k not in ("peft_type", "peft_version")}).r == 4
+
+
+@pytest.mark.parametrize("config", [{"modules_to_save": ["lm_head"]},
+                                    {"modules_to_save": ["wte"], "ensure_weight_tying": True}])
+def test_an_adapter_peft_untied_is_refused_naming_the_tie(base, tmp_path, config):
+    """PEFT trains lm_head apart from wte in both (its logits then differ from any tied model)."""
+    dtype, directory = base
+    peft_model(directory, dtype, {"r": 2, **config}).save_pretrained(tmp_path)
+    model = GPT.from_pretrained(directory, dtype=dtype)
+    with pytest.raises(FileFormatError, match="which GPT-2 ties to it"):
+        hf.load_adapter(model, tmp_path)
