@@ -201,3 +201,32 @@ def test_refusals_name_the_file_in_one_line(good, tmp_path):
     with pytest.raises(FileFormatError) as e:
         hf.load_adapter(random_gpt(), out)
     assert "adapter_config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+class _Marker:
+    """Unpickling this writes a file: proof, if it appears, that a pickle was opened."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_checkpoint_is_never_opened(good, tmp_path, monkeypatch):
+    import pickle
+
+    marker = tmp_path / "opened"
+    for kind, name in (("model", "pytorch_model.bin"), ("adapter", "adapter_model.bin")):
+        out = tmp_path / kind
+        shutil.copytree(good / kind, out)
+        (out / ("model.safetensors" if kind == "model" else "adapter_model.safetensors")).unlink()
+        (out / name).write_bytes(pickle.dumps(_Marker(marker)))
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("pickle was called"))
+    with pytest.raises(FileFormatError, match="pickle"):
+        GPT.from_pretrained(tmp_path / "model")
+    with pytest.raises(FileFormatError, match="pickle"):
+        hf.load_adapter(random_gpt(), tmp_path / "adapter")
+    assert not marker.exists()
+    hf.load_adapter(GPT.from_pretrained(good / "model"), good / "adapter")  # good files: no pickle
