@@ -265,3 +265,23 @@ def test_is_pretrained_dir_tells_a_hugging_face_directory_from_others(saved, tmp
     _, directory = saved
     assert hf.is_pretrained_dir(directory)
     assert not hf.is_pretrained_dir(tmp_path) and not hf.is_pretrained_dir(tmp_path / "none")
+
+
+def test_a_key_in_two_shards_or_in_none_is_refused(saved, tmp_path):
+    _, directory = saved
+    tensors = tensors_of(directory)
+    (directory / "model.safetensors").unlink()
+    names = sorted(tensors)
+    safetensors.numpy.save_file({k: tensors[k] for k in names}, directory / "a.safetensors")
+    safetensors.numpy.save_file({names[0]: tensors[names[0]]}, directory / "b.safetensors")
+    index = directory / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {**dict.fromkeys(names, "a.safetensors"),
+                                                names[0]: "b.safetensors"}}))
+    with pytest.raises(FileFormatError, match=r"is also in b\.safetensors"):
+        GPT.from_pretrained(directory)
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(names[1:], "a.safetensors")}))
+    with pytest.raises(FileFormatError, match="maps elsewhere"):  # a.safetensors holds names[0]
+        GPT.from_pretrained(directory)
+    safetensors.numpy.save_file({k: tensors[k] for k in names[1:]}, directory / "a.safetensors")
+    with pytest.raises(FileFormatError, match="missing tensors"):
+        GPT.from_pretrained(directory)
