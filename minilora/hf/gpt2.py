@@ -8,8 +8,9 @@ registered in ``pretrained.ARCHITECTURES``):
   ``ARCHITECTURES`` (the ``transformers`` classes whose files it reads), ``TIED`` (output key ->
   the key it is tied to; empty if untied), ``INPUT_EMBEDDING`` (its module name);
 - ``config_from_hf(d, dtype, dropout)`` / ``config_to_hf(config)``: ``config.json`` <-> the config;
-- ``tensor_shapes(config)``: every tensor the file must hold, key -> shape in the file, computed
-  from the config alone (so sizes are checked against the files before anything is allocated);
+- ``tensor_shapes(config)``: every tensor the file must hold, (key, shape in the file), computed
+  from the config alone and one at a time (so sizes are checked against the files before anything
+  is allocated, even a dict of names);
   the keys are minilora's parameter names (its models use Hugging Face's module names);
 - ``canonical_key(key)``: a file's key as ``tensor_shapes`` names it (None: a buffer to skip);
 - ``to_file(name, array)`` / ``from_file(key, array)``: between minilora's layout and the file's;
@@ -23,6 +24,7 @@ of minilora's ``Linear.weight`` (out, in): transposed by layer name, never guess
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -113,18 +115,19 @@ def config_to_hf(config: GPTConfig) -> dict:
     return dict(sorted(d.items()))
 
 
-def tensor_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """key -> shape in the file, for every tensor of ``GPT2LMHeadModel`` but the tied lm_head."""
+def tensor_shapes(config: GPTConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(key, shape in the file) for every tensor of ``GPT2LMHeadModel`` but the tied lm_head, one
+    at a time: a reader takes only as many as the files hold (a config may claim 10^9 layers)."""
     c, h, v, p = config.n_embd, config.mlp_size, config.vocab_size, config.block_size
-    shapes = {"transformer.wte.weight": (v, c), "transformer.wpe.weight": (p, c)}
+    yield from {"transformer.wte.weight": (v, c), "transformer.wpe.weight": (p, c),
+                "transformer.ln_f.weight": (c,), "transformer.ln_f.bias": (c,)}.items()
     layer = {"ln_1.weight": (c,), "ln_1.bias": (c,), "attn.c_attn.weight": (c, 3 * c),
              "attn.c_attn.bias": (3 * c,), "attn.c_proj.weight": (c, c), "attn.c_proj.bias": (c,),
              "ln_2.weight": (c,), "ln_2.bias": (c,), "mlp.c_fc.weight": (c, h),
              "mlp.c_fc.bias": (h,), "mlp.c_proj.weight": (h, c), "mlp.c_proj.bias": (c,)}
     for i in range(config.n_layer):
-        shapes.update({f"transformer.h.{i}.{k}": s for k, s in layer.items()})
-    shapes.update({"transformer.ln_f.weight": (c,), "transformer.ln_f.bias": (c,)})
-    return shapes
+        for key, shape in layer.items():
+            yield f"transformer.h.{i}.{key}", shape
 
 
 def canonical_key(key: str) -> str | None:

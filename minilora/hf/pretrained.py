@@ -8,6 +8,7 @@ then is the model built and filled, one tensor at a time; on any error nothing i
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,6 @@ def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
 def _plan(arch, config, headers: dict) -> dict[str, tuple[Path, str, io.TensorInfo]]:
     """key (as ``tensor_shapes`` names it) -> (file, key in the file, info), every tensor the
     config implies present once with its shape and a float dtype, and nothing else."""
-    expected = arch.tensor_shapes(config)
     plan: dict[str, tuple[Path, str, io.TensorInfo]] = {}
     for file_key, (path, info) in headers.items():
         key = arch.canonical_key(file_key)
@@ -89,6 +89,16 @@ def _plan(arch, config, headers: dict) -> dict[str, tuple[Path, str, io.TensorIn
         if key in plan:
             raise FileFormatError(f"{path}: tensors {plan[key][1]!r} and {file_key!r} are the same "
                                   f"tensor {key!r}")
+        plan[key] = (path, file_key, info)
+    # no more names than the files hold tensors, plus one: enough to see that some are missing
+    expected = dict(itertools.islice(arch.tensor_shapes(config), len(plan) + 1))
+    missing = [k for k in expected if k not in plan]
+    if missing:
+        where = sorted({str(p) for p, _, _ in plan.values()}) or ["the directory"]
+        raise FileFormatError(f"{where[0]}: missing tensors {missing[:4]}"
+                              f"{' and more' if len(missing) > 4 else ''} (the config implies "
+                              "them)")
+    for key, (path, file_key, info) in plan.items():
         shape = expected.get(key, expected.get(arch.TIED.get(key)))
         if shape is None:
             raise FileFormatError(f"{path}: unexpected tensor {file_key!r} (not part of "
@@ -97,12 +107,6 @@ def _plan(arch, config, headers: dict) -> dict[str, tuple[Path, str, io.TensorIn
             raise FileFormatError(f"{path}: tensor {file_key!r} has shape {info.shape}, the "
                                   f"config implies {shape}")
         files.check_float(path, file_key, info)
-        plan[key] = (path, file_key, info)
-    missing = [k for k in expected if k not in plan]
-    if missing:
-        where = sorted({str(p) for p, _, _ in plan.values()}) or ["the directory"]
-        raise FileFormatError(f"{where[0]}: missing tensors {missing[:4]}"
-                              f"{f' (and {len(missing) - 4} more)' if len(missing) > 4 else ''}")
     return plan
 
 
@@ -144,6 +148,6 @@ def save_pretrained(model: Module, path) -> Path:
     hf_config = arch.config_to_hf(model.config)
     params = dict(model.named_parameters())
     tensors = {key: arch.to_file(key, params[key].data)
-               for key in arch.tensor_shapes(model.config)}
+               for key, _ in arch.tensor_shapes(model.config)}
     return files.write_files(path, {WEIGHTS: files.safetensors_bytes(tensors, "save_pretrained"),
                                     CONFIG: io.dumps_json(hf_config) + "\n"})

@@ -44,7 +44,8 @@ def test_save_then_load_gives_the_same_parameters_bit_for_bit(saved):
 def test_the_file_holds_gpt2s_keys_conv1d_transposed_and_no_lm_head(saved):
     model, directory = saved
     tensors = tensors_of(directory)
-    assert set(tensors) == set(gpt2.tensor_shapes(model.config)) and "lm_head.weight" not in tensors
+    assert set(tensors) == set(dict(gpt2.tensor_shapes(model.config)))
+    assert "lm_head.weight" not in tensors
     w = model.transformer.h[0].attn.c_proj.weight.data  # square: only the name says transpose
     assert np.array_equal(tensors["transformer.h.0.attn.c_proj.weight"], w.T)
     assert np.array_equal(tensors["transformer.h.0.mlp.c_fc.weight"],
@@ -58,7 +59,7 @@ def test_tensor_shapes_are_the_models_parameters_in_the_files_layout():
     config = tiny_config(n_inner=40, n_layer=3)
     model = GPT(config)
     params = dict(model.named_parameters())
-    shapes = gpt2.tensor_shapes(config)
+    shapes = dict(gpt2.tensor_shapes(config))
     assert set(shapes) == set(params)
     assert all(shapes[k] == gpt2.to_file(k, params[k].data).shape for k in shapes)
 
@@ -175,13 +176,27 @@ def test_a_variant_minilora_does_not_run_is_refused_naming_the_field(saved, fiel
     assert shown in str(e.value) and "config.json" in str(e.value)
 
 
-def test_config_sizes_that_disagree_with_the_tensors_are_refused_before_allocating(saved):
-    """A 2 kB config claiming 10^6 layers of width 10^5 must fail on the headers, before the
-    model (terabytes) is built."""
+@pytest.mark.parametrize("sizes, shown", [
+    ({"n_layer": 10**9}, "missing tensors"),
+    ({"n_embd": 10**5, "n_head": 1}, "has shape"),
+    ({"vocab_size": 10**9}, "has shape (23, 16), the config implies (1000000000, 16)"),
+])
+def test_config_sizes_that_disagree_with_the_tensors_are_refused_before_allocating(saved, sizes,
+                                                                                  shown):
+    """A 2 kB config claiming 10^9 layers or a 10^9 vocabulary fails on the headers, before the
+    model (or even a list of every tensor's name) is built: a few MB at most."""
+    import tracemalloc
+
     _, directory = saved
-    rewrite_config(directory, n_layer=10**6, n_embd=10**5, n_head=1)
-    with pytest.raises(FileFormatError, match="shape"):
-        GPT.from_pretrained(directory)
+    rewrite_config(directory, **sizes)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError) as e:
+            GPT.from_pretrained(directory)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert shown in str(e.value) and peak < 8 * 2**20, peak
 
 
 @pytest.mark.parametrize("damage, shown", [
