@@ -7,7 +7,7 @@ With xhat = x r and gh = g * w, the vector-Jacobian product is
 
 Hugging Face's ``LlamaRMSNorm`` computes the statistics in float32 whatever the input's dtype (an
 upcast for half inputs, a downcast for float64). minilora computes in the input's dtype: for
-float32 that is the same arithmetic in the same order (statistics, then ``x * r``, then ``w *``);
+float32 that is the same formula step for step (statistics, then ``x * r``, then ``w *``);
 float64 stays float64 (docs/llama.md).
 """
 

@@ -309,3 +309,31 @@ def test_grouped_query_attention_refuses_heads_that_do_not_group():
     q, kv = Tensor(np.zeros((1, 3, 2, 4))), Tensor(np.zeros((1, 2, 2, 4)))
     with pytest.raises(ValueError, match=r"H a multiple of Hkv"):
         ops.grouped_query_attention(q, kv, kv)
+
+
+# ---- threads ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["rms_norm", "rotary_embedding", "swiglu",
+                                "grouped_query_attention"])
+def test_fast_llama_kernels_give_the_same_bits_on_any_number_of_threads(op):
+    """Blocks fixed by the shape, per-block sums (dw of RMSNorm) added in block order: the same
+    bits on 1, 2 or 3 threads, at sizes cut into several blocks."""
+    rng = np.random.default_rng(0)
+    shapes = {"rms_norm": [(300, 700), (700,)], "rotary_embedding": [(6, 4, 130, 64)],
+              "swiglu": [(300, 700), (300, 700)],
+              "grouped_query_attention": [(2, 4, 200, 16), (2, 2, 200, 16), (2, 2, 200, 16)]}[op]
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    cos, sin = rope_tables(np.arange(130), 64, 1e4)
+
+    def run(threads):
+        inputs = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+        with runtime.parallel(threads):
+            out = ops.rotary_embedding(*inputs, cos, sin) if op == "rotary_embedding" \
+                else getattr(ops, op)(*inputs)
+            out.backward(np.ones_like(out.data))
+        return [out.data] + [t.grad for t in inputs]
+
+    one = run(1)
+    for threads in (2, 3):
+        for a, b in zip(one, run(threads), strict=True):
+            np.testing.assert_array_equal(a, b)
