@@ -17,7 +17,8 @@ import numpy as np
 from minilora import nn, ops
 from minilora.configs import config_from_dict
 from minilora.errors import ConfigError, ShapeError
-from minilora.tensor import Tensor, no_grad
+from minilora.models import generation
+from minilora.tensor import Tensor
 
 
 @dataclass
@@ -231,40 +232,16 @@ class GPT(nn.Module):
             return logits
         return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
 
-    @no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None) -> np.ndarray:
         """Extend idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
-        Runs in eval mode and restores the previous mode after.
+        Each step sees the last ``block_size`` tokens. Runs in eval mode and restores the
+        previous mode after.
         """
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or temperature < 0:
-            raise ConfigError(f"generate: temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool)
-                                  or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ConfigError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
-        idx = np.array(np.asarray(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
-        if idx.ndim != 2 or idx.shape[1] == 0:
-            raise ShapeError(f"generate: idx must have shape (B, T) with T >= 1, got {idx.shape}")
-        rng = nn.make_rng(rng)
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.block_size:]).data[:, -1, :].astype(np.float64)
-                if temperature == 0:
-                    nxt = logits.argmax(axis=-1)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None and top_k < logits.shape[-1]:
-                        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-                        logits = np.where(logits < kth, -np.inf, logits)
-                    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-                    probs /= probs.sum(axis=-1, keepdims=True)
-                    nxt = np.array([rng.choice(len(p), p=p) for p in probs])
-                idx = np.concatenate([idx, nxt[:, None]], axis=1)
-        finally:
-            self.train(was_training)
-        return idx
+        def next_logits(idx: np.ndarray) -> np.ndarray:
+            return self(idx[:, -self.config.block_size:]).data[:, -1, :]
+
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, rng,
+                                   next_logits)

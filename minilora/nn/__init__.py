@@ -1,7 +1,8 @@
-"""Modules: the parameter registry (``Module``, ``Parameter``) and the layers a GPT is made of."""
+"""Modules: the parameter registry (``Module``, ``Parameter``) and the layers models are made of."""
 
 from minilora.nn.layers import Dropout, Embedding, LayerNorm, Linear, make_rng
 from minilora.nn.module import LoadResult, Module, ModuleList, Parameter
+from minilora.nn.rms_norm import RMSNorm
 
 __all__ = ["Dropout", "Embedding", "LayerNorm", "Linear", "LoadResult", "Module", "ModuleList",
-           "Parameter", "make_rng"]
+           "Parameter", "RMSNorm", "make_rng"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minilora import Tensor, ops
+from minilora.ops.rotary import rope_tables
 
 RNG = np.random.default_rng(0)
 
@@ -93,6 +94,24 @@ CASES = [
      lambda: ops.scaled_dot_product_attention(f32(2, 3, 4), f32(2, 3, 4), f32(2, 3, 4), False,
                                               1 / np.sqrt(np.float64(4)))),
     ("causal_self_attention", "", lambda: ops.causal_self_attention(f32(2, 3, 12), 2)),
+    ("rms_norm", "", lambda: ops.rms_norm(f32(2, 3), f32(3))),
+    ("rms_norm", "numpy float64 eps", lambda: ops.rms_norm(f32(2, 3), None, eps=np.float64(1e-6))),
+    ("rms_norm_reference", "", lambda: ops.rms_norm_reference(f32(2, 3), f32(3),
+                                                              eps=np.float64(1e-6))),
+    ("rotary_embedding", "float64 tables",
+     lambda: ops.rotary_embedding(f32(2, 3, 4), *rope_tables(np.arange(3), 4, 1e4, np.float64))),
+    ("rotary_embedding_reference", "float64 tables",
+     lambda: ops.rotary_embedding_reference(f32(2, 3, 4),
+                                            *rope_tables(np.arange(3), 4, 1e4, np.float64))),
+    ("silu", "", lambda: ops.silu(f32(2, 3))),
+    ("swiglu", "", lambda: ops.swiglu(f32(2, 3), f32(2, 3))),
+    ("swiglu_reference", "", lambda: ops.swiglu_reference(f32(2, 3), f32(2, 3))),
+    ("grouped_query_attention", "numpy float64 scale",
+     lambda: ops.grouped_query_attention(f32(1, 4, 3, 2), f32(1, 2, 3, 2), f32(1, 2, 3, 2),
+                                         np.float64(0.5))),
+    ("grouped_query_attention_reference", "numpy float64 scale",
+     lambda: ops.grouped_query_attention_reference(f32(1, 4, 3, 2), f32(1, 2, 3, 2),
+                                                   f32(1, 2, 3, 2), np.float64(0.5))),
     ("lora_linear", "bias", lambda: ops.lora_linear(f32(2, 3, 4), f32(5, 4), f32(5), f32(2, 4),
                                                     f32(5, 2), 2.0)),
     ("lora_linear", "float32 dropout mask",
