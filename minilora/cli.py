@@ -16,7 +16,7 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 25 seconds)
+main job:   minilora demo            (a few minutes on 2 cores; --quick: a smaller, faster run)
 help:       minilora COMMAND --help  (every command has examples)
 """
 
@@ -104,10 +104,10 @@ def _sub(sub, name: str, help: str, description: str, examples: str) -> argparse
 
 
 def _add_train(sub) -> None:
-    from minilora.commands import DEFAULT_MODEL, DEFAULT_WARMUP
+    from minilora.models import GPTConfig
     from minilora.train import TrainConfig
 
-    d = TrainConfig()
+    d, m = TrainConfig(), GPTConfig()  # a new run's defaults: nanoGPT's tiny Shakespeare CPU model
     p = sub.add_parser("train", help="pretrain, fine-tune in full, or fine-tune with LoRA",
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,14 +121,14 @@ def _add_train(sub) -> None:
                    help="continue the run in --out from its last checkpoint, with its settings")
     g = p.add_argument_group("model (a new model only; --init-from keeps the base's)")
     g.add_argument("--n-layer", type=_positive_int, metavar="N",
-                   help=f"transformer blocks (default: {DEFAULT_MODEL['n_layer']})")
+                   help=f"transformer blocks (default: {m.n_layer})")
     g.add_argument("--n-head", type=_positive_int, metavar="N",
                    help=f"attention heads; must divide --n-embd (default: "
-                        f"{DEFAULT_MODEL['n_head']})")
+                        f"{m.n_head})")
     g.add_argument("--n-embd", type=_positive_int, metavar="N",
-                   help=f"width (default: {DEFAULT_MODEL['n_embd']})")
+                   help=f"width (default: {m.n_embd})")
     g.add_argument("--block-size", type=_positive_int, metavar="T",
-                   help=f"context length in tokens (default: {DEFAULT_MODEL['block_size']})")
+                   help=f"context length in tokens (default: {m.block_size})")
     g.add_argument("--dropout", type=_number, metavar="P",
                    help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
@@ -143,7 +143,7 @@ def _add_train(sub) -> None:
     g.add_argument("--min-lr", type=_number, metavar="LR",
                    help=f"learning rate at the end of the cosine (default: {d.min_lr:g})")
     g.add_argument("--warmup-iters", type=_nonneg_int, metavar="N",
-                   help=f"(default: {DEFAULT_WARMUP}, or a tenth of --max-iters if smaller)")
+                   help=f"(default: {d.warmup_iters}, or a tenth of --max-iters if smaller)")
     g.add_argument("--weight-decay", type=_number, metavar="WD",
                    help=f"decoupled, on weights of 2 or more dimensions (default: "
                         f"{d.weight_decay:g})")
@@ -199,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         adapter, check merged and unmerged logits agree and time inference, print samples, and
         save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
         examples:
-          minilora demo                          # about 3 minutes on 2 cores
-          minilora demo --quick --out /tmp/demo  # a smaller run, about 25 seconds""")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 25 s)")
+          minilora demo                          # the full run: a few minutes on 2 cores
+          minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
     p.add_argument("--out", default="minilora-demo", metavar="DIR",
                    help="where runs, metrics and plots go (default: ./minilora-demo); only the "
                         "demo's own run directories in it are replaced")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.configs import naming_fields
 from minilora.errors import ConfigError, DataError, MiniLoRAError
 from minilora.models import GPTConfig
 from minilora.train import TrainConfig
@@ -23,9 +24,10 @@ from minilora.train.checkpoint import CHECKPOINT, METRICS
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
 _LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora")
-# nanoGPT's tiny Shakespeare CPU model: the default architecture of a new run
-DEFAULT_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}
-DEFAULT_WARMUP = 100  # nanoGPT's; a run shorter than 1000 steps warms up for a tenth of them
+# a config field the command line sets, and the flag that sets it
+_FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
+            **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
+            **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r"}
 
 
 def _given(args, names) -> dict:
@@ -38,33 +40,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_CONFIG_FIELD = re.compile(r"\b(?:TrainConfig|GPTConfig)\.(\w+)|\bLoRAConfig: (\w+)")
-_FIELD_VALUE = re.compile(r"(?<![-.\w])([a-z]\w*) \(")
-_FLAG_FIELDS = {*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS}
-_LORA_FIELD_FLAGS = {"r": "--lora-r", "lora_alpha": "--lora-alpha",
-                     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules"}
-
-
-def _as_flags(e: MiniLoRAError) -> MiniLoRAError:
-    """The same error with config field names (``TrainConfig.lr``) said as flags (``--lr``)."""
-
-    def flag(m: re.Match) -> str:
-        if m.group(1) is not None:
-            return _flag(m.group(1))
-        return _LORA_FIELD_FLAGS.get(m.group(2), m.group(0))
-
-    def named(m: re.Match) -> str:  # "... divisible by n_head (3)": another field, by name
-        return f"{_flag(m.group(1))} (" if m.group(1) in _FLAG_FIELDS else m.group(0)
-
-    return type(e)(_FIELD_VALUE.sub(named, _CONFIG_FIELD.sub(flag, str(e))))
+def _as_flag(owner: str, field: str) -> str | None:
+    """How the command line names a config field: by its flag (``--lr``), where it has one."""
+    flag = _FLAG_OF.get((owner, field))
+    return None if flag is None else _flag(flag)
 
 
 def _train_config(args) -> TrainConfig:
     given = _given(args, _TRAIN_FLAGS)
     if args.skip_nonfinite:
         given["on_nonfinite"] = "skip"
-    if "warmup_iters" not in given and "max_iters" in given:
-        given["warmup_iters"] = min(DEFAULT_WARMUP, given["max_iters"] // 10)
+    if "warmup_iters" not in given and "max_iters" in given:  # a short run warms up for a tenth
+        given["warmup_iters"] = min(TrainConfig().warmup_iters, given["max_iters"] // 10)
     return TrainConfig(**given)
 
 
@@ -108,11 +95,11 @@ def cmd_train(args) -> int:
         if args.lora_r is None and _given(args, _LORA_FLAGS):
             raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
                               + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
-        try:
+        with naming_fields(_as_flag):  # a bad setting is named by its flag
             config = _train_config(args)
             model = lora = None
             if args.init_from is None:
-                model = {**DEFAULT_MODEL, **_given(args, (*_MODEL_FLAGS, "dropout"))}
+                model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
                 if args.no_bias:
                     model["bias"] = False
                 GPTConfig(vocab_size=1, **model)  # check the architecture before any data
@@ -130,8 +117,6 @@ def cmd_train(args) -> int:
                     use_rslora=args.use_rslora)
             if args.dropout is not None:
                 GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
-        except ConfigError as e:
-            raise _as_flags(e) from None
         try:
             if model is not None:
                 result = runs.pretrain(args.data, args.out, model, config, **common)
@@ -213,7 +198,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from minilora.data import load_dataset
     from minilora.runtime import parallel
-    from minilora.train import estimate_loss
+    from minilora.train.evaluate import estimate_loss, task_accuracy
     from minilora.train.runs import DATA_SEED
 
     run, tokenizer = _load(args.model)
@@ -226,8 +211,6 @@ def cmd_eval(args) -> int:
               f"({args.eval_iters} batches of {args.batch_size} x {run.model.config.block_size} "
               "tokens per split)")
         if data.task is not None:
-            from minilora.demo import task_accuracy
-
             score = task_accuracy(run.model, tokenizer, data.task)
             print(f"{data.task.name}: exact match {score.accuracy:.1%} "
                   f"({score.correct}/{score.total} held-out prompts, greedy)")

@@ -15,50 +15,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
-from minilora.configs import config_from_dict
+from minilora.configs import (
+    choice,
+    config_from_dict,
+    field_name,
+    flag,
+    positive_int,
+    positive_number,
+    probability,
+)
 from minilora.errors import ConfigError
 
 INIT_LORA_WEIGHTS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
-
-
-# ---- checks shared by LoRAConfig and LoRALinear: each names the owner, field and value ----
-
-def check_rank(owner: str, name: str, value) -> int:
-    """A positive integer (bool and float refused: ``r=8.0`` from JSON is a mistake, not an 8)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_alpha(owner: str, name: str, value) -> float | int:
-    """A finite number > 0; an int stays an int so that ``to_dict`` gives back what came in."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{owner}: {name} must be a number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    return int(value) if isinstance(value, (int, np.integer)) else float(value)
-
-
-def check_dropout(owner: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{owner}: lora_dropout must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_flag(owner: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{owner}: {name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -90,7 +59,8 @@ def _string_list(owner: str, name: str, value, allow_none: bool) -> tuple[str, .
         return None
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
             or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{owner}: {name} must be a non-empty list of non-empty module names, "
+        raise ConfigError(f"{field_name(owner, name)} must be a non-empty list of non-empty "
+                          "module names, "
                           f"got {value!r}")
     return tuple(value)
 
@@ -99,7 +69,8 @@ def _regex(owner: str, name: str, pattern: str) -> str:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"{owner}: {name} {pattern!r} is not a valid regular expression "
+        raise ConfigError(f"{field_name(owner, name)} {pattern!r} is not a valid regular "
+                          "expression "
                           f"({e})") from None
     return pattern
 
@@ -108,12 +79,13 @@ def _pattern_dict(owner: str, name: str, value, check) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{owner}: {name} must be a mapping of name pattern -> value, "
+        raise ConfigError(f"{field_name(owner, name)} must be a mapping of name pattern -> value, "
                           f"got {value!r}")
     out = {}
     for key, v in value.items():
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"{owner}: {name} keys must be non-empty strings, got {key!r}")
+            raise ConfigError(f"{field_name(owner, name)} keys must be non-empty strings, "
+                              f"got {key!r}")
         out[_regex(owner, f"{name} key", key)] = check(owner, f"{name}[{key!r}]", v)
     return out
 
@@ -155,23 +127,25 @@ class LoRAConfig:
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
-                raise ConfigError(f"{owner}: target_modules must not be empty, got {targets!r}")
+                raise ConfigError(f"{field_name(owner, 'target_modules')} must not be empty, "
+                                  f"got {targets!r}")
             targets = _regex(owner, "target_modules", targets)
         else:
             targets = _string_list(owner, "target_modules", targets, allow_none=False)
         checked = {
-            "r": check_rank(owner, "r", self.r),
-            "lora_alpha": check_alpha(owner, "lora_alpha", self.lora_alpha),
-            "lora_dropout": check_dropout(owner, self.lora_dropout),
+            "r": positive_int(owner, "r", self.r),
+            "lora_alpha": positive_number(owner, "lora_alpha", self.lora_alpha),
+            "lora_dropout": probability(owner, "lora_dropout", self.lora_dropout),
             "target_modules": targets,
-            "use_rslora": check_flag(owner, "use_rslora", self.use_rslora),
-            "init_lora_weights": check_choice(owner, "init_lora_weights", self.init_lora_weights,
-                                              INIT_LORA_WEIGHTS),
-            "bias": check_choice(owner, "bias", self.bias, BIAS_MODES),
+            "use_rslora": flag(owner, "use_rslora", self.use_rslora),
+            "init_lora_weights": choice(owner, "init_lora_weights", self.init_lora_weights,
+                                        INIT_LORA_WEIGHTS),
+            "bias": choice(owner, "bias", self.bias, BIAS_MODES),
             "modules_to_save": _string_list(owner, "modules_to_save", self.modules_to_save,
                                             allow_none=True),
-            "rank_pattern": _pattern_dict(owner, "rank_pattern", self.rank_pattern, check_rank),
-            "alpha_pattern": _pattern_dict(owner, "alpha_pattern", self.alpha_pattern, check_alpha),
+            "rank_pattern": _pattern_dict(owner, "rank_pattern", self.rank_pattern, positive_int),
+            "alpha_pattern": _pattern_dict(owner, "alpha_pattern", self.alpha_pattern,
+                                           positive_number),
         }
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
+from minilora.configs import choice
 from minilora.errors import ConfigError, TargetModuleError
-from minilora.lora.config import (
-    BIAS_MODES,
-    LoRAConfig,
-    check_choice,
-    matches_pattern,
-    matches_target,
-)
+from minilora.lora.config import BIAS_MODES, LoRAConfig, matches_pattern, matches_target
 from minilora.lora.layer import LoRALinear
 from minilora.nn import Linear, Module, Parameter, make_rng
 
@@ -148,7 +144,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> Module:
     bias: "none", "all" (every parameter named ``bias``), "lora_only" (biases of LoRA layers).
     Frozen parameters lose any gradient they held, so no optimizer can step them.
     """
-    check_choice("mark_only_lora_as_trainable", "bias", bias, BIAS_MODES)
+    choice("mark_only_lora_as_trainable", "bias", bias, BIAS_MODES)
     layers = [layer for _, layer in named_lora_layers(model)]
     if not layers:
         raise TargetModuleError("mark_only_lora_as_trainable: the model has no LoRA layers")
@@ -195,46 +191,53 @@ def unmerge_adapter(model: Module) -> Module:
     return model
 
 
-def _unload(model: Module, merge: bool, what: str) -> Module:
-    layers = _mergeable_layers(model, what) if merge else _lora_layers_or_raise(model, what)
-    for name, layer in layers:
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        plain = Linear.from_weights(layer.weight, layer.bias)
-        plain.train(layer.training)
-        if name == "":  # the model is itself one LoRALinear
-            return plain
-        model.set_submodule(name, plain)
-    if "lora_config" in model.__dict__:
-        del model.lora_config
-    return model
-
-
 def merge_and_unload(model: Module) -> Module:
     """Merge every adapter into its weight and put plain Linear layers back: the model costs what
     the base costs at inference. Parameters keep their ``requires_grad``. Returns the model."""
-    return _unload(model, merge=True, what="merge_and_unload")
+    for name, layer in _mergeable_layers(model, "merge_and_unload"):
+        layer.merge()  # W <- W + s (B @ A)
+        model = _put_back_plain_linear(model, name, layer)
+    return _forget_lora_config(model)
 
 
 def unload(model: Module) -> Module:
     """Put plain Linear layers back without merging (a merged layer is unmerged first): the base
     model again, up to round-off in unmerged weights. Trained biases keep their trained values."""
-    return _unload(model, merge=False, what="unload")
+    for name, layer in _lora_layers_or_raise(model, "unload"):
+        layer.unmerge()  # nothing to do unless merged
+        model = _put_back_plain_linear(model, name, layer)
+    return _forget_lora_config(model)
+
+
+def _put_back_plain_linear(model: Module, name: str, layer: LoRALinear) -> Module:
+    """Replace the LoRA layer ``name`` by a Linear that owns its weight and bias; the model, or the
+    new Linear if the model was that one layer."""
+    plain = Linear.from_weights(layer.weight, layer.bias)
+    plain.train(layer.training)
+    if name == "":
+        return plain
+    model.set_submodule(name, plain)
+    return model
+
+
+def _forget_lora_config(model: Module) -> Module:
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    return model
 
 
 @contextlib.contextmanager
-def disable_adapters(model: Module) -> Iterator[Module]:
-    """Inside the block every LoRA layer computes its base output, exactly; after it, as before.
+def disable_adapter(model: Module) -> Iterator[Module]:
+    """Inside the block every LoRA layer computes its base output, exactly; after it, as before
+    (PEFT's ``model.disable_adapter()``).
 
     Only the low-rank path is switched off: biases and ``modules_to_save`` trained in full stay as
     trained. A merged model cannot give its base output exactly, so that is an error.
     """
-    layers = _lora_layers_or_raise(model, "disable_adapters")
+    layers = _lora_layers_or_raise(model, "disable_adapter")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ConfigError(f"disable_adapters: layers {merged} are merged; "
+        raise ConfigError(f"disable_adapter: layers {merged} are merged; "
                           "unmerge_adapter(model) first")
     before = [layer.disable_adapters for _, layer in layers]
     for _, layer in layers:
@@ -244,3 +247,11 @@ def disable_adapters(model: Module) -> Iterator[Module]:
     finally:
         for (_, layer), was_disabled in zip(layers, before, strict=True):
             layer.enable_adapters(not was_disabled)
+
+
+def disable_adapters(model: Module):
+    """Deprecated name of :func:`disable_adapter`, PEFT's name for this context manager (PEFT's
+    ``disable_adapters`` is a layer's flag, as ``LoRALinear.disable_adapters`` is here)."""
+    warnings.warn("minilora.lora.disable_adapters is deprecated; use disable_adapter",
+                  DeprecationWarning, stacklevel=2)
+    return disable_adapter(model)

@@ -15,14 +15,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora import nn, ops
-from minilora.configs import config_from_dict
+from minilora.configs import (
+    choice,
+    config_from_dict,
+    field_name,
+    flag,
+    non_negative_int,
+    other_field,
+    positive_int,
+    probability,
+)
 from minilora.errors import ConfigError, ShapeError
+from minilora.models.generation import KVCache, LayerCache, next_token
+from minilora.ops.attention import merge_heads, split_heads
 from minilora.tensor import Tensor, no_grad
 
 
 @dataclass
 class GPTConfig:
-    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``."""
+    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``. The defaults are
+    nanoGPT's tiny Shakespeare model for a CPU, and a new ``minilora train`` run's."""
 
     vocab_size: int = 65
     block_size: int = 64
@@ -35,22 +47,13 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
+            setattr(self, name, positive_int("GPTConfig", name, getattr(self, name)))
         if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+            raise ConfigError(f"{field_name('GPTConfig', 'n_embd')} ({self.n_embd}) must be "
+                              f"divisible by {other_field('GPTConfig', 'n_head')} ({self.n_head})")
+        self.dropout = probability("GPTConfig", "dropout", self.dropout)
+        self.bias = flag("GPTConfig", "bias", self.bias)
+        self.dtype = choice("GPTConfig", "dtype", self.dtype, ("float32", "float64"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -73,29 +76,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(c, c, bias=config.bias, dtype=dtype, rng=rng)
         self.attn_dropout = nn.Dropout(config.dropout, rng)
         self.resid_dropout = nn.Dropout(config.dropout, rng)
-        self.fused = True  # the fused kernel; False runs the composed reference path
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """With ``cache``, x holds the positions after those cached, and attends to all of them."""
         qkv = self.c_attn(x)  # (B, T, 3C)
-        dropping = self.training and self.attn_dropout.p > 0
-        if self.fused and not dropping:
-            y = ops.causal_self_attention(qkv, self.n_head)  # (B, T, C)
+        if cache is None:
+            b, t, _ = x.shape
+            weights_dropout = self.attn_dropout.mask((b, self.n_head, t, t), x.dtype)
+            y = ops.causal_self_attention(qkv, self.n_head, weights_dropout)  # (B, T, C)
         else:
-            y = self._composed(qkv)
+            q, k, v = (split_heads(z, self.n_head) for z in ops.split(qkv, 3, axis=-1))
+            k, v = (Tensor(a) for a in cache.extend(k.data, v.data))  # (B, H, cached + T, hd)
+            y = merge_heads(ops.scaled_dot_product_attention(q, k, v, causal=True))
         return self.resid_dropout(self.c_proj(y))
-
-    def _composed(self, qkv: Tensor) -> Tensor:
-        """The same attention from primitives, with dropout on the attention weights."""
-        b, t, c3 = qkv.shape
-        c = c3 // 3
-        hd = c // self.n_head
-        q, k, v = (ops.transpose(ops.reshape(z, (b, t, self.n_head, hd)), (0, 2, 1, 3))
-                   for z in ops.split(qkv, 3, axis=2))  # each (B, H, T, hd)
-        att = ops.matmul(q, ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, T, T)
-        att = ops.masked_fill(att, np.triu(np.ones((t, t), bool), 1), -np.inf)
-        att = self.attn_dropout(ops.softmax(att, axis=-1))
-        y = ops.matmul(att, v)  # (B, H, T, hd)
-        return ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c))
 
 
 class MLP(nn.Module):
@@ -122,8 +115,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias, dtype=config.dtype)
         self.mlp = MLP(config, rng)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,36 +163,57 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored)."""
-        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
-        if idx.ndim != 2:
-            raise ShapeError(f"GPT: idx must have shape (B, T), got {idx.shape}")
-        t = idx.shape[1]
-        if t > self.config.block_size:
-            raise ShapeError(f"GPT: sequence length {t} exceeds block_size "
-                             f"{self.config.block_size}")
-        tr = self.transformer
-        x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(t)))  # (B, T, C)
-        for block in tr.h:
-            x = block(x)
-        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
         if targets is None:
             return logits
         return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
 
+    def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
+        """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the
+        positions that follow the ``cache``'s (from 0 without one); the cache takes their keys
+        and values."""
+        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2:
+            raise ShapeError(f"GPT: idx must have shape (B, T), got {idx.shape}")
+        start = 0 if cache is None else cache.length
+        end = start + idx.shape[1]
+        if end > self.config.block_size:
+            raise ShapeError(f"GPT: sequence length {end} exceeds block_size "
+                             f"{self.config.block_size}")
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(start, end)))  # (B, T, C)
+        for i, block in enumerate(tr.h):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length = end
+        return x
+
+    def next_logits(self, idx, cache: KVCache | None = None) -> np.ndarray:
+        """The logits (B, V) of the token after idx (B, T); with a ``cache``, idx holds only
+        the tokens after those it holds. Builds no graph."""
+        with no_grad():
+            x = self._residual(idx, cache)
+            return self.lm_head(self.transformer.ln_f(x[:, -1:])).data[:, -1]
+
     @no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | int | None = None) -> np.ndarray:
-        """Extend idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
+                 rng: np.random.Generator | int | None = None,
+                 stop_token: int | None = None) -> np.ndarray:
+        """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
-        Runs in eval mode and restores the previous mode after.
+        stop_token: stop as soon as every row has produced it.
+        The prompt is read once; each new token then costs one position, its keys and values
+        added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
+        slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
+        Builds no graph; runs in eval mode and restores the previous mode after.
         """
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or temperature < 0:
             raise ConfigError(f"generate: temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool)
-                                  or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ConfigError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
+        if top_k is not None:
+            top_k = positive_int("generate", "top_k", top_k)
+        max_new_tokens = non_negative_int("generate", "max_new_tokens", max_new_tokens)
         idx = np.array(np.asarray(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ShapeError(f"generate: idx must have shape (B, T) with T >= 1, got {idx.shape}")
@@ -207,19 +221,23 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            for _ in range(max_new_tokens):
-                logits = self(idx[:, -self.config.block_size:]).data[:, -1, :].astype(np.float64)
-                if temperature == 0:
-                    nxt = logits.argmax(axis=-1)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None and top_k < logits.shape[-1]:
-                        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-                        logits = np.where(logits < kth, -np.inf, logits)
-                    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-                    probs /= probs.sum(axis=-1, keepdims=True)
-                    nxt = np.array([rng.choice(len(p), p=p) for p in probs])
-                idx = np.concatenate([idx, nxt[:, None]], axis=1)
+            return self._generate(idx, max_new_tokens, temperature, top_k, rng, stop_token)
         finally:
             self.train(was_training)
+
+    def _generate(self, idx: np.ndarray, max_new_tokens: int, temperature: float,
+                  top_k: int | None, rng: np.random.Generator,
+                  stop_token: int | None) -> np.ndarray:
+        block, prompt = self.config.block_size, idx.shape[1]
+        cache: KVCache | None = KVCache(self.config.n_layer)
+        feed = idx[:, -block:]  # what the next forward pass reads
+        for _ in range(max_new_tokens):
+            nxt = next_token(self.next_logits(feed, cache), temperature, top_k, rng)  # (B,)
+            idx = np.concatenate([idx, nxt[:, None]], axis=1)
+            if stop_token is not None and (idx[:, prompt:] == stop_token).any(axis=1).all():
+                break
+            if cache is not None and cache.length < block:
+                feed = nxt[:, None]
+            else:  # the window slides: every position moves, so the cache no longer holds
+                cache, feed = None, idx[:, -block:]
         return idx

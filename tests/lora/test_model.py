@@ -13,7 +13,7 @@ from minilora.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    disable_adapters,
+    disable_adapter,
     load_lora_state_dict,
     lora_state_dict,
     merge_adapter,
@@ -175,11 +175,11 @@ def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
     np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
 
 
-def test_disable_adapters_restores_the_adapters_even_after_an_exception():
+def test_disable_adapter_restores_the_adapters_even_after_an_exception():
     model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
     idx, _ = tokens(3)
     before = model(idx).data
-    with pytest.raises(RuntimeError), disable_adapters(model):
+    with pytest.raises(RuntimeError), disable_adapter(model):
         raise RuntimeError("boom")
     np.testing.assert_array_equal(model(idx).data, before)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilora import ops, runtime
-from minilora.ops import attention
+from minilora.ops.backend import attention
 from tests.gradcheck import assert_same_function, gradcheck
 
 
