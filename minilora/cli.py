@@ -157,6 +157,11 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    _add_lora_flags(p)
+    _add_common(p)
+
+
+def _add_lora_flags(p) -> None:
     g = p.add_argument_group("LoRA (with --init-from; without --lora-r, fine-tuning is full)")
     g.add_argument("--lora-r", type=_positive_int, metavar="R", help="adapter rank, e.g. 4")
     g.add_argument("--lora-alpha", type=_number, metavar="ALPHA",
@@ -167,7 +172,6 @@ def _add_train(sub) -> None:
                    help="comma-separated module names (default: c_attn,c_proj; also c_fc, "
                         "or full names such as transformer.h.0.attn.c_attn)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    _add_common(p)
 
 
 def _add_common(p) -> None:
@@ -191,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_train, _add_merge, _add_generate, _add_eval, _add_params,
+                _add_bench):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub) -> None:
     p = _sub(sub, "demo", "the main job: pretrain, fine-tune (full and LoRA), compare, merge", """\
         Pretrain a small GPT on builtin:world, fine-tune it on builtin:majority in full and with
         LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
@@ -208,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_common(p)
 
-    _add_train(sub)
 
+def _add_merge(sub) -> None:
     p = _sub(sub, "merge", "merge a LoRA run's adapter into its base: a plain model", """\
         Fold W' = W + s B A into every adapted layer of a LoRA run, check that the merged model's
         logits equal the unmerged ones (printing the largest difference), and save it as a plain
@@ -221,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where the merged model goes (a new directory)")
 
+
+def _add_generate(sub) -> None:
     p = _sub(sub, "generate", "continue a prompt with a trained model", """\
         Sample a continuation of --prompt from a run's model (a full run, a LoRA run on its
         base, or a merged one) and print the prompt and its continuation. In the prompt, \\n
@@ -241,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_threads(p)
 
+
+def _add_eval(sub) -> None:
     p = _sub(sub, "eval", "validation loss (and task accuracy) of a trained model", """\
         The mean train and validation loss of a run's model on --data (over --eval-iters random
         batches per split) and, on a built-in task, the exact match of greedy completions on its
@@ -258,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_threads(p)
 
+
+def _add_params(sub) -> None:
     p = _sub(sub, "params", "the parameter arithmetic of LoRA for one weight matrix", """\
         How many parameters LoRA trains for one (out, in) weight at rank r: A (r, in) and
         B (out, r) hold r (in + out) against the weight's in x out.""", """\
@@ -268,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weight's shape, e.g. 4096x4096")
     p.add_argument("--rank", required=True, type=_positive_int, metavar="R", help="LoRA's rank")
 
+
+def _add_bench(sub) -> None:
     p = _sub(sub, "bench", "time training steps against numpy's matmul peak and PyTorch", """\
         Time training steps of a fixed model and print them as ratios to numpy's own float32
         matmul throughput on this machine and, with --compare torch, to the same model in
@@ -283,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=("torch",), help="also time the same model in PyTorch")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=_positive_int)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

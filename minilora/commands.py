@@ -71,61 +71,71 @@ def _eval_line(record: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    from minilora.lora import LoRAConfig
     from minilora.train import runs
 
     talk = {} if args.quiet else {"log": _say, "on_eval": lambda r: _say(_eval_line(r))}
     common = {"quiet": args.quiet, "threads": args.threads, **talk}
-    if args.resume:
-        settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r", *_LORA_FLAGS,
-                                 "data", "init_from", "skip_nonfinite", "no_bias"))
-        if settings:
-            raise ConfigError("--resume continues with the run's own settings; drop "
-                              + ", ".join(_flag(n) for n in settings))
-        try:
+    try:
+        if args.resume:
+            settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r",
+                                     *_LORA_FLAGS, "data", "init_from", "skip_nonfinite",
+                                     "no_bias"))
+            if settings:
+                raise ConfigError("--resume continues with the run's own settings; drop "
+                                  + ", ".join(_flag(n) for n in settings))
             result = runs.resume(args.out, **common)
-        except KeyboardInterrupt:
-            return _interrupted(Path(args.out))
-    else:
-        if args.data is None:
-            raise ConfigError("train: --data FILE or --data builtin:NAME is required "
-                              "(or --resume to continue the run in --out)")
-        if args.init_from is None and args.lora_r is not None:
-            raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
-        if args.lora_r is None and _given(args, _LORA_FLAGS):
-            raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
-                              + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
-        with naming_fields(_as_flag):  # a bad setting is named by its flag
-            config = _train_config(args)
-            model = lora = None
-            if args.init_from is None:
-                model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
-                if args.no_bias:
-                    model["bias"] = False
-                GPTConfig(vocab_size=1, **model)  # check the architecture before any data
-            elif _given(args, (*_MODEL_FLAGS, "no_bias")):
-                fixed = _given(args, (*_MODEL_FLAGS, "no_bias"))
-                raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
-                                  + ", ".join(_flag(n) for n in fixed))
-            elif args.lora_r is not None:
-                targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
-                lora = LoRAConfig(
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-                    lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                    target_modules=tuple(t for t in targets if t),
-                    use_rslora=args.use_rslora)
-            if args.dropout is not None:
-                GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
-        try:
+        else:
+            config, model, lora = _new_run_settings(args)
             if model is not None:
                 result = runs.pretrain(args.data, args.out, model, config, **common)
             else:
                 result = runs.finetune(args.init_from, args.data, args.out, config, lora,
                                        dropout=args.dropout, **common)
-        except KeyboardInterrupt:
-            return _interrupted(Path(args.out))
-    out = Path(args.out)
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.out))
+    _print_result(result, Path(args.out))
+    return 0
+
+
+def _new_run_settings(args):
+    """(TrainConfig, the new model's GPTConfig fields or None, LoRAConfig or None) from the
+    flags, every one checked before any data is read; a bad one is named by its flag."""
+    from minilora.lora import LoRAConfig
+
+    if args.data is None:
+        raise ConfigError("train: --data FILE or --data builtin:NAME is required "
+                          "(or --resume to continue the run in --out)")
+    if args.init_from is None and args.lora_r is not None:
+        raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
+    if args.lora_r is None and _given(args, _LORA_FLAGS):
+        raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
+                          + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
+    model = lora = None
+    with naming_fields(_as_flag):
+        config = _train_config(args)
+        if args.init_from is None:
+            model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
+            if args.no_bias:
+                model["bias"] = False
+            GPTConfig(vocab_size=1, **model)  # check the architecture before any data
+        elif _given(args, (*_MODEL_FLAGS, "no_bias")):
+            raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
+                              + ", ".join(_flag(n) for n in _given(args, (*_MODEL_FLAGS,
+                                                                          "no_bias"))))
+        elif args.lora_r is not None:
+            targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
+            lora = LoRAConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+                lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
+                target_modules=tuple(t for t in targets if t),
+                use_rslora=args.use_rslora)
+        if args.dropout is not None:
+            GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
+    return config, model, lora
+
+
+def _print_result(result, out: Path) -> None:
     if math.isnan(result.ms_per_step):  # no step ran: --max-iters 0, or the run had finished
         print(f"iter {result.iters} (no training steps ran): train loss "
               f"{result.train_loss:.4f}, val loss {result.val_loss:.4f}; the run in {out} is "
@@ -137,7 +147,6 @@ def cmd_train(args) -> int:
         print(f"saved {out / CHECKPOINT} and {out / METRICS}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with non-finite numbers")
-    return 0
 
 
 def _interrupted(out: Path) -> int:

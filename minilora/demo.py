@@ -151,27 +151,9 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     curves, answers = {}, {"base": base_acc.completions}
     _say(f"2/4 fine-tuning on builtin:majority for {plan.finetune_iters} steps each:")
     for method in methods:
-        lora = _lora_config(method)
-        lr = plan.full_lr if lora is None else plan.lora_lr
-        cfg = TrainConfig(max_iters=plan.finetune_iters, lr=lr, min_lr=lr / 10,
-                          warmup_iters=plan.finetune_iters // 10,
-                          eval_interval=max(1, plan.finetune_iters // 4), **common)
-        _say(f"    {method} (lr {lr:g}) ...")
-        result = runs.finetune(out / "base", "builtin:majority", out / method, cfg, lora,
-                               quiet=quiet, threads=threads)
-        curves[method] = [(r["iter"], r["val_loss"]) for r in result.history]
-        tuned = load_run(out / method).model
-        with parallel(threads):
-            acc = task_accuracy(tuned, tokenizer, task, plan.task_prompts)
-            loss = val_loss(tuned, task_data, plan)
-            peak = _memory(tuned, task_data, plan)  # last: it takes a (tiny) training step
-        answers[method] = acc.completions
-        label = method if lora is None else f"LoRA r={lora.r} (alpha {lora.lora_alpha:g})"
-        rows.append({"method": label, "run": method,
-                     "trainable": tuned.num_parameters(trainable_only=True),
-                     "total": tuned.num_parameters(), "val_loss": loss,
-                     "exact_match": acc.accuracy, "ms_per_step": result.ms_per_step,
-                     "peak_mib": peak / 2**20})
+        row, curves[method], answers[method] = _finetune(method, out, plan, common, tokenizer,
+                                                        task_data, quiet, threads)
+        rows.append(row)
 
     _say("")
     _say(format_table(rows))
@@ -185,6 +167,30 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     _say(f"\nsaved runs, metrics and results.json{' and ' + plot.name if plot else ''} in {out} "
          f"({results['wall_time_s']:.0f} s in all)")
     return results
+
+
+def _finetune(method: str, out: Path, plan: DemoPlan, common: dict, tokenizer, task_data,
+              quiet: bool, threads: int | None) -> tuple[dict, list, list[str]]:
+    """Fine-tune the base one way ("full" or "lora-rN") and score it: (its row of the table, its
+    validation-loss curve, its answers to the held-out prompts)."""
+    lora = _lora_config(method)
+    lr = plan.full_lr if lora is None else plan.lora_lr
+    cfg = TrainConfig(max_iters=plan.finetune_iters, lr=lr, min_lr=lr / 10,
+                      warmup_iters=plan.finetune_iters // 10,
+                      eval_interval=max(1, plan.finetune_iters // 4), **common)
+    _say(f"    {method} (lr {lr:g}) ...")
+    result = runs.finetune(out / "base", "builtin:majority", out / method, cfg, lora,
+                           quiet=quiet, threads=threads)
+    tuned = load_run(out / method).model
+    with parallel(threads):
+        acc = task_accuracy(tuned, tokenizer, task_data.task, plan.task_prompts)
+        loss = val_loss(tuned, task_data, plan)
+        peak = _memory(tuned, task_data, plan)  # last: it takes a (tiny) training step
+    label = method if lora is None else f"LoRA r={lora.r} (alpha {lora.lora_alpha:g})"
+    row = {"method": label, "run": method, "trainable": tuned.num_parameters(trainable_only=True),
+           "total": tuned.num_parameters(), "val_loss": loss, "exact_match": acc.accuracy,
+           "ms_per_step": result.ms_per_step, "peak_mib": peak / 2**20}
+    return row, [(r["iter"], r["val_loss"]) for r in result.history], acc.completions
 
 
 def val_loss(model, data, plan: DemoPlan) -> float:

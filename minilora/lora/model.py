@@ -51,13 +51,29 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
     if not isinstance(model, Module):
         raise ConfigError(f"apply_lora: model must be a Module, got {type(model).__name__}")
     modules = {n: m for n, m in model.named_modules() if n}
+    matched = _targets(modules, config)
+    adapted = [n for n, _ in named_lora_layers(model)]
+    if adapted:
+        raise TargetModuleError(f"apply_lora: the model already has LoRA layers "
+                                f"({_names(adapted)}); minilora keeps one adapter per model: "
+                                "unload() or merge_and_unload() first")
+    _check_not_tied(modules, matched)
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) or {}:
+            if not any(matches_pattern(n, key) for n in matched):
+                raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
+                                        f"adapted modules: {_names(matched)}")
+    return [(n, modules[n]) for n in matched], _modules_to_save(modules, config, matched)
+
+
+def _targets(modules: dict[str, Module], config: LoRAConfig) -> list[str]:
+    """The names of the Linear modules ``config.target_modules`` matches, in model order; every
+    entry must match, and only Linear modules that are not adapted yet."""
     names = list(modules)
     linears = [n for n, m in modules.items() if isinstance(m, (Linear, LoRALinear))]
-
     regex = isinstance(config.target_modules, str)
-    targets = [config.target_modules] if regex else list(config.target_modules)
     matched: list[str] = []
-    for target in targets:
+    for target in [config.target_modules] if regex else list(config.target_modules):
         hits = _matching(names, target, regex)
         if not hits:
             raise TargetModuleError(f"apply_lora: target_modules entry {target!r} matches no "
@@ -74,14 +90,12 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                         f"Linear modules: {_names(linears)}")
             if name not in matched:
                 matched.append(name)
-    matched.sort(key=names.index)  # model order: a seed gives the same A in any target order
+    return sorted(matched, key=names.index)  # model order: a seed gives the same A in any order
 
-    adapted = [n for n, _ in named_lora_layers(model)]
-    if adapted:
-        raise TargetModuleError(f"apply_lora: the model already has LoRA layers "
-                                f"({_names(adapted)}); minilora keeps one adapter per model: "
-                                "unload() or merge_and_unload() first")
 
+def _check_not_tied(modules: dict[str, Module], matched: list[str]) -> None:
+    """A TargetModuleError if a target's weight is shared with another module: merging would
+    change both."""
     owners: dict[int, list[str]] = {}  # parameter -> every module name that holds it
     for name, module in modules.items():
         for p in module._parameters.values():
@@ -93,18 +107,16 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                     "(tied weights); merging would change both, so LoRA does not "
                                     "adapt it")
 
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, field) or {}:
-            if not any(matches_pattern(n, key) for n in matched):
-                raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
-                                        f"adapted modules: {_names(matched)}")
 
+def _modules_to_save(modules: dict[str, Module], config: LoRAConfig,
+                     matched: list[str]) -> list[str]:
+    """The names ``config.modules_to_save`` matches; none of them may be adapted too."""
     saved: list[str] = []
     for entry in config.modules_to_save or ():
-        hits = _matching(names, entry, regex=False)
+        hits = _matching(list(modules), entry, regex=False)
         if not hits:
             raise TargetModuleError(f"apply_lora: modules_to_save entry {entry!r} matches no "
-                                    f"module; the model's modules are {_names(names)}")
+                                    f"module; the model's modules are {_names(list(modules))}")
         for name in hits:
             clash = [t for t in matched
                      if t == name or t.startswith(name + ".") or name.startswith(t + ".")]
@@ -113,7 +125,7 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                         f"adapted ({clash}); a module is either trained in full "
                                         "or adapted")
             saved.append(name)
-    return [(n, modules[n]) for n in matched], saved
+    return saved
 
 
 def apply_lora(model: Module, config: LoRAConfig,
