@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub) -> None:
+    from minilora.demo import OUT_DIR
+
     p = _sub(sub, "demo", "the main job: pretrain, fine-tune (full and LoRA), compare, merge", """\
         Pretrain a small GPT on builtin:world, fine-tune it on builtin:majority in full and with
         LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
@@ -212,8 +214,8 @@ def _add_demo(sub) -> None:
           minilora demo                          # the full run: a few minutes on 2 cores
           minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
-    p.add_argument("--out", default="minilora-demo", metavar="DIR",
-                   help="where runs, metrics and plots go (default: ./minilora-demo); only the "
+    p.add_argument("--out", default=OUT_DIR, metavar="DIR",
+                   help=f"where runs, metrics and plots go (default: ./{OUT_DIR}); only the "
                         "demo's own run directories in it are replaced")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_common(p)

@@ -116,7 +116,10 @@ def _lora_config(method: str) -> LoRAConfig | None:
     return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=("c_attn", "c_proj"))
 
 
-def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet: bool = False,
+OUT_DIR = "minilora-demo"  # where the demo writes, unless told otherwise
+
+
+def run_demo(out_dir=OUT_DIR, quick: bool = False, seed: int = 0, quiet: bool = False,
              threads: int | None = None) -> dict:
     """Run the whole comparison, print it, save it in ``out_dir``, and return the results."""
     plan = QUICK if quick else FULL

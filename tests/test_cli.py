@@ -394,3 +394,23 @@ def test_a_mistake_is_one_line_exit_code_2_and_nothing_half_written(case, mistak
     if out is not None:
         assert not (work / out / CHECKPOINT).exists()
         assert not (work / out).exists(), f"{out} was created: {list((work / out).iterdir())}"
+
+
+def test_a_bad_setting_is_named_by_its_flag_where_it_is_checked():
+    """The configs' own checks say --n-embd and --lora-r inside naming_fields, their field names
+    outside it: no message is rewritten afterwards."""
+    from minilora.commands import _as_flag
+    from minilora.configs import naming_fields
+    from minilora.errors import ConfigError
+    from minilora.lora import LoRAConfig
+    from minilora.models import GPTConfig
+
+    with naming_fields(_as_flag):
+        with pytest.raises(ConfigError, match=r"^--n-embd \(30\) must be divisible by --n-head"):
+            GPTConfig(n_embd=30, n_head=4)
+        with pytest.raises(ConfigError, match=r"^--lora-r must be a positive integer, got 0$"):
+            LoRAConfig(r=0)
+        with pytest.raises(ConfigError, match=r"^LoRAConfig\.bias must be one of"):
+            LoRAConfig(bias="some")  # no flag sets it: its field name
+    with pytest.raises(ConfigError, match=r"^GPTConfig\.n_embd \(30\) must be divisible by n_head"):
+        GPTConfig(n_embd=30, n_head=4)

@@ -79,7 +79,7 @@ class LoRALinear(Module):
     def forward(self, x: Tensor) -> Tensor:
         """y = x W^T + b + s (dropout(x) A^T) B^T; merged or disabled: y = x W^T + b."""
         x = as_tensor(x)
-        if self.merged or self._disabled:  # merged: W already holds W + s B A
+        if self.merged or self._disabled:  # merged: W already holds the low-rank path
             return ops.linear(x, self.weight, self.bias)
         mask = None if not self.training or self.lora_dropout == 0.0 else \
             ops.dropout_mask(x.shape, self.lora_dropout, self.rng, x.dtype)

@@ -190,14 +190,14 @@ def _mergeable_layers(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
 
 
 def merge_adapter(model: Module) -> Module:
-    """Merge every LoRA layer in place (``W <- W + s B A``); the layers stay LoRALinear."""
+    """``LoRALinear.merge`` on every LoRA layer, in place; the layers stay LoRALinear."""
     for _, layer in _mergeable_layers(model, "merge_adapter"):
         layer.merge()
     return model
 
 
 def unmerge_adapter(model: Module) -> Module:
-    """Undo ``merge_adapter`` (``W <- W - s B A``)."""
+    """Undo ``merge_adapter``: ``LoRALinear.unmerge`` on every LoRA layer."""
     for _, layer in _lora_layers_or_raise(model, "unmerge_adapter"):
         layer.unmerge()
     return model
@@ -207,7 +207,7 @@ def merge_and_unload(model: Module) -> Module:
     """Merge every adapter into its weight and put plain Linear layers back: the model costs what
     the base costs at inference. Parameters keep their ``requires_grad``. Returns the model."""
     for name, layer in _mergeable_layers(model, "merge_and_unload"):
-        layer.merge()  # W <- W + s (B @ A)
+        layer.merge()
         model = _put_back_plain_linear(model, name, layer)
     return _forget_lora_config(model)
 
