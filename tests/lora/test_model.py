@@ -184,6 +184,17 @@ def test_disable_adapter_restores_the_adapters_even_after_an_exception():
     np.testing.assert_array_equal(model(idx).data, before)
 
 
+def test_disable_adapters_is_the_old_name_of_disable_adapter():
+    from minilora.lora import disable_adapters
+
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
+    idx, _ = tokens(3)
+    with disable_adapter(model):
+        base = model(idx).data
+    with pytest.warns(DeprecationWarning, match="disable_adapter"), disable_adapters(model):
+        np.testing.assert_array_equal(model(idx).data, base)
+
+
 def test_a_model_that_is_one_linear_can_be_merged_and_unloaded():
     layer = LoRALinear(Linear(3, 2, dtype=np.float64, rng=0), r=1, lora_alpha=1, rng=0)
     layer.lora_B.data[:] = 1.0

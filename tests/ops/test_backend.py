@@ -203,3 +203,18 @@ def test_step_threading_lets_blas_thread_only_a_step_of_small_products():
         assert runtime.threads() == 1 and blas_threads() == 2  # A: BLAS threads its products
     with runtime.step_threading(sizes["B"], threads=2):
         assert runtime.threads() == 2 and blas_threads() == 1  # B: the engine splits them
+
+
+def test_the_old_names_still_work_and_say_where_things_went():
+    """parallel_for is step_threading; the block helpers moved to ops.backend.blocks; a kernel
+    that still announces a product with note_product is still counted."""
+    from minilora.ops.backend import blocks
+
+    with pytest.warns(DeprecationWarning, match="step_threading"):
+        with runtime.parallel_for(1 << 30, threads=2):
+            assert runtime.threads() == 2
+    with pytest.warns(DeprecationWarning, match="ops.backend.blocks.for_blocks"):
+        assert runtime.for_blocks is blocks.for_blocks
+    with backend.record_products() as seen, pytest.warns(DeprecationWarning, match="matmul"):
+        backend.note_product((3, 4), (4, 5))
+    assert seen == [((3, 4), (4, 5))]

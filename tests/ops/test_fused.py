@@ -83,7 +83,7 @@ def causal_self_attention_composed(qkv, n_head):
     hd = c3 // 3 // n_head
     q, k, v = (ops.transpose(ops.reshape(part, (b, t, n_head, hd)), (0, 2, 1, 3))  # (B, H, T, hd)
                for part in ops.split(qkv, 3, axis=-1))
-    y = ops.scaled_dot_product_attention(q, k, v, causal=True)  # (B, H, T, hd)
+    y = attention_composed(q, k, v, True, 1.0 / math.sqrt(hd))  # (B, H, T, hd)
     return ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c3 // 3))  # (B, T, C)
 
 

@@ -18,9 +18,10 @@ from minilora.ops.backend.products import (
     SPLIT_MIN_MACS,
     block_size,
     mm,
+    note_product,
     record_products,
     swap,
 )
 
 __all__ = ["MAX_PRODUCT_BLOCKS", "MIN_BLOCK_MACS", "SPLIT_MIN_MACS", "block_size", "mm",
-           "record_products", "swap"]
+           "note_product", "record_products", "swap"]

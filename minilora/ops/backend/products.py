@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,6 +50,15 @@ def record_products() -> Iterator[list[tuple[tuple[int, ...], tuple[int, ...]]]]
         yield _recorder
     finally:
         _recorder, matmul = previous
+
+
+def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    """Deprecated: record a product a kernel computed with plain np.matmul. Compute it with
+    ``products.matmul`` instead, which is counted where it runs."""
+    warnings.warn("ops.backend.note_product is deprecated; compute block products with "
+                  "ops.backend.products.matmul", DeprecationWarning, stacklevel=2)
+    if _recorder is not None:
+        _recorder.append((tuple(a_shape), tuple(b_shape)))
 
 
 def block_size(length: int, macs: int) -> int:
