@@ -29,12 +29,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
     def backward(g):                                      # g: (..., out)
         u = g @ B                                         # G B: (..., r)
-        du = s * (u @ A) if mask is None else s * (u @ A) * mask
-        gx = g @ W + du if x.requires_grad else None
+        gx = None
+        if x.requires_grad:
+            du = s * (u @ A)                              # s u A: (..., in), through d too
+            gx = g @ W + (du if mask is None else du * mask)
         gW = _rows(g).T @ _rows(x.data) if weight.requires_grad else None  # never for frozen W
         gb = [_rows(g).sum(axis=0)] if bias is not None else []
-        gA = s * _rows(u).T @ _rows(xd)                     # (r, in)
-        gB = s * _rows(g).T @ _rows(h)                      # (out, r)
+        gA = s * _rows(u).T @ _rows(xd)                   # (r, in)
+        gB = s * _rows(g).T @ _rows(h)                    # (out, r)
         return [gx, gW, *gb, gA, gB]
 
     parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
