@@ -2,14 +2,14 @@
 
     python examples/lora_by_hand.py          # instant; --small is accepted and changes nothing
 
-1. A 3x3 weight and a rank-1 adapter: 9 weights against 6 LoRA parameters (the seed's example).
+1. A 3x3 weight and a rank-1 adapter: 9 weights against 6 LoRA parameters (the usual first example).
 2. The two paths of the forward pass, y = x W^T + b + s (x A^T) B^T, and why B = 0 changes nothing.
 3. One gradient step by hand, with the closed forms dB = s G^T h and dA = s (G B)^T x.
 4. Merging, W' = W + s B A: a plain linear layer computes the same outputs.
 5. The same numbers from minilora's LoRALinear.
 6. Fitting a target update: rank r reaches the best rank-r approximation, full rank reaches it all.
 7. Counting: a 4096 x 4096 weight with r = 4 trains 1/512 of its entries.
-8. The seed's notation, y = x · W with A: M x r and B: r x N, is the transpose of ours.
+8. Row-vector notation, y = x · W with A: M x r and B: r x N, is the transpose of ours.
 
 Everything here is NumPy; only step 5 imports minilora.
 """
@@ -118,20 +118,20 @@ print("with r = min(in, out) = 3, LoRA can express any update: full rank is full
 
 # ---- 7. Counting --------------------------------------------------------------------------------
 section("7. counting: r (in + out) against in * out")
-for name, n_in, n_out, rank in (("the seed's small example", 3, 3, 1),
+for name, n_in, n_out, rank in (("the small worked example", 3, 3, 1),
                                  ("GPT-2 small's c_attn", 768, 2304, 8),
-                                 ("the seed's large example", 4096, 4096, 4)):
+                                 ("the large worked example", 4096, 4096, 4)):
     weights, lora = n_in * n_out, rank * (n_in + n_out)
     print(f"{n_out:>5} x {n_in:<5} r={rank}: {weights:>11,} weights, {lora:>6,} LoRA parameters, "
           f"{Fraction(lora, weights)} of them  ({name})")
 assert 4096 * 4096 == 16_777_216 and 4 * (4096 + 4096) == 32_768 == 16_777_216 // 512
 
-# ---- 8. The seed's notation --------------------------------------------------------------------
-section("8. the seed's notation: y = x · (W + A · B), W: M x N with M = in, N = out")
-W_seed, A_seed, B_seed = W.T, A.T, B.T    # (M, N), (M, r), (r, N): the transposes of ours
-y_seed = x @ (W_seed + s * A_seed @ B_seed) + b
-np.testing.assert_allclose(y_seed, y1, rtol=1e-12)
-np.testing.assert_allclose(A_seed @ B_seed, (B @ A).T)  # the seed's ΔW = A · B is our (B A)^T
-print("seed: A is", A_seed.shape, "B is", B_seed.shape, "ΔW = A·B is", (A_seed @ B_seed).shape)
+# ---- 8. Row-vector notation -------------------------------------------------------------------
+section("8. row-vector notation: y = x · (W + A · B), W: M x N with M = in, N = out")
+W_row, A_row, B_row = W.T, A.T, B.T    # (M, N), (M, r), (r, N): the transposes of ours
+y_row = x @ (W_row + s * A_row @ B_row) + b
+np.testing.assert_allclose(y_row, y1, rtol=1e-12)
+np.testing.assert_allclose(A_row @ B_row, (B @ A).T)  # row-vector ΔW = A · B is our (B A)^T
+print("row-vector: A is", A_row.shape, "B is", B_row.shape, "ΔW = A·B is", (A_row @ B_row).shape)
 print("ours: A is", A.shape, "B is", B.shape, "ΔW = B A is", (B @ A).shape, "(the transpose)")
 print("\nall checks passed")

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from minilora.data import builtin_tokenizer, load_dataset
-from minilora.demo import task_accuracy
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from minilora.train import TrainConfig, load_run, train
+from minilora.train.evaluate import task_accuracy
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--base", help="a full-model run directory to start from (default: pretrain)")

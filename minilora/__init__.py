@@ -17,6 +17,7 @@ from minilora.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
+    disable_adapter,
     disable_adapters,
     load_lora_state_dict,
     lora_state_dict,
@@ -34,8 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LoRAConfig",
     "LoRALinear", "MiniLoRAError", "NonFiniteError", "RunLockedError", "ShapeError",
-    "StateDictError", "TargetModuleError", "Tensor", "apply_lora", "disable_adapters",
-    "is_grad_enabled", "load_adapter", "load_lora_state_dict", "lora_state_dict",
-    "mark_only_lora_as_trainable", "merge_and_unload", "no_grad", "parallel",
+    "StateDictError", "TargetModuleError", "Tensor", "apply_lora", "disable_adapter",
+    "disable_adapters", "is_grad_enabled", "load_adapter", "load_lora_state_dict",
+    "lora_state_dict", "mark_only_lora_as_trainable", "merge_and_unload", "no_grad", "parallel",
     "print_trainable_parameters", "save_adapter", "tune_malloc", "unload",
 ]

@@ -16,7 +16,7 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (about 3 minutes on 2 cores; --quick: about 25 seconds)
+main job:   minilora demo            (a few minutes on 2 cores; --quick: a smaller, faster run)
 help:       minilora COMMAND --help  (every command has examples)
 """
 
@@ -104,10 +104,10 @@ def _sub(sub, name: str, help: str, description: str, examples: str) -> argparse
 
 
 def _add_train(sub) -> None:
-    from minilora.commands import DEFAULT_MODEL, DEFAULT_WARMUP
+    from minilora.models import GPTConfig
     from minilora.train import TrainConfig
 
-    d = TrainConfig()
+    d, m = TrainConfig(), GPTConfig()  # a new run's defaults: nanoGPT's tiny Shakespeare CPU model
     p = sub.add_parser("train", help="pretrain, fine-tune in full, or fine-tune with LoRA",
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,14 +121,14 @@ def _add_train(sub) -> None:
                    help="continue the run in --out from its last checkpoint, with its settings")
     g = p.add_argument_group("model (a new model only; --init-from keeps the base's)")
     g.add_argument("--n-layer", type=_positive_int, metavar="N",
-                   help=f"transformer blocks (default: {DEFAULT_MODEL['n_layer']})")
+                   help=f"transformer blocks (default: {m.n_layer})")
     g.add_argument("--n-head", type=_positive_int, metavar="N",
                    help=f"attention heads; must divide --n-embd (default: "
-                        f"{DEFAULT_MODEL['n_head']})")
+                        f"{m.n_head})")
     g.add_argument("--n-embd", type=_positive_int, metavar="N",
-                   help=f"width (default: {DEFAULT_MODEL['n_embd']})")
+                   help=f"width (default: {m.n_embd})")
     g.add_argument("--block-size", type=_positive_int, metavar="T",
-                   help=f"context length in tokens (default: {DEFAULT_MODEL['block_size']})")
+                   help=f"context length in tokens (default: {m.block_size})")
     g.add_argument("--dropout", type=_number, metavar="P",
                    help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
@@ -143,7 +143,7 @@ def _add_train(sub) -> None:
     g.add_argument("--min-lr", type=_number, metavar="LR",
                    help=f"learning rate at the end of the cosine (default: {d.min_lr:g})")
     g.add_argument("--warmup-iters", type=_nonneg_int, metavar="N",
-                   help=f"(default: {DEFAULT_WARMUP}, or a tenth of --max-iters if smaller)")
+                   help=f"(default: {d.warmup_iters}, or a tenth of --max-iters if smaller)")
     g.add_argument("--weight-decay", type=_number, metavar="WD",
                    help=f"decoupled, on weights of 2 or more dimensions (default: "
                         f"{d.weight_decay:g})")
@@ -157,6 +157,11 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    _add_lora_flags(p)
+    _add_common(p)
+
+
+def _add_lora_flags(p) -> None:
     g = p.add_argument_group("LoRA (with --init-from; without --lora-r, fine-tuning is full)")
     g.add_argument("--lora-r", type=_positive_int, metavar="R", help="adapter rank, e.g. 4")
     g.add_argument("--lora-alpha", type=_number, metavar="ALPHA",
@@ -167,7 +172,6 @@ def _add_train(sub) -> None:
                    help="comma-separated module names (default: c_attn,c_proj; also c_fc, "
                         "or full names such as transformer.h.0.attn.c_attn)")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    _add_common(p)
 
 
 def _add_common(p) -> None:
@@ -191,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_train, _add_merge, _add_generate, _add_eval, _add_params,
+                _add_bench):
+        add(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
+    from minilora.demo import OUT_DIR
 
     p = _sub(sub, "demo", "the main job: pretrain, fine-tune (full and LoRA), compare, merge", """\
         Pretrain a small GPT on builtin:world, fine-tune it on builtin:majority in full and with
@@ -199,17 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         adapter, check merged and unmerged logits agree and time inference, print samples, and
         save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
         examples:
-          minilora demo                          # about 3 minutes on 2 cores
-          minilora demo --quick --out /tmp/demo  # a smaller run, about 25 seconds""")
-    p.add_argument("--quick", action="store_true", help="a smaller run (about 25 s)")
-    p.add_argument("--out", default="minilora-demo", metavar="DIR",
-                   help="where runs, metrics and plots go (default: ./minilora-demo); only the "
+          minilora demo                          # the full run: a few minutes on 2 cores
+          minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
+    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
+    p.add_argument("--out", default=OUT_DIR, metavar="DIR",
+                   help=f"where runs, metrics and plots go (default: ./{OUT_DIR}); only the "
                         "demo's own run directories in it are replaced")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_common(p)
 
-    _add_train(sub)
 
+def _add_merge(sub) -> None:
     p = _sub(sub, "merge", "merge a LoRA run's adapter into its base: a plain model", """\
         Fold W' = W + s B A into every adapted layer of a LoRA run, check that the merged model's
         logits equal the unmerged ones (printing the largest difference), and save it as a plain
@@ -221,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where the merged model goes (a new directory)")
 
+
+def _add_generate(sub) -> None:
     p = _sub(sub, "generate", "continue a prompt with a trained model", """\
         Sample a continuation of --prompt from a run's model (a full run, a LoRA run on its
         base, or a merged one) and print the prompt and its continuation. In the prompt, \\n
@@ -241,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_threads(p)
 
+
+def _add_eval(sub) -> None:
     p = _sub(sub, "eval", "validation loss (and task accuracy) of a trained model", """\
         The mean train and validation loss of a run's model on --data (over --eval-iters random
         batches per split) and, on a built-in task, the exact match of greedy completions on its
@@ -258,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
     _add_threads(p)
 
+
+def _add_params(sub) -> None:
     p = _sub(sub, "params", "the parameter arithmetic of LoRA for one weight matrix", """\
         How many parameters LoRA trains for one (out, in) weight at rank r: A (r, in) and
         B (out, r) hold r (in + out) against the weight's in x out.""", """\
@@ -268,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the weight's shape, e.g. 4096x4096")
     p.add_argument("--rank", required=True, type=_positive_int, metavar="R", help="LoRA's rank")
 
+
+def _add_bench(sub) -> None:
     p = _sub(sub, "bench", "time training steps against numpy's matmul peak and PyTorch", """\
         Time training steps of a fixed model and print them as ratios to numpy's own float32
         matmul throughput on this machine and, with --compare torch, to the same model in
@@ -283,7 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=("torch",), help="also time the same model in PyTorch")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=_positive_int)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.configs import naming_fields
 from minilora.errors import ConfigError, DataError, MiniLoRAError
 from minilora.models import GPTConfig
 from minilora.train import TrainConfig
@@ -23,9 +24,10 @@ from minilora.train.checkpoint import CHECKPOINT, METRICS
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
 _LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora")
-# nanoGPT's tiny Shakespeare CPU model: the default architecture of a new run
-DEFAULT_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}
-DEFAULT_WARMUP = 100  # nanoGPT's; a run shorter than 1000 steps warms up for a tenth of them
+# a config field the command line sets, and the flag that sets it
+_FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
+            **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
+            **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r"}
 
 
 def _given(args, names) -> dict:
@@ -38,33 +40,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_CONFIG_FIELD = re.compile(r"\b(?:TrainConfig|GPTConfig)\.(\w+)|\bLoRAConfig: (\w+)")
-_FIELD_VALUE = re.compile(r"(?<![-.\w])([a-z]\w*) \(")
-_FLAG_FIELDS = {*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS}
-_LORA_FIELD_FLAGS = {"r": "--lora-r", "lora_alpha": "--lora-alpha",
-                     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules"}
-
-
-def _as_flags(e: MiniLoRAError) -> MiniLoRAError:
-    """The same error with config field names (``TrainConfig.lr``) said as flags (``--lr``)."""
-
-    def flag(m: re.Match) -> str:
-        if m.group(1) is not None:
-            return _flag(m.group(1))
-        return _LORA_FIELD_FLAGS.get(m.group(2), m.group(0))
-
-    def named(m: re.Match) -> str:  # "... divisible by n_head (3)": another field, by name
-        return f"{_flag(m.group(1))} (" if m.group(1) in _FLAG_FIELDS else m.group(0)
-
-    return type(e)(_FIELD_VALUE.sub(named, _CONFIG_FIELD.sub(flag, str(e))))
+def _as_flag(owner: str, field: str) -> str | None:
+    """How the command line names a config field: by its flag (``--lr``), where it has one."""
+    flag = _FLAG_OF.get((owner, field))
+    return None if flag is None else _flag(flag)
 
 
 def _train_config(args) -> TrainConfig:
     given = _given(args, _TRAIN_FLAGS)
     if args.skip_nonfinite:
         given["on_nonfinite"] = "skip"
-    if "warmup_iters" not in given and "max_iters" in given:
-        given["warmup_iters"] = min(DEFAULT_WARMUP, given["max_iters"] // 10)
+    if "warmup_iters" not in given and "max_iters" in given:  # a short run warms up for a tenth
+        given["warmup_iters"] = min(TrainConfig().warmup_iters, given["max_iters"] // 10)
     return TrainConfig(**given)
 
 
@@ -84,63 +71,71 @@ def _eval_line(record: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    from minilora.lora import LoRAConfig
     from minilora.train import runs
 
     talk = {} if args.quiet else {"log": _say, "on_eval": lambda r: _say(_eval_line(r))}
     common = {"quiet": args.quiet, "threads": args.threads, **talk}
-    if args.resume:
-        settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r", *_LORA_FLAGS,
-                                 "data", "init_from", "skip_nonfinite", "no_bias"))
-        if settings:
-            raise ConfigError("--resume continues with the run's own settings; drop "
-                              + ", ".join(_flag(n) for n in settings))
-        try:
+    try:
+        if args.resume:
+            settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r",
+                                     *_LORA_FLAGS, "data", "init_from", "skip_nonfinite",
+                                     "no_bias"))
+            if settings:
+                raise ConfigError("--resume continues with the run's own settings; drop "
+                                  + ", ".join(_flag(n) for n in settings))
             result = runs.resume(args.out, **common)
-        except KeyboardInterrupt:
-            return _interrupted(Path(args.out))
-    else:
-        if args.data is None:
-            raise ConfigError("train: --data FILE or --data builtin:NAME is required "
-                              "(or --resume to continue the run in --out)")
-        if args.init_from is None and args.lora_r is not None:
-            raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
-        if args.lora_r is None and _given(args, _LORA_FLAGS):
-            raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
-                              + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
-        try:
-            config = _train_config(args)
-            model = lora = None
-            if args.init_from is None:
-                model = {**DEFAULT_MODEL, **_given(args, (*_MODEL_FLAGS, "dropout"))}
-                if args.no_bias:
-                    model["bias"] = False
-                GPTConfig(vocab_size=1, **model)  # check the architecture before any data
-            elif _given(args, (*_MODEL_FLAGS, "no_bias")):
-                fixed = _given(args, (*_MODEL_FLAGS, "no_bias"))
-                raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
-                                  + ", ".join(_flag(n) for n in fixed))
-            elif args.lora_r is not None:
-                targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
-                lora = LoRAConfig(
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-                    lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                    target_modules=tuple(t for t in targets if t),
-                    use_rslora=args.use_rslora)
-            if args.dropout is not None:
-                GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
-        except ConfigError as e:
-            raise _as_flags(e) from None
-        try:
+        else:
+            config, model, lora = _new_run_settings(args)
             if model is not None:
                 result = runs.pretrain(args.data, args.out, model, config, **common)
             else:
                 result = runs.finetune(args.init_from, args.data, args.out, config, lora,
                                        dropout=args.dropout, **common)
-        except KeyboardInterrupt:
-            return _interrupted(Path(args.out))
-    out = Path(args.out)
+    except KeyboardInterrupt:
+        return _interrupted(Path(args.out))
+    _print_result(result, Path(args.out))
+    return 0
+
+
+def _new_run_settings(args):
+    """(TrainConfig, the new model's GPTConfig fields or None, LoRAConfig or None) from the
+    flags, every one checked before any data is read; a bad one is named by its flag."""
+    from minilora.lora import LoRAConfig
+
+    if args.data is None:
+        raise ConfigError("train: --data FILE or --data builtin:NAME is required "
+                          "(or --resume to continue the run in --out)")
+    if args.init_from is None and args.lora_r is not None:
+        raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
+    if args.lora_r is None and _given(args, _LORA_FLAGS):
+        raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
+                          + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
+    model = lora = None
+    with naming_fields(_as_flag):
+        config = _train_config(args)
+        if args.init_from is None:
+            model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
+            if args.no_bias:
+                model["bias"] = False
+            GPTConfig(vocab_size=1, **model)  # check the architecture before any data
+        elif _given(args, (*_MODEL_FLAGS, "no_bias")):
+            raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
+                              + ", ".join(_flag(n) for n in _given(args, (*_MODEL_FLAGS,
+                                                                          "no_bias"))))
+        elif args.lora_r is not None:
+            targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
+            lora = LoRAConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+                lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
+                target_modules=tuple(t for t in targets if t),
+                use_rslora=args.use_rslora)
+        if args.dropout is not None:
+            GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
+    return config, model, lora
+
+
+def _print_result(result, out: Path) -> None:
     if math.isnan(result.ms_per_step):  # no step ran: --max-iters 0, or the run had finished
         print(f"iter {result.iters} (no training steps ran): train loss "
               f"{result.train_loss:.4f}, val loss {result.val_loss:.4f}; the run in {out} is "
@@ -152,7 +147,6 @@ def cmd_train(args) -> int:
         print(f"saved {out / CHECKPOINT} and {out / METRICS}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with non-finite numbers")
-    return 0
 
 
 def _interrupted(out: Path) -> int:
@@ -213,7 +207,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from minilora.data import load_dataset
     from minilora.runtime import parallel
-    from minilora.train import estimate_loss
+    from minilora.train.evaluate import estimate_loss, task_accuracy
     from minilora.train.runs import DATA_SEED
 
     run, tokenizer = _load(args.model)
@@ -226,8 +220,6 @@ def cmd_eval(args) -> int:
               f"({args.eval_iters} batches of {args.batch_size} x {run.model.config.block_size} "
               "tokens per split)")
         if data.task is not None:
-            from minilora.demo import task_accuracy
-
             score = task_accuracy(run.model, tokenizer, data.task)
             print(f"{data.task.name}: exact match {score.accuracy:.1%} "
                   f"({score.correct}/{score.total} held-out prompts, greedy)")

@@ -12,22 +12,21 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from minilora.data import ExactMatch, Task, load_dataset, tokenizer_from_dict
+from minilora.data import Task, load_dataset, tokenizer_from_dict
 from minilora.errors import ConfigError
 from minilora.lora import LoRAConfig, merge_and_unload
 from minilora.runtime import parallel
-from minilora.tensor import Tensor, no_grad
+from minilora.tensor import no_grad
 from minilora.train import TrainConfig, load_run, runs
 from minilora.train.checkpoint import CHECKPOINT
+from minilora.train.evaluate import mean_loss, task_accuracy
 from minilora.train.memory import measure_step
 
 
@@ -49,100 +48,11 @@ class DemoPlan:
 FULL = DemoPlan(model={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
                 pretrain_iters=600, finetune_iters=300, ranks=(1, 4, 16), full_lr=2e-3,
                 lora_lr=5e-3, eval_iters=20, task_prompts=None)
-# Measured on 2 busy cores: after 200 steps of pretraining and 100 of fine-tuning each, exact match
-# on 50 prompts was full 46%, r16 38%, r4 16%, r1 2% (at 150 + 60 steps and the full plan's rates,
-# all stayed at 0%); about 30 s of CPU time in all
+# Smaller, fewer steps, higher rates: the fewest steps after which the methods still differ
 QUICK = DemoPlan(model={"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64},
                  pretrain_iters=200, finetune_iters=100, ranks=(1, 4, 16), full_lr=4e-3,
                  lora_lr=1.5e-2, eval_iters=8, task_prompts=50, pretrain_lr=3e-3,
                  curve_eval_iters=2)
-
-
-class _KVCache:
-    """The keys and values each block has computed so far: (B, H, length, hd) per block."""
-
-    def __init__(self, n_layer: int):
-        self.k: list[np.ndarray | None] = [None] * n_layer
-        self.v: list[np.ndarray | None] = [None] * n_layer
-        self.length = 0
-
-
-def _extend(model, idx: np.ndarray, cache: _KVCache) -> np.ndarray:
-    """Logits (B, V) of the last of the new tokens ``idx`` (B, t), which follow ``cache.length``
-    tokens whose keys and values are in ``cache`` (added to it).
-
-    The model's own modules (embeddings, LayerNorms, c_attn, c_proj, the MLP, LoRA layers
-    included) do every product; only the attention over the cached keys is written out here,
-    as GPT's: softmax(q k^T / sqrt(hd)) v, causal. A test holds it equal to the model's forward.
-    """
-    tr, c = model.transformer, model.config
-    b, t = idx.shape
-    p0, heads, hd = cache.length, c.n_head, c.n_embd // c.n_head
-    x = tr.wte(idx) + tr.wpe(np.arange(p0, p0 + t))  # (B, t, C)
-    causal = np.triu(np.ones((t, p0 + t), dtype=bool), p0 + 1)  # new token i sees p0 + i and before
-    for i, block in enumerate(tr.h):
-        qkv = block.attn.c_attn(block.ln_1(x)).data  # (B, t, 3C)
-        q, k, v = qkv.reshape(b, t, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, t, hd)
-        if p0:
-            k = np.concatenate([cache.k[i], k], axis=2)  # (B, H, p0 + t, hd)
-            v = np.concatenate([cache.v[i], v], axis=2)
-        cache.k[i], cache.v[i] = k, v
-        att = (q @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, t, p0 + t)
-        att[..., causal] = -np.inf
-        att = np.exp(att - att.max(axis=-1, keepdims=True))
-        att /= att.sum(axis=-1, keepdims=True)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, t, c.n_embd)  # (B, t, C)
-        x = x + block.attn.c_proj(Tensor(y))
-        x = x + block.mlp(block.ln_2(x))
-    cache.length = p0 + t
-    return model.lm_head(tr.ln_f(Tensor(x.data[:, -1:]))).data[:, -1]  # (B, V)
-
-
-@no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                       stop: str | None = None) -> list[str]:
-    """The greedy continuation of each prompt (what ``model.generate(temperature=0)`` gives).
-
-    Prompts of one length run as one batch, through a key/value cache: each prompt is read once,
-    then each new token costs one position instead of the whole sequence again. ``stop``: a
-    character after which a prompt's continuation no longer matters (a batch ends when every
-    prompt has produced it).
-    """
-    by_length: dict[int, list[int]] = defaultdict(list)
-    encoded = [tokenizer.encode(p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    stop_id = None if stop is None else int(tokenizer.encode(stop)[0])
-    out = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        for length, members in by_length.items():
-            idx = np.stack([encoded[i] for i in members])  # (B, T)
-            if length + max_new_tokens > model.config.block_size:  # the window slides: no cache
-                new = model.generate(idx, max_new_tokens, temperature=0)[:, length:]
-            else:
-                new = np.empty((len(members), max_new_tokens), dtype=np.int64)
-                cache = _KVCache(model.config.n_layer)
-                logits = _extend(model, idx, cache)
-                for j in range(max_new_tokens):
-                    new[:, j] = logits.argmax(axis=-1)
-                    if j + 1 == max_new_tokens or (stop_id is not None
-                                                   and (new[:, :j + 1] == stop_id).any(1).all()):
-                        new = new[:, :j + 1]
-                        break
-                    logits = _extend(model, new[:, j:j + 1], cache)
-            for i, row in zip(members, new, strict=True):
-                out[i] = tokenizer.decode(row)
-    finally:
-        model.train(was_training)
-    return out
-
-
-def task_accuracy(model, tokenizer, task: Task, limit: int | None = None) -> ExactMatch:
-    """Exact match of greedy completions on the task's held-out prompts."""
-    return task.evaluate(lambda ps, n: greedy_completions(model, tokenizer, ps, n, stop="\n"),
-                         limit)
 
 
 def _prepare(out: Path, names: list[str]) -> None:
@@ -185,8 +95,7 @@ def _time_forwards(models: dict, x, rounds: int = 9) -> dict[str, float]:
     """CPU ms per forward pass of each model on ``x`` (median of ``rounds``, the models in turns).
 
     CPU time of this process (all its threads), not wall time: what a forward pass costs, which
-    other programs on a busy machine do not change much (their wall-clock share does: measured
-    under load, the same model's fastest wall time varied by 1.5x from one model to the next).
+    other programs on a busy machine change far less than they change its wall-clock share.
     """
     times: dict[str, list[float]] = {name: [] for name in models}
     with no_grad():
@@ -207,7 +116,10 @@ def _lora_config(method: str) -> LoRAConfig | None:
     return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=("c_attn", "c_proj"))
 
 
-def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet: bool = False,
+OUT_DIR = "minilora-demo"  # where the demo writes, unless told otherwise
+
+
+def run_demo(out_dir=OUT_DIR, quick: bool = False, seed: int = 0, quiet: bool = False,
              threads: int | None = None) -> dict:
     """Run the whole comparison, print it, save it in ``out_dir``, and return the results."""
     plan = QUICK if quick else FULL
@@ -242,27 +154,9 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     curves, answers = {}, {"base": base_acc.completions}
     _say(f"2/4 fine-tuning on builtin:majority for {plan.finetune_iters} steps each:")
     for method in methods:
-        lora = _lora_config(method)
-        lr = plan.full_lr if lora is None else plan.lora_lr
-        cfg = TrainConfig(max_iters=plan.finetune_iters, lr=lr, min_lr=lr / 10,
-                          warmup_iters=plan.finetune_iters // 10,
-                          eval_interval=max(1, plan.finetune_iters // 4), **common)
-        _say(f"    {method} (lr {lr:g}) ...")
-        result = runs.finetune(out / "base", "builtin:majority", out / method, cfg, lora,
-                               quiet=quiet, threads=threads)
-        curves[method] = [(r["iter"], r["val_loss"]) for r in result.history]
-        tuned = load_run(out / method).model
-        with parallel(threads):
-            acc = task_accuracy(tuned, tokenizer, task, plan.task_prompts)
-            loss = val_loss(tuned, task_data, plan)
-            peak = _memory(tuned, task_data, plan)  # last: it takes a (tiny) training step
-        answers[method] = acc.completions
-        label = method if lora is None else f"LoRA r={lora.r} (alpha {lora.lora_alpha:g})"
-        rows.append({"method": label, "run": method,
-                     "trainable": tuned.num_parameters(trainable_only=True),
-                     "total": tuned.num_parameters(), "val_loss": loss,
-                     "exact_match": acc.accuracy, "ms_per_step": result.ms_per_step,
-                     "peak_mib": peak / 2**20})
+        row, curves[method], answers[method] = _finetune(method, out, plan, common, tokenizer,
+                                                        task_data, quiet, threads)
+        rows.append(row)
 
     _say("")
     _say(format_table(rows))
@@ -278,16 +172,34 @@ def run_demo(out_dir="minilora-demo", quick: bool = False, seed: int = 0, quiet:
     return results
 
 
-@no_grad()
+def _finetune(method: str, out: Path, plan: DemoPlan, common: dict, tokenizer, task_data,
+              quiet: bool, threads: int | None) -> tuple[dict, list, list[str]]:
+    """Fine-tune the base one way ("full" or "lora-rN") and score it: (its row of the table, its
+    validation-loss curve, its answers to the held-out prompts)."""
+    lora = _lora_config(method)
+    lr = plan.full_lr if lora is None else plan.lora_lr
+    cfg = TrainConfig(max_iters=plan.finetune_iters, lr=lr, min_lr=lr / 10,
+                      warmup_iters=plan.finetune_iters // 10,
+                      eval_interval=max(1, plan.finetune_iters // 4), **common)
+    _say(f"    {method} (lr {lr:g}) ...")
+    result = runs.finetune(out / "base", "builtin:majority", out / method, cfg, lora,
+                           quiet=quiet, threads=threads)
+    tuned = load_run(out / method).model
+    with parallel(threads):
+        acc = task_accuracy(tuned, tokenizer, task_data.task, plan.task_prompts)
+        loss = val_loss(tuned, task_data, plan)
+        peak = _memory(tuned, task_data, plan)  # last: it takes a (tiny) training step
+    label = method if lora is None else f"LoRA r={lora.r} (alpha {lora.lora_alpha:g})"
+    row = {"method": label, "run": method, "trainable": tuned.num_parameters(trainable_only=True),
+           "total": tuned.num_parameters(), "val_loss": loss, "exact_match": acc.accuracy,
+           "ms_per_step": result.ms_per_step, "peak_mib": peak / 2**20}
+    return row, [(r["iter"], r["val_loss"]) for r in result.history], acc.completions
+
+
 def val_loss(model, data, plan: DemoPlan) -> float:
     """Mean loss over ``plan.eval_iters`` validation batches, the same batches for every model."""
-    model.eval()
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(plan.eval_iters):
-        x, y = data.get_batch("val", plan.batch_size, model.config.block_size, rng)
-        losses.append(model(x, y)[1].item())
-    return float(np.mean(losses))
+    return mean_loss(model, data, "val", plan.eval_iters, plan.batch_size,
+                     np.random.default_rng(0))
 
 
 def format_table(rows: list[dict]) -> str:

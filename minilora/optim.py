@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora.errors import ConfigError, ShapeError, StateDictError
-from minilora.runtime import for_blocks, rows_per_block
+from minilora.ops.backend.blocks import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 STATE_FORMAT = "minilora.optim/1"
@@ -408,6 +408,19 @@ class CosineSchedule:
         return cosine_lr(it, self.lr, self.min_lr, self.warmup_iters, self.lr_decay_iters)
 
 
+def grad_norm(params: Iterable[Tensor]) -> float:
+    """The global L2 norm of the parameters' gradients, summed in float64 (None counts as 0)."""
+    return _norm([p.grad for p in params if p.grad is not None])
+
+
+def _norm(grads: list[np.ndarray]) -> float:
+    total = 0.0
+    for g in grads:
+        flat = g.reshape(-1).astype(np.float64)
+        total += float(flat @ flat)
+    return math.sqrt(total)
+
+
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
@@ -419,11 +432,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     if max_norm == 0.0:
         raise ConfigError("clip_grad_norm: max_norm must be > 0, got 0.0")
     grads = [p.grad for p in params if p.grad is not None]
-    total = 0.0
-    for g in grads:
-        flat = g.reshape(-1).astype(np.float64)
-        total += float(flat @ flat)
-    norm = math.sqrt(total)
+    norm = _norm(grads)
     if math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:

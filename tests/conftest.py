@@ -21,8 +21,8 @@ def one_blas_thread():
 def mm_calls() -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Every matrix product the ops compute from here on, as (a.shape, b.shape, out.shape).
 
-    Every product goes through ``backend.mm`` or, inside a fused kernel's blocks, is announced
-    with ``backend.note_product``; ``backend.record_products`` sees both. Counting them shows which
+    Every product goes through ``backend.mm`` or, inside a fast kernel's blocks,
+    ``backend.products.matmul``; ``backend.record_products`` sees both. Counting them shows which
     products a backward pass really runs: for a frozen weight, the one that would give its
     gradient must not be among them.
     """

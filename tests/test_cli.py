@@ -177,9 +177,20 @@ def test_eval_prints_the_losses_and_the_task_exact_match(work):
                   "LoRA, rank 1: A (1 x 3) + B (3 x 1) = 1 x (3 + 3) = 6 trainable parameters",
                   "ratio: 6 / 9 = 2/3 (66.6667%)"]),
 ])
-def test_params_prints_the_seeds_arithmetic(shape, rank, lines, tmp_path):
+def test_params_prints_the_parameter_arithmetic(shape, rank, lines, tmp_path):
     out = ok(minilora("params", "--shape", shape, "--rank", rank, cwd=tmp_path))
     assert out.splitlines() == lines
+
+
+def test_python_dash_m_minilora_is_the_command(tmp_path):
+    """``python -m minilora`` runs the same main: the same output, the same exit code 2."""
+    args = ["params", "--shape", "3x3", "--rank", "1"]
+    as_module = subprocess.run([sys.executable, "-m", "minilora", *args], cwd=tmp_path, env=ENV,
+                               capture_output=True, text=True, timeout=60)
+    assert as_module.returncode == 0 and as_module.stdout == ok(minilora(*args, cwd=tmp_path))
+    bad = subprocess.run([sys.executable, "-m", "minilora", "params", "--rank", "0"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("minilora: error: params: ")
 
 
 def test_ctrl_c_then_resume_gives_the_run_that_never_stopped(work):
@@ -383,3 +394,23 @@ def test_a_mistake_is_one_line_exit_code_2_and_nothing_half_written(case, mistak
     if out is not None:
         assert not (work / out / CHECKPOINT).exists()
         assert not (work / out).exists(), f"{out} was created: {list((work / out).iterdir())}"
+
+
+def test_a_bad_setting_is_named_by_its_flag_where_it_is_checked():
+    """The configs' own checks say --n-embd and --lora-r inside naming_fields, their field names
+    outside it: no message is rewritten afterwards."""
+    from minilora.commands import _as_flag
+    from minilora.configs import naming_fields
+    from minilora.errors import ConfigError
+    from minilora.lora import LoRAConfig
+    from minilora.models import GPTConfig
+
+    with naming_fields(_as_flag):
+        with pytest.raises(ConfigError, match=r"^--n-embd \(30\) must be divisible by --n-head"):
+            GPTConfig(n_embd=30, n_head=4)
+        with pytest.raises(ConfigError, match=r"^--lora-r must be a positive integer, got 0$"):
+            LoRAConfig(r=0)
+        with pytest.raises(ConfigError, match=r"^LoRAConfig\.bias must be one of"):
+            LoRAConfig(bias="some")  # no flag sets it: its field name
+    with pytest.raises(ConfigError, match=r"^GPTConfig\.n_embd \(30\) must be divisible by n_head"):
+        GPTConfig(n_embd=30, n_head=4)

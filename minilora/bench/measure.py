@@ -52,7 +52,7 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     out, limits = {}, {}
     tokens = cfg.batch_size * cfg.block_size
     largest = largest_product(runs["full"][0], tokens)
-    with runtime.parallel_for(largest, threads):  # as the training loop does
+    with runtime.step_threading(largest, threads):  # as the training loop does
         for method, (model, opt, x, y) in runs.items():
             train_step(model, opt, x, y)  # the optimizer state exists from here on
             with backend.record_products() as products:

@@ -22,7 +22,7 @@ def report(results: dict) -> str:
     lines.append("products threaded by: " + "; ".join(
         f"config {name} {'BLAS' if entry['full']['blas_threads'] else 'the engine'} (largest "
         f"{entry['full']['largest_product'] / 1e6:,.0f}M multiply-adds)"
-        for name, entry in results["configs"].items()) + "; see runtime.parallel_for")
+        for name, entry in results["configs"].items()) + "; see runtime.step_threading")
     lines.append("")
     head = ("config", "method", "ms/step", "tokens/s", "GFLOP", "GFLOP/s", "of numpy peak",
             "torch ms", "minilora/torch", "peak MiB")

@@ -8,7 +8,7 @@ import numpy as np
 
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
-from minilora.ops.attention import attention_spans
+from minilora.ops.backend.attention import attention_spans
 from minilora.optim import AdamW, param_groups
 
 
@@ -37,7 +37,8 @@ def analytic_flops(cfg: BenchConfig, lora: bool) -> int:
     """Matmul FLOPs (2 per multiply-add) of one training step, counted from the architecture.
 
     Full: every product of the forward pass, then two of the same size in backward (dX and dW);
-    causal attention computes only the row blocks' visible keys (``ops.attention.attention_spans``).
+    causal attention computes only the row blocks' visible keys
+    (``ops.backend.attention.attention_spans``).
     LoRA: no dW for any frozen weight; the adapters' own products (4 per adapted layer backward,
     2 forward); and no dX into layer 0's c_attn, whose input depends on frozen weights only.
     """

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.configs import positive_int, probability
 from minilora.data.builtin import Task, builtin_tokenizer, load_builtin
 from minilora.data.tokenizer import CharTokenizer, Tokenizer
 from minilora.errors import ConfigError, DataError
@@ -44,12 +45,6 @@ def load_text(path: str | os.PathLike) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _positive(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class TextDataset:
     """Token ids of a text, split into ``train`` and ``val``.
 
@@ -61,9 +56,7 @@ class TextDataset:
 
     def __init__(self, text: str, tokenizer: Tokenizer | None = None, val_fraction: float = 0.1,
                  name: str = "<text>", task: Task | None = None):
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-                or not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"TextDataset: val_fraction must be in [0, 1), got {val_fraction!r}")
+        val_fraction = probability("TextDataset", "val_fraction", val_fraction)  # a share in [0, 1)
         if not text:
             raise DataError(f"{name}: the text is empty")
         self.name = name
@@ -103,8 +96,8 @@ class TextDataset:
         Offsets are drawn as ``rng.integers(len - block_size, size=batch_size)``.
         """
         data = self.split(split)
-        b = _positive("get_batch", "batch_size", batch_size)
-        t = _positive("get_batch", "block_size", block_size)
+        b = positive_int("get_batch", "batch_size", batch_size)
+        t = positive_int("get_batch", "block_size", block_size)
         if not isinstance(rng, np.random.Generator):
             raise ConfigError(f"get_batch: rng must be a numpy.random.Generator, got "
                               f"{type(rng).__name__}")

@@ -11,6 +11,7 @@ from minilora.lora.config import LoRAConfig, lora_scaling, matches_target
 from minilora.lora.layer import LoRALinear
 from minilora.lora.model import (
     apply_lora,
+    disable_adapter,
     disable_adapters,
     mark_only_lora_as_trainable,
     merge_adapter,
@@ -34,8 +35,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapters",
-    "get_nb_trainable_parameters", "load_adapter", "load_lora_state_dict",
+    "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapter",
+    "disable_adapters", "get_nb_trainable_parameters", "load_adapter", "load_lora_state_dict",
     "lora_parameter_counts", "lora_scaling", "lora_state_dict", "mark_only_lora_as_trainable",
     "matches_target", "merge_adapter", "merge_and_unload", "named_lora_layers", "plan_lora",
     "print_trainable_parameters", "save_adapter", "trainable_parameters_report", "unload",

@@ -1,7 +1,7 @@
 """Counting parameters: what LoRA trains against what full fine-tuning would.
 
 An adapted (out, in) weight has ``in * out`` entries; its adapter ``A: (r, in)`` and ``B: (out, r)``
-has ``r * (in + out)``. The seed's examples: a 3x3 weight with r=1, 9 against 6; a 4096x4096
+has ``r * (in + out)``. Two worked examples: a 3x3 weight with r=1, 9 against 6; a 4096x4096
 weight with r=4, 16,777,216 against 32,768, exactly 1/512. ``LoRALayerCount`` does the arithmetic
 on shapes alone, so it needs no 4096x4096 array.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from minilora.lora.config import check_rank
+from minilora.configs import positive_int
 from minilora.lora.model import named_lora_layers
 from minilora.nn import Module
 
@@ -27,7 +27,7 @@ class LoRALayerCount:
 
     def __post_init__(self) -> None:
         for field in ("in_features", "out_features", "r"):
-            check_rank("LoRALayerCount", field, getattr(self, field))
+            positive_int("LoRALayerCount", field, getattr(self, field))
 
     @property
     def weight_params(self) -> int:

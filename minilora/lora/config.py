@@ -17,50 +17,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minilora.configs import config_from_dict
+from minilora.configs import (
+    choice,
+    config_from_dict,
+    field_name,
+    flag,
+    positive_int,
+    positive_number,
+    probability,
+)
 from minilora.errors import ConfigError
 
 INIT_LORA_WEIGHTS = ("kaiming", "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM",)  # PEFT's task_type for a language model, the one minilora has
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear but the output layer
-
-
-# ---- checks shared by LoRAConfig and LoRALinear: each names the owner, field and value ----
-
-def check_rank(owner: str, name: str, value) -> int:
-    """A positive integer (bool and float refused: ``r=8.0`` from JSON is a mistake, not an 8)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_alpha(owner: str, name: str, value) -> float | int:
-    """A finite number > 0; an int stays an int so that ``to_dict`` gives back what came in."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{owner}: {name} must be a number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    return int(value) if isinstance(value, (int, np.integer)) else float(value)
-
-
-def check_dropout(owner: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= value < 1.0:
-        raise ConfigError(f"{owner}: lora_dropout must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def check_flag(owner: str, name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{owner}: {name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -92,7 +63,8 @@ def _string_list(owner: str, name: str, value, allow_none: bool) -> tuple[str, .
         return None
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
             or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{owner}: {name} must be a non-empty list of non-empty module names, "
+        raise ConfigError(f"{field_name(owner, name)} must be a non-empty list of non-empty "
+                          "module names, "
                           f"got {value!r}")
     return tuple(value)
 
@@ -101,7 +73,8 @@ def _regex(owner: str, name: str, pattern: str) -> str:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"{owner}: {name} {pattern!r} is not a valid regular expression "
+        raise ConfigError(f"{field_name(owner, name)} {pattern!r} is not a valid regular "
+                          "expression "
                           f"({e})") from None
     return pattern
 
@@ -110,12 +83,13 @@ def _pattern_dict(owner: str, name: str, value, check) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{owner}: {name} must be a mapping of name pattern -> value, "
+        raise ConfigError(f"{field_name(owner, name)} must be a mapping of name pattern -> value, "
                           f"got {value!r}")
     out = {}
     for key, v in value.items():
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"{owner}: {name} keys must be non-empty strings, got {key!r}")
+            raise ConfigError(f"{field_name(owner, name)} keys must be non-empty strings, "
+                              f"got {key!r}")
         out[_regex(owner, f"{name} key", key)] = check(owner, f"{name}[{key!r}]", v)
     return out
 
@@ -170,28 +144,29 @@ class LoRAConfig:
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
-                raise ConfigError(f"{owner}: target_modules must not be empty, got {targets!r}")
+                raise ConfigError(f"{field_name(owner, 'target_modules')} must not be empty, "
+                                  f"got {targets!r}")
             targets = ALL_LINEAR if targets.lower() == ALL_LINEAR else \
                 _regex(owner, "target_modules", targets)
         else:
             targets = _string_list(owner, "target_modules", targets, allow_none=False)
         checked = {
-            "r": check_rank(owner, "r", self.r),
-            "lora_alpha": check_alpha(owner, "lora_alpha", self.lora_alpha),
-            "lora_dropout": check_dropout(owner, self.lora_dropout),
+            "r": positive_int(owner, "r", self.r),
+            "lora_alpha": positive_number(owner, "lora_alpha", self.lora_alpha),
+            "lora_dropout": probability(owner, "lora_dropout", self.lora_dropout),
             "target_modules": targets,
-            "use_rslora": check_flag(owner, "use_rslora", self.use_rslora),
+            "use_rslora": flag(owner, "use_rslora", self.use_rslora),
             "init_lora_weights": _init_method(owner, self.init_lora_weights),
-            "bias": check_choice(owner, "bias", self.bias, BIAS_MODES),
+            "bias": choice(owner, "bias", self.bias, BIAS_MODES),
             "modules_to_save": _string_list(owner, "modules_to_save", self.modules_to_save,
                                             allow_none=True),
-            "rank_pattern": _pattern_dict(owner, "rank_pattern", self.rank_pattern, check_rank),
-            "alpha_pattern": _pattern_dict(owner, "alpha_pattern", self.alpha_pattern, check_alpha),
-            "task_type": None if self.task_type is None else check_choice(
+            "rank_pattern": _pattern_dict(owner, "rank_pattern", self.rank_pattern, positive_int),
+            "alpha_pattern": _pattern_dict(owner, "alpha_pattern", self.alpha_pattern,
+                                           positive_number),
+            "task_type": None if self.task_type is None else choice(
                 owner, "task_type", self.task_type, TASK_TYPES),
-            "fan_in_fan_out": check_flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
-            "ensure_weight_tying": check_flag(owner, "ensure_weight_tying",
-                                              self.ensure_weight_tying),
+            "fan_in_fan_out": flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
+            "ensure_weight_tying": flag(owner, "ensure_weight_tying", self.ensure_weight_tying),
         }
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
@@ -242,7 +217,7 @@ def _init_method(owner: str, value) -> str:
     if isinstance(value, str) and value in INIT_LORA_WEIGHTS:
         return value
     why = " (PEFT's False, a random B, is not implemented)" if value is False else ""
-    raise ConfigError(f"{owner}: init_lora_weights must be True (PEFT's spelling of 'kaiming'), "
+    raise ConfigError(f"{field_name(owner, 'init_lora_weights')} must be True (PEFT's spelling of 'kaiming'), "
                       f"'kaiming' or 'gaussian', got {value!r}{why}")
 
 

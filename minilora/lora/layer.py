@@ -1,12 +1,12 @@
 """LoRALinear: a frozen Linear plus a trainable low-rank path.
 
     W: (out, in) frozen      A: (r, in) trainable      B: (out, r) trainable, starts at 0
-    forward:  y = x W^T + b + s * (dropout(x) A^T) B^T        s = lora_alpha / r
-    merge:    W' = W + s * (B A)          unmerge: W = W' - s * (B A)
 
-The layer keeps the base layer's parameter names (``weight``, ``bias``), so a base model's state
-dict loads into an adapted model unchanged, and adds ``lora_A`` and ``lora_B``. The forward pass is
-one fused op (``minilora.ops.lora_linear``) that never forms ``B A`` and never computes ``dW``.
+The forward pass is one op, ``ops.lora_linear`` (its equation and gradients are in
+``minilora/ops/lora_linear.py``), which never forms ``B A`` and never computes ``dW``; ``merge``
+folds the low-rank path into ``W``. The layer keeps the base layer's parameter names (``weight``,
+``bias``), so a base model's state dict loads into an adapted model unchanged, and adds ``lora_A``
+and ``lora_B``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from minilora import ops
+from minilora.configs import choice, flag, positive_int, positive_number, probability
 from minilora.errors import ConfigError, TargetModuleError
-from minilora.lora.config import (
-    INIT_LORA_WEIGHTS,
-    check_alpha,
-    check_choice,
-    check_dropout,
-    check_flag,
-    check_rank,
-    lora_scaling,
-)
+from minilora.lora.config import INIT_LORA_WEIGHTS, lora_scaling
 from minilora.nn import Linear, Module, Parameter, make_rng
 from minilora.tensor import Tensor, as_tensor
 
@@ -63,12 +56,12 @@ class LoRALinear(Module):
         if not isinstance(base, Linear):
             raise TargetModuleError(f"LoRALinear: base must be a Linear, got {type(base).__name__}")
         owner = "LoRALinear"
-        self.r = check_rank(owner, "r", r)
-        self.lora_alpha = check_alpha(owner, "lora_alpha", lora_alpha)
-        self.lora_dropout = check_dropout(owner, lora_dropout)
-        self.use_rslora = check_flag(owner, "use_rslora", use_rslora)
-        self.init_lora_weights = check_choice(owner, "init_lora_weights", init_lora_weights,
-                                              INIT_LORA_WEIGHTS)
+        self.r = positive_int(owner, "r", r)
+        self.lora_alpha = positive_number(owner, "lora_alpha", lora_alpha)
+        self.lora_dropout = probability(owner, "lora_dropout", lora_dropout)
+        self.use_rslora = flag(owner, "use_rslora", use_rslora)
+        self.init_lora_weights = choice(owner, "init_lora_weights", init_lora_weights,
+                                        INIT_LORA_WEIGHTS)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = lora_scaling(self.r, self.lora_alpha, self.use_rslora)
         self.rng = make_rng(rng)
@@ -86,39 +79,35 @@ class LoRALinear(Module):
     def forward(self, x: Tensor) -> Tensor:
         """y = x W^T + b + s (dropout(x) A^T) B^T; merged or disabled: y = x W^T + b."""
         x = as_tensor(x)
-        if self.merged or self._disabled:  # merged: W already holds W + s B A
+        if self.merged or self._disabled:  # merged: W already holds the low-rank path
             return ops.linear(x, self.weight, self.bias)
+        mask = None if not self.training or self.lora_dropout == 0.0 else \
+            ops.dropout_mask(x.shape, self.lora_dropout, self.rng, x.dtype)
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                               self._dropout_mask(x))
-
-    def _dropout_mask(self, x: Tensor) -> np.ndarray | None:
-        """Inverted dropout mask for the adapter's input, x's shape: 0 (prob. p) or 1/(1-p)."""
-        p = self.lora_dropout
-        if not self.training or p == 0.0:
-            return None
-        draw_dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
-        keep = self.rng.random(x.shape, dtype=draw_dtype) >= p
-        return keep.astype(x.dtype) * (1.0 / (1.0 - p))
+                               mask)
 
     # ---- merging ---------------------------------------------------------------------------
     def delta_weight(self) -> np.ndarray:
-        """s * (B A): (out, in), in the layer's dtype. What training added to W."""
+        """What training added to W: s (B @ A), (out, in), in the layer's dtype."""
         return self.scaling * (self.lora_B.data @ self.lora_A.data)
 
     def merge(self) -> None:
-        """W <- W + s B A; the forward pass becomes the plain linear. Merging twice does nothing."""
+        """W <- W + s (B @ A); the forward pass becomes the plain linear. Merging twice does
+        nothing; a disabled adapter is an error."""
         if self.merged:
             return
         if self._disabled:
             raise ConfigError("LoRALinear.merge: the adapter is disabled; enable it before merging")
-        self.weight.data = self.weight.data + self.delta_weight()
+        W, A, B, s = self.weight, self.lora_A, self.lora_B, self.scaling
+        W.data = W.data + s * (B.data @ A.data)
         self.merged = True
 
     def unmerge(self) -> None:
-        """W <- W - s B A (W back, up to round-off); the adapter path is on again. Idempotent."""
+        """W <- W - s (B @ A): W back, up to round-off; the adapter path is on again. Idempotent."""
         if not self.merged:
             return
-        self.weight.data = self.weight.data - self.delta_weight()
+        W, A, B, s = self.weight, self.lora_A, self.lora_B, self.scaling
+        W.data = W.data - s * (B.data @ A.data)
         self.merged = False
 
     # ---- switching the adapter off and on ----------------------------------------------------

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
+from minilora.configs import choice
 from minilora.errors import ConfigError, TargetModuleError
-from minilora.lora.config import (
-    ALL_LINEAR,
-    BIAS_MODES,
-    LoRAConfig,
-    check_choice,
-    matches_pattern,
-    matches_target,
-)
+from minilora.lora.config import ALL_LINEAR, BIAS_MODES, LoRAConfig, matches_pattern, matches_target
 from minilora.lora.layer import LoRALinear
 from minilora.nn import Linear, Module, Parameter, make_rng
 
@@ -56,13 +51,29 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
     if not isinstance(model, Module):
         raise ConfigError(f"apply_lora: model must be a Module, got {type(model).__name__}")
     modules = {n: m for n, m in model.named_modules() if n}
+    matched = _targets(model, modules, config)
+    adapted = [n for n, _ in named_lora_layers(model)]
+    if adapted:
+        raise TargetModuleError(f"apply_lora: the model already has LoRA layers "
+                                f"({_names(adapted)}); minilora keeps one adapter per model: "
+                                "unload() or merge_and_unload() first")
+    _check_not_tied(modules, matched)
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field) or {}:
+            if not any(matches_pattern(n, key) for n in matched):
+                raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
+                                        f"adapted modules: {_names(matched)}")
+    return [(n, modules[n]) for n in matched], _modules_to_save(modules, config, matched)
+
+
+def _targets(model: Module, modules: dict[str, Module], config: LoRAConfig) -> list[str]:
+    """The names of the Linear modules ``config.target_modules`` matches, in model order; every
+    entry must match, and only Linear modules that are not adapted yet."""
     names = list(modules)
     linears = [n for n, m in modules.items() if isinstance(m, (Linear, LoRALinear))]
-
     regex = isinstance(config.target_modules, str)
-    targets = [config.target_modules] if regex else list(config.target_modules)
     matched: list[str] = []
-    for target in targets:
+    for target in [config.target_modules] if regex else list(config.target_modules):
         hits = _all_linear(model, modules) if target == ALL_LINEAR else \
             _matching(names, target, regex)
         if not hits:
@@ -80,18 +91,13 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                         f"Linear modules: {_names(linears)}")
             if name not in matched:
                 matched.append(name)
-    matched.sort(key=names.index)  # model order: a seed gives the same A in any target order
+    return sorted(matched, key=names.index)  # model order: a seed gives the same A in any order
 
-    adapted = [n for n, _ in named_lora_layers(model)]
-    if adapted:
-        raise TargetModuleError(f"apply_lora: the model already has LoRA layers "
-                                f"({_names(adapted)}); minilora keeps one adapter per model: "
-                                "unload() or merge_and_unload() first")
 
-    owners: dict[int, list[str]] = {}  # parameter -> every module name that holds it
-    for name, module in modules.items():
-        for p in module._parameters.values():
-            owners.setdefault(id(p), []).append(name)
+def _check_not_tied(modules: dict[str, Module], matched: list[str]) -> None:
+    """A TargetModuleError if a target's weight is shared with another module: merging would
+    change both."""
+    owners = _owners(modules)
     for name in matched:
         tied = [o for o in owners[id(modules[name].weight)] if o != name]
         if tied:
@@ -99,18 +105,25 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                     "(tied weights); merging would change both, so LoRA does not "
                                     "adapt it")
 
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, field) or {}:
-            if not any(matches_pattern(n, key) for n in matched):
-                raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
-                                        f"adapted modules: {_names(matched)}")
 
+def _owners(modules: dict[str, Module]) -> dict[int, list[str]]:
+    """Parameter id -> the name of every module that holds it (more than one: tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for p in module._parameters.values():
+            owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def _modules_to_save(modules: dict[str, Module], config: LoRAConfig,
+                     matched: list[str]) -> list[str]:
+    """The names ``config.modules_to_save`` matches; none of them may be adapted too."""
     saved: list[str] = []
     for entry in config.modules_to_save or ():
-        hits = _matching(names, entry, regex=False)
+        hits = _matching(list(modules), entry, regex=False)
         if not hits:
             raise TargetModuleError(f"apply_lora: modules_to_save entry {entry!r} matches no "
-                                    f"module; the model's modules are {_names(names)}")
+                                    f"module; the model's modules are {_names(list(modules))}")
         for name in hits:
             clash = [t for t in matched
                      if t == name or t.startswith(name + ".") or name.startswith(t + ".")]
@@ -120,8 +133,8 @@ def _plan(model: Module, config: LoRAConfig) -> tuple[list[tuple[str, Linear]], 
                                         "or adapted")
             saved.append(name)
     if saved and not config.ensure_weight_tying:
-        _refuse_untying(modules, saved, owners)
-    return [(n, modules[n]) for n in matched], saved
+        _refuse_untying(modules, saved, _owners(modules))
+    return saved
 
 
 def _all_linear(model: Module, modules: dict[str, Module]) -> list[str]:
@@ -182,7 +195,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> Module:
     bias: "none", "all" (every parameter named ``bias``), "lora_only" (biases of LoRA layers).
     Frozen parameters lose any gradient they held, so no optimizer can step them.
     """
-    check_choice("mark_only_lora_as_trainable", "bias", bias, BIAS_MODES)
+    choice("mark_only_lora_as_trainable", "bias", bias, BIAS_MODES)
     layers = [layer for _, layer in named_lora_layers(model)]
     if not layers:
         raise TargetModuleError("mark_only_lora_as_trainable: the model has no LoRA layers")
@@ -216,59 +229,66 @@ def _mergeable_layers(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
 
 
 def merge_adapter(model: Module) -> Module:
-    """Merge every LoRA layer in place (``W <- W + s B A``); the layers stay LoRALinear."""
+    """``LoRALinear.merge`` on every LoRA layer, in place; the layers stay LoRALinear."""
     for _, layer in _mergeable_layers(model, "merge_adapter"):
         layer.merge()
     return model
 
 
 def unmerge_adapter(model: Module) -> Module:
-    """Undo ``merge_adapter`` (``W <- W - s B A``)."""
+    """Undo ``merge_adapter``: ``LoRALinear.unmerge`` on every LoRA layer."""
     for _, layer in _lora_layers_or_raise(model, "unmerge_adapter"):
         layer.unmerge()
-    return model
-
-
-def _unload(model: Module, merge: bool, what: str) -> Module:
-    layers = _mergeable_layers(model, what) if merge else _lora_layers_or_raise(model, what)
-    for name, layer in layers:
-        if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
-        plain = Linear.from_weights(layer.weight, layer.bias)
-        plain.train(layer.training)
-        if name == "":  # the model is itself one LoRALinear
-            return plain
-        model.set_submodule(name, plain)
-    if "lora_config" in model.__dict__:
-        del model.lora_config
     return model
 
 
 def merge_and_unload(model: Module) -> Module:
     """Merge every adapter into its weight and put plain Linear layers back: the model costs what
     the base costs at inference. Parameters keep their ``requires_grad``. Returns the model."""
-    return _unload(model, merge=True, what="merge_and_unload")
+    for name, layer in _mergeable_layers(model, "merge_and_unload"):
+        layer.merge()
+        model = _put_back_plain_linear(model, name, layer)
+    return _forget_lora_config(model)
 
 
 def unload(model: Module) -> Module:
     """Put plain Linear layers back without merging (a merged layer is unmerged first): the base
     model again, up to round-off in unmerged weights. Trained biases keep their trained values."""
-    return _unload(model, merge=False, what="unload")
+    for name, layer in _lora_layers_or_raise(model, "unload"):
+        layer.unmerge()  # nothing to do unless merged
+        model = _put_back_plain_linear(model, name, layer)
+    return _forget_lora_config(model)
+
+
+def _put_back_plain_linear(model: Module, name: str, layer: LoRALinear) -> Module:
+    """Replace the LoRA layer ``name`` by a Linear that owns its weight and bias; the model, or the
+    new Linear if the model was that one layer."""
+    plain = Linear.from_weights(layer.weight, layer.bias)
+    plain.train(layer.training)
+    if name == "":
+        return plain
+    model.set_submodule(name, plain)
+    return model
+
+
+def _forget_lora_config(model: Module) -> Module:
+    if "lora_config" in model.__dict__:
+        del model.lora_config
+    return model
 
 
 @contextlib.contextmanager
-def disable_adapters(model: Module) -> Iterator[Module]:
-    """Inside the block every LoRA layer computes its base output, exactly; after it, as before.
+def disable_adapter(model: Module) -> Iterator[Module]:
+    """Inside the block every LoRA layer computes its base output, exactly; after it, as before
+    (PEFT's ``model.disable_adapter()``).
 
     Only the low-rank path is switched off: biases and ``modules_to_save`` trained in full stay as
     trained. A merged model cannot give its base output exactly, so that is an error.
     """
-    layers = _lora_layers_or_raise(model, "disable_adapters")
+    layers = _lora_layers_or_raise(model, "disable_adapter")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ConfigError(f"disable_adapters: layers {merged} are merged; "
+        raise ConfigError(f"disable_adapter: layers {merged} are merged; "
                           "unmerge_adapter(model) first")
     before = [layer.disable_adapters for _, layer in layers]
     for _, layer in layers:
@@ -278,3 +298,11 @@ def disable_adapters(model: Module) -> Iterator[Module]:
     finally:
         for (_, layer), was_disabled in zip(layers, before, strict=True):
             layer.enable_adapters(not was_disabled)
+
+
+def disable_adapters(model: Module):
+    """Deprecated name of :func:`disable_adapter`, PEFT's name for this context manager (PEFT's
+    ``disable_adapters`` is a layer's flag, as ``LoRALinear.disable_adapters`` is here)."""
+    warnings.warn("minilora.lora.disable_adapters is deprecated; use disable_adapter",
+                  DeprecationWarning, stacklevel=2)
+    return disable_adapter(model)

@@ -1,26 +1,66 @@
-"""Generation, shared by the models: the loop, and picking each next token (greedy,
-temperature, top-k) from the model's last logits."""
+"""Inference: the key/value cache, the generation loop every model shares, choosing the next
+token, and greedy completion of prompts.
+
+``generate`` reads a prompt once and then costs one position per new token: each attention layer
+keeps the keys and values of the positions it has seen (:class:`KVCache`) and attends the new
+queries to all of them. A model takes part through ``model.next_logits(idx, cache)`` and
+``model.new_cache()``. Nothing here builds a graph.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
 
 import numpy as np
 
+from minilora.configs import non_negative_int, positive_int
 from minilora.errors import ConfigError, ShapeError
-from minilora.nn import Module, make_rng
+from minilora.nn import make_rng
 from minilora.tensor import Tensor, no_grad
 
 
-def generate(model: Module, idx, max_new_tokens: int, temperature: float, top_k: int | None,
-             rng: np.random.Generator | int | None,
-             next_logits: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Extend idx (B, T) by ``max_new_tokens`` tokens -> (B, T + max_new_tokens).
+class LayerCache:
+    """The keys and values one attention layer has computed so far: (B, H, length, hd) each."""
 
-    ``next_logits(idx)`` gives the logits (B, V) of the token after ``idx``. Runs without
-    gradients and in eval mode, and restores the model's previous mode after.
+    def __init__(self):
+        self.k: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+
+    def extend(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append the new positions' k, v (B, H, t, hd); return every position's (B, H, T, hd)."""
+        if self.k is not None:
+            k, v = np.concatenate([self.k, k], axis=2), np.concatenate([self.v, v], axis=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """A model's key/value cache: one :class:`LayerCache` per block, and the positions read."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.length = 0  # positions whose keys and values are held
+
+
+@no_grad()
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             rng: np.random.Generator | int | None = None, stop_token: int | None = None,
+             window: int | None = None) -> np.ndarray:
+    """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
+
+    temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
+    stop_token: stop as soon as every row has produced it. window: the longest sequence the model
+    reads (GPT's ``block_size``; None: no limit). The prompt is read once; each new token then
+    costs one position, its keys and values added to the model's cache, until the sequence fills
+    the window. From there the window slides and each step reads the last ``window`` tokens
+    afresh (their positions moved). Runs in eval mode and restores the previous mode after.
     """
-    check_sampling(temperature, top_k)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or temperature < 0:
+        raise ConfigError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None:
+        top_k = positive_int("generate", "top_k", top_k)
+    max_new_tokens = non_negative_int("generate", "max_new_tokens", max_new_tokens)
     idx = np.array(np.asarray(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ShapeError(f"generate: idx must have shape (B, T) with T >= 1, got {idx.shape}")
@@ -28,29 +68,32 @@ def generate(model: Module, idx, max_new_tokens: int, temperature: float, top_k:
     was_training = model.training
     model.eval()
     try:
-        with no_grad():
-            for _ in range(max_new_tokens):
-                nxt = sample_next(next_logits(idx), temperature, top_k, rng)  # (B,)
-                idx = np.concatenate([idx, nxt[:, None]], axis=1)
+        return _extend(model, idx, max_new_tokens, temperature, top_k, rng, stop_token, window)
     finally:
         model.train(was_training)
+
+
+def _extend(model, idx: np.ndarray, max_new_tokens: int, temperature: float, top_k: int | None,
+            rng: np.random.Generator, stop_token: int | None, window: int | None) -> np.ndarray:
+    prompt = idx.shape[1]
+    cache: KVCache | None = model.new_cache()
+    feed = idx if window is None else idx[:, -window:]  # what the next forward pass reads
+    for _ in range(max_new_tokens):
+        nxt = next_token(model.next_logits(feed, cache), temperature, top_k, rng)  # (B,)
+        idx = np.concatenate([idx, nxt[:, None]], axis=1)
+        if stop_token is not None and (idx[:, prompt:] == stop_token).any(axis=1).all():
+            break
+        if cache is not None and (window is None or cache.length < window):
+            feed = nxt[:, None]
+        else:  # the window slides: every position moves, so the cache no longer holds
+            cache, feed = None, idx[:, -window:]
     return idx
 
 
-def check_sampling(temperature: float, top_k: int | None) -> None:
-    """A ConfigError unless temperature >= 0 and top_k is None or a positive integer."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or temperature < 0:
-        raise ConfigError(f"generate: temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool)
-                              or not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ConfigError(f"generate: top_k must be a positive integer or None, got {top_k!r}")
-
-
-def sample_next(logits: np.ndarray, temperature: float, top_k: int | None,
-                rng: np.random.Generator) -> np.ndarray:
-    """logits (B, V) -> next tokens (B,): the most likely with temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the ``top_k`` most likely (all if None)."""
+def next_token(logits: np.ndarray, temperature: float, top_k: int | None,
+               rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``logits`` (B, V): the most likely at temperature 0, else sampled
+    from softmax(logits / temperature) over the ``top_k`` most likely (all if None)."""
     logits = logits.astype(np.float64)
     if temperature == 0:
         return logits.argmax(axis=-1)
@@ -61,3 +104,25 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int | None,
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                       stop: str | None = None) -> list[str]:
+    """The greedy continuation of each prompt: ``model.generate(..., temperature=0)`` decoded.
+
+    Prompts of one length run as one batch. ``stop``: a character after which a prompt's
+    continuation no longer matters (a batch ends when every prompt has produced it; what a
+    prompt says after it is kept, for the caller to cut).
+    """
+    by_length: dict[int, list[int]] = defaultdict(list)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    stop_token = None if stop is None else int(tokenizer.encode(stop)[0])
+    out = [""] * len(prompts)
+    for length, members in by_length.items():
+        idx = np.stack([encoded[i] for i in members])  # (B, T)
+        new = model.generate(idx, max_new_tokens, temperature=0, stop_token=stop_token)
+        for i, row in zip(members, new[:, length:], strict=True):
+            out[i] = tokenizer.decode(row)
+    return out

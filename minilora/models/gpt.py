@@ -15,15 +15,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from minilora import nn, ops
-from minilora.configs import config_from_dict
+from minilora.configs import (
+    choice,
+    config_from_dict,
+    field_name,
+    flag,
+    other_field,
+    positive_int,
+    positive_number,
+    probability,
+)
 from minilora.errors import ConfigError, ShapeError
-from minilora.models import generation
-from minilora.tensor import Tensor
+from minilora.models.generation import KVCache, LayerCache, generate
+from minilora.ops.attention import merge_heads, split_heads
+from minilora.tensor import Tensor, no_grad
 
 
 @dataclass
 class GPTConfig:
-    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``.
+    """Hyper-parameters of the model. ``n_embd`` must be divisible by ``n_head``. The defaults are
+    nanoGPT's tiny Shakespeare model for a CPU, and a new ``minilora train`` run's.
 
     n_inner: the MLP's hidden width; None means ``4 * n_embd`` (GPT-2's ``n_inner``).
     layer_norm_epsilon: the ``eps`` of every LayerNorm (GPT-2's ``layer_norm_epsilon``).
@@ -42,34 +53,17 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
+            setattr(self, name, positive_int("GPTConfig", name, getattr(self, name)))
         if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
-        self.dropout = float(self.dropout)
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"GPTConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+            raise ConfigError(f"{field_name('GPTConfig', 'n_embd')} ({self.n_embd}) must be "
+                              f"divisible by {other_field('GPTConfig', 'n_head')} ({self.n_head})")
+        self.dropout = probability("GPTConfig", "dropout", self.dropout)
+        self.bias = flag("GPTConfig", "bias", self.bias)
+        self.dtype = choice("GPTConfig", "dtype", self.dtype, ("float32", "float64"))
         if self.n_inner is not None:
-            if isinstance(self.n_inner, bool) or not isinstance(self.n_inner, (int, np.integer)) \
-                    or self.n_inner < 1:
-                raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None, got "
-                                  f"{self.n_inner!r}")
-            self.n_inner = int(self.n_inner)
-        eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
-                or not (math.isfinite(eps) and eps > 0):
-            raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a finite number > 0, got "
-                              f"{eps!r}")
-        self.layer_norm_epsilon = float(eps)
+            self.n_inner = positive_int("GPTConfig", "n_inner", self.n_inner)
+        self.layer_norm_epsilon = float(positive_number("GPTConfig", "layer_norm_epsilon",
+                                                        self.layer_norm_epsilon))
 
     @property
     def mlp_size(self) -> int:
@@ -97,29 +91,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(c, c, bias=config.bias, dtype=dtype, rng=rng)
         self.attn_dropout = nn.Dropout(config.dropout, rng)
         self.resid_dropout = nn.Dropout(config.dropout, rng)
-        self.fused = True  # the fused kernel; False runs the composed reference path
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """With ``cache``, x holds the positions after those cached, and attends to all of them."""
         qkv = self.c_attn(x)  # (B, T, 3C)
-        dropping = self.training and self.attn_dropout.p > 0
-        if self.fused and not dropping:
-            y = ops.causal_self_attention(qkv, self.n_head)  # (B, T, C)
+        if cache is None:
+            b, t, _ = x.shape
+            weights_dropout = self.attn_dropout.mask((b, self.n_head, t, t), x.dtype)
+            y = ops.causal_self_attention(qkv, self.n_head, weights_dropout)  # (B, T, C)
         else:
-            y = self._composed(qkv)
+            q, k, v = (split_heads(z, self.n_head) for z in ops.split(qkv, 3, axis=-1))
+            k, v = (Tensor(a) for a in cache.extend(k.data, v.data))  # (B, H, cached + T, hd)
+            y = merge_heads(ops.scaled_dot_product_attention(q, k, v, causal=True))
         return self.resid_dropout(self.c_proj(y))
-
-    def _composed(self, qkv: Tensor) -> Tensor:
-        """The same attention from primitives, with dropout on the attention weights."""
-        b, t, c3 = qkv.shape
-        c = c3 // 3
-        hd = c // self.n_head
-        q, k, v = (ops.transpose(ops.reshape(z, (b, t, self.n_head, hd)), (0, 2, 1, 3))
-                   for z in ops.split(qkv, 3, axis=2))  # each (B, H, T, hd)
-        att = ops.matmul(q, ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, T, T)
-        att = ops.masked_fill(att, np.triu(np.ones((t, t), bool), 1), -np.inf)
-        att = self.attn_dropout(ops.softmax(att, axis=-1))
-        y = ops.matmul(att, v)  # (B, H, T, hd)
-        return ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c))
 
 
 class MLP(nn.Module):
@@ -147,8 +131,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias, dtype=config.dtype)
         self.mlp = MLP(config, rng)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -216,32 +200,53 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored)."""
-        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
-        if idx.ndim != 2:
-            raise ShapeError(f"GPT: idx must have shape (B, T), got {idx.shape}")
-        t = idx.shape[1]
-        if t > self.config.block_size:
-            raise ShapeError(f"GPT: sequence length {t} exceeds block_size "
-                             f"{self.config.block_size}")
-        tr = self.transformer
-        x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(t)))  # (B, T, C)
-        for block in tr.h:
-            x = block(x)
-        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
         if targets is None:
             return logits
         return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
 
+    def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
+        """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the
+        positions that follow the ``cache``'s (from 0 without one); the cache takes their keys
+        and values."""
+        idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2:
+            raise ShapeError(f"GPT: idx must have shape (B, T), got {idx.shape}")
+        start = 0 if cache is None else cache.length
+        end = start + idx.shape[1]
+        if end > self.config.block_size:
+            raise ShapeError(f"GPT: sequence length {end} exceeds block_size "
+                             f"{self.config.block_size}")
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(start, end)))  # (B, T, C)
+        for i, block in enumerate(tr.h):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length = end
+        return x
+
+    def next_logits(self, idx, cache: KVCache | None = None) -> np.ndarray:
+        """The logits (B, V) of the token after idx (B, T); with a ``cache``, idx holds only
+        the tokens after those it holds. Builds no graph."""
+        with no_grad():
+            x = self._residual(idx, cache)
+            return self.lm_head(self.transformer.ln_f(x[:, -1:])).data[:, -1]
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for :func:`~minilora.models.generation.generate`."""
+        return KVCache(self.config.n_layer)
+
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | int | None = None) -> np.ndarray:
-        """Extend idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
+                 rng: np.random.Generator | int | None = None,
+                 stop_token: int | None = None) -> np.ndarray:
+        """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
-        Each step sees the last ``block_size`` tokens. Runs in eval mode and restores the
-        previous mode after.
+        stop_token: stop as soon as every row has produced it.
+        The prompt is read once; each new token then costs one position, its keys and values
+        added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
+        slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
+        Builds no graph; runs in eval mode and restores the previous mode after.
         """
-        def next_logits(idx: np.ndarray) -> np.ndarray:
-            return self(idx[:, -self.config.block_size:]).data[:, -1, :]
-
-        return generation.generate(self, idx, max_new_tokens, temperature, top_k, rng,
-                                   next_logits)
+        return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
+                        window=self.config.block_size)

@@ -26,9 +26,9 @@ import numpy as np
 
 from minilora import nn, ops
 from minilora.errors import ConfigError, ShapeError
-from minilora.models import generation
+from minilora.models.generation import KVCache, LayerCache, generate
 from minilora.ops.rotary import rope_tables
-from minilora.tensor import Tensor
+from minilora.tensor import Tensor, no_grad
 
 MODEL_TYPES = ("llama", "qwen2")
 
@@ -217,31 +217,6 @@ class LlamaConfig:
         return cls(**kwargs)
 
 
-class KVCache:
-    """The keys and values of the positions a model has seen, per layer, for generation.
-
-    Each layer holds k, v: (B, Hkv, T_seen, hd) arrays (no gradient flows into the past).
-    """
-
-    def __init__(self, num_layers: int):
-        self.layers: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        """How many positions are cached (the position of the next token)."""
-        first = self.layers[0] if self.layers else None
-        return 0 if first is None else first[0].shape[2]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's k, v: (B, Hkv, T, hd) to layer ``layer``'s; return all of them."""
-        if self.layers[layer] is not None:
-            past_k, past_v = self.layers[layer]
-            k = ops.concatenate([Tensor(past_k), k], axis=2)
-            v = ops.concatenate([Tensor(past_v), v], axis=2)
-        self.layers[layer] = (k.data, v.data)
-        return k, v
-
-
 class LlamaAttention(nn.Module):
     """Grouped-query causal self-attention with RoPE.   x: (B, T, C) -> (B, T, C).
 
@@ -270,14 +245,15 @@ class LlamaAttention(nn.Module):
         return ops.transpose(ops.reshape(x, (b, t, n, self.head_dim)), (0, 2, 1, 3))
 
     def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray,
-                cache: KVCache | None = None) -> Tensor:
-        """cos, sin: (T, hd/2), the rotary tables of these T positions."""
+                cache: LayerCache | None = None) -> Tensor:
+        """cos, sin: (T, hd/2), the rotary tables of these T positions; with ``cache``, x holds
+        the positions after those cached, and attends to all of them."""
         b, t, _ = x.shape
         q = ops.rotary_embedding(self._heads(self.q_proj(x), self.num_heads), cos, sin)
         k = ops.rotary_embedding(self._heads(self.k_proj(x), self.num_key_value_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.num_key_value_heads)  # (B, Hkv, T, hd)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_seen + T, hd)
+            k, v = (Tensor(a) for a in cache.extend(k.data, v.data))  # (B, Hkv, seen + T, hd)
         y = ops.grouped_query_attention(q, k, v)  # (B, H, T, hd)
         return self.o_proj(ops.reshape(ops.transpose(y, (0, 2, 1, 3)),
                                        (b, t, self.num_heads * self.head_dim)))
@@ -311,7 +287,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(c, eps, dtype=dtype)
 
     def forward(self, x: Tensor, cos: np.ndarray, sin: np.ndarray,
-                cache: KVCache | None = None) -> Tensor:
+                cache: LayerCache | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -351,8 +327,10 @@ class LlamaModel(nn.Module):
         if self.padding_idx is not None and x.requires_grad:
             # torch's Embedding(padding_idx): lookups of the padding token send no gradient back
             x = ops.where((idx == self.padding_idx)[..., None], x.detach(), x)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length = offset + t
         return self.norm(x)
 
 
@@ -403,17 +381,23 @@ class LlamaForCausalLM(nn.Module):
         return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | int | None = None) -> np.ndarray:
-        """Extend idx (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens).
+                 rng: np.random.Generator | int | None = None,
+                 stop_token: int | None = None) -> np.ndarray:
+        """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n); ``stop_token``:
+        stop once every row has produced it.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         Keys and values are cached, so each new token costs one position's forward pass.
         Runs in eval mode and restores the previous mode after.
         """
-        cache = KVCache(len(self.model.layers))
+        return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token)
 
-        def next_logits(idx: np.ndarray) -> np.ndarray:  # only the tokens the cache has not seen
-            return self(idx[:, cache.length:], cache=cache).data[:, -1, :]
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for :func:`~minilora.models.generation.generate`."""
+        return KVCache(len(self.model.layers))
 
-        return generation.generate(self, idx, max_new_tokens, temperature, top_k, rng,
-                                   next_logits)
+    def next_logits(self, idx, cache: KVCache | None = None) -> np.ndarray:
+        """The logits (B, V) of the token after idx (B, T); with a ``cache``, idx holds only
+        the tokens after those it holds. Builds no graph."""
+        with no_grad():
+            return self.lm_head(self.model(np.asarray(idx), cache)[:, -1:]).data[:, -1]

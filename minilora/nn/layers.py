@@ -11,7 +11,8 @@ import math
 import numpy as np
 
 from minilora import ops
-from minilora.errors import ConfigError, ShapeError
+from minilora.configs import positive_int, probability
+from minilora.errors import ShapeError
 from minilora.nn.module import Module, Parameter
 from minilora.tensor import Tensor, as_tensor
 
@@ -23,20 +24,14 @@ def make_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return np.random.default_rng(rng)
 
 
-def _positive_int(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class Linear(Module):
     """y = x W^T + b.   x: (..., in) -> (..., out); weight W: (out, in), bias b: (out,)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32,
                  rng: np.random.Generator | int | None = None):
         super().__init__()
-        self.in_features = _positive_int("Linear", "in_features", in_features)
-        self.out_features = _positive_int("Linear", "out_features", out_features)
+        self.in_features = positive_int("Linear", "in_features", in_features)
+        self.out_features = positive_int("Linear", "out_features", out_features)
         rng = make_rng(rng)
         bound = 1.0 / math.sqrt(in_features)
         weight = rng.uniform(-bound, bound, (out_features, in_features))
@@ -80,8 +75,8 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype=np.float32,
                  rng: np.random.Generator | int | None = None):
         super().__init__()
-        self.num_embeddings = _positive_int("Embedding", "num_embeddings", num_embeddings)
-        self.embedding_dim = _positive_int("Embedding", "embedding_dim", embedding_dim)
+        self.num_embeddings = positive_int("Embedding", "num_embeddings", num_embeddings)
+        self.embedding_dim = positive_int("Embedding", "embedding_dim", embedding_dim)
         weight = make_rng(rng).standard_normal((num_embeddings, embedding_dim))
         self.weight = Parameter(weight.astype(dtype))
 
@@ -105,7 +100,7 @@ class LayerNorm(Module):
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True,
                  dtype=np.float32):
         super().__init__()
-        self.normalized_shape = _positive_int("LayerNorm", "normalized_shape", normalized_shape)
+        self.normalized_shape = positive_int("LayerNorm", "normalized_shape", normalized_shape)
         self.eps = float(eps)
         self.weight = Parameter(np.ones(normalized_shape, dtype=dtype))
         self.bias = Parameter(np.zeros(normalized_shape, dtype=dtype)) if bias else None
@@ -126,13 +121,18 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.0, rng: np.random.Generator | int | None = None):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-            raise ConfigError(f"Dropout: p must be a number in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = probability("Dropout", "p", p)
         self.rng = make_rng(rng)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.dropout(x, self.p, self.rng, self.training)
+
+    def mask(self, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+        """The mask ``forward`` would multiply an input of ``shape`` by, or None when it is off
+        (eval mode, or p = 0): for an op that applies dropout inside, such as attention."""
+        if not self.training or self.p == 0.0:
+            return None
+        return ops.dropout_mask(shape, self.p, self.rng, dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

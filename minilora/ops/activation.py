@@ -1,4 +1,8 @@
-"""Fused GELU (GPT-2's tanh approximation) and dropout."""
+"""GELU (GPT-2's tanh approximation) and dropout: their equations and vector-Jacobian products.
+
+The engine runs the fast GELU (``minilora.ops.backend.activation``); ``tests/ops/test_kernels.py``
+holds the two equal.
+"""
 
 from __future__ import annotations
 
@@ -6,87 +10,48 @@ import math
 
 import numpy as np
 
+from minilora.configs import probability
 from minilora.errors import ConfigError
-from minilora.runtime import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
-_K = math.sqrt(2.0 / math.pi)  # Python floats keep a float32 array float32
-_C = 0.044715
-_A, _B = 2.0 * _K, 2.0 * _K * _C  # 2z = x (A + B x^2)
-
-
-def _sigmoid_2z(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = 1 / (1 + exp(-2z)), z = k (x + c x^3); one exp, no tanh (NumPy's float32 tanh was
-    ~2x slower than exp on an AVX2 machine, a little faster on an AVX-512 one: the same 8 passes
-    either way), and finite for any x: exp overflows to inf, giving 0."""
-    t = x * x
-    t *= -_B
-    t -= _A
-    t *= x  # -2z
-    with np.errstate(over="ignore"):  # exp(-2z) = inf for very negative x: s = 0, as it should
-        np.exp(t, out=t)
-    t += 1.0
-    return np.reciprocal(t, out=out)
+GELU_K = math.sqrt(2.0 / math.pi)  # Python floats keep a float32 array float32
+GELU_C = 0.044715
 
 
 def gelu(x: Tensor) -> Tensor:
     """0.5 x (1 + tanh(z)),  z = k (x + c x^3),  k = sqrt(2/pi),  c = 0.044715 (GPT-2's GELU).
 
-    Computed as x * s with s = sigmoid(2z), the same number, since 0.5 (1 + tanh z) = sigmoid(2z).
-    VJP: g * s * (1 + x (1 - s) k' (x)),  k'(x) = 2k (1 + 3c x^2) = d(2z)/dx.
-    Row blocks run on the engine's threads with cache-sized temporaries. The backward pass reads
-    s back as y / x from the output it keeps (the next layer keeps that array anyway), instead of
-    keeping s (one more activation-sized array) or recomputing it (an exp: NumPy's float32 exp
-    costs ~15 times a division here). Where x = 0, s = sigmoid(0) = 1/2.
+    VJP: g (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)),  t = tanh(z).
     """
     a = x.data
-    rows = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-    y = np.empty_like(rows)
-
-    def forward_block(lo, hi):
-        xb = rows[lo:hi]
-        s = _sigmoid_2z(xb, np.empty_like(xb))
-        np.multiply(xb, s, out=y[lo:hi])
-
-    block = rows_per_block(*rows.shape)
-    for_blocks(forward_block, len(rows), block)
+    t = np.tanh(GELU_K * (a + GELU_C * a * a * a))
 
     def backward(g):
-        g_rows = g.reshape(rows.shape)
-        gx = np.empty_like(rows)
+        dz = GELU_K * (1.0 + 3.0 * GELU_C * a * a)  # dz/dx
+        return (g * (0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * dz),)
 
-        def backward_block(lo, hi):
-            xb = rows[lo:hi]
-            s = np.divide(y[lo:hi], xb, out=np.full_like(xb, 0.5), where=xb != 0)
-            t = xb * xb
-            t *= 3.0 * _B
-            t += _A
-            t *= xb  # x k'(x)
-            t *= 1.0 - s
-            t += 1.0
-            t *= s
-            np.multiply(g_rows[lo:hi], t, out=gx[lo:hi])
+    return Tensor.from_op(0.5 * a * (1.0 + t), (x,), backward)
 
-        for_blocks(backward_block, len(rows), block)
-        return (gx.reshape(a.shape),)
 
-    return Tensor.from_op(y.reshape(a.shape), (x,), backward)
+def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator,
+                 dtype=np.float32) -> np.ndarray:
+    """Inverted dropout's mask: 0 with probability ``p``, else 1/(1-p), drawn from ``rng``."""
+    draw_dtype = dtype if np.dtype(dtype) in (np.float32, np.float64) else np.float64
+    keep = rng.random(shape, dtype=draw_dtype) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - float(p)))  # an np.float64 p would promote
 
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None,
             training: bool = True) -> Tensor:
-    """Zero each element with probability ``p`` and scale the rest by 1/(1-p) (inverted dropout).
+    """x * mask, the mask of :func:`dropout_mask` (inverted dropout); VJP: g * mask.
 
     The mask comes from ``rng`` (a ``numpy.random.Generator``), so a seed fixes it. Identity when
     ``p == 0`` or not ``training``.
     """
-    if not 0.0 <= p < 1.0:
-        raise ConfigError(f"dropout probability must be in [0, 1), got {p}")
+    p = probability("dropout", "p", p)
     if not training or p == 0.0:
         return x
     if rng is None:
         raise ConfigError("dropout with p > 0 needs an explicit rng (numpy.random.Generator)")
-    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
-    keep = rng.random(x.shape, dtype=dtype) >= p
-    scaled_mask = keep.astype(x.dtype) * (1.0 / (1.0 - float(p)))  # an np.float64 p would promote
-    return Tensor.from_op(x.data * scaled_mask, (x,), lambda g: (g * scaled_mask,))
+    mask = dropout_mask(x.shape, p, rng, x.dtype)
+    return Tensor.from_op(x.data * mask, (x,), lambda g: (g * mask,))

@@ -82,7 +82,7 @@ def neg(a: Tensor) -> Tensor:
 
 
 def _power(x: np.ndarray, p: float) -> np.ndarray:
-    # np.power with a float32 base and exponent 3 is ~300x slower than x*x*x: multiply small powers.
+    # np.power with a float32 base and a small integer exponent is far slower than x*x*x
     if p == 1:
         return x.copy()
     if p == 2:

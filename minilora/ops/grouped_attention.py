@@ -16,8 +16,9 @@ import math
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.attention import attention_backward, attention_forward, causal_mask
+from minilora.ops.attention import causal_mask
 from minilora.ops.backend import swap
+from minilora.ops.backend.attention import attention_backward, attention_forward
 from minilora.tensor import Tensor
 
 

@@ -1,14 +1,7 @@
-"""The LoRA linear layer as one fused op.
+"""The LoRA linear layer as one op: its equation and its vector-Jacobian product.
 
-    y = x W^T + b + s * (d(x) A^T) B^T          x: (..., in), W: (out, in), A: (r, in), B: (out, r)
-
-d is dropout on the adapter path (a fixed 0/scale mask, or none). With G = dL/dy, h = d(x) A^T
-and u = G B:
-    dB = s G^T h,   dA = s u^T d(x),   dx = G W + s d'(u A),   dW = G^T x (only if W trains).
-
-``B A`` is never formed: the adapter costs r (in + out) multiply-adds per row. dB and dA come out
-as G^T h and d(x)^T u, the long side of each thin product being the sum: BLAS runs them that way
-up to 1.8x faster than as h^T G and u^T d(x) (measured on config B's shapes).
+The engine runs the fast version (``minilora.ops.backend.lora_linear``), which computes the same
+numbers in row blocks on the engine's threads; ``tests/ops/test_kernels.py`` holds the two equal.
 """
 
 from __future__ import annotations
@@ -16,95 +9,51 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import mm, note_product
-from minilora.runtime import for_blocks, rows_per_block, sum_in_order
 from minilora.tensor import Tensor
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scaling: float, dropout_mask: np.ndarray | None = None) -> Tensor:
-    """x W^T + b + scaling * ((x * dropout_mask) A^T) B^T.   x: (..., in) -> (..., out).
+    """y = x W^T + b + s (d(x) A^T) B^T.   x: (..., in), W: (out, in), A: (r, in), B: (out, r).
 
-    dropout_mask: None, or an array broadcastable to x holding 0 and 1/(1-p) (inverted dropout).
+    d(x) = x * dropout_mask (0 or 1/(1-p), broadcastable to x), or x. ``B A`` is never formed.
+    With G = dL/dy, h = d(x) A^T and u = G B (rows summed over the leading axes):
+    dB = s G^T h,  dA = s u^T d(x),  dx = G W + s d(u A),  dW = G^T x,  db = sum(G).
     """
+    check_lora_linear(x, weight, lora_A, lora_B)
+    s, (W, A, B) = float(scaling), (weight.data, lora_A.data, lora_B.data)
+    mask = None if dropout_mask is None else np.asarray(dropout_mask, dtype=x.dtype)
+    xd = x.data if mask is None else x.data * mask        # d(x): (..., in)
+    h = xd @ A.T                                          # (..., r)
+    y = x.data @ W.T + s * (h @ B.T) + (0.0 if bias is None else bias.data)  # (..., out)
+
+    def backward(g):                                      # g: (..., out)
+        u = g @ B                                         # G B: (..., r)
+        gx = None
+        if x.requires_grad:
+            du = s * (u @ A)                              # s u A: (..., in), through d too
+            gx = g @ W + (du if mask is None else du * mask)
+        gW = _rows(g).T @ _rows(x.data) if weight.requires_grad else None  # never for frozen W
+        gb = [_rows(g).sum(axis=0)] if bias is not None else []
+        gA = s * _rows(u).T @ _rows(xd)                   # (r, in)
+        gB = s * _rows(g).T @ _rows(h)                    # (out, r)
+        return [gx, gW, *gb, gA, gB]
+
+    parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
+    return Tensor.from_op(y, parents, backward)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(..., n) -> (N, n): the leading axes as one axis of rows."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def check_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """A ShapeError unless x: (..., in), W: (out, in), A: (r, in), B: (out, r)."""
     out_f, in_f = weight.shape
     r = lora_A.shape[0]
     if x.shape[-1] != in_f or lora_A.shape != (r, in_f) or lora_B.shape != (out_f, r):
         raise ShapeError(
             f"lora_linear: x {x.shape}, W {weight.shape}, A {lora_A.shape}, B {lora_B.shape} "
-            "do not fit "
-            f"(expected x (..., {in_f}), A (r, {in_f}), B ({out_f}, r))"
+            f"do not fit (expected x (..., {in_f}), A (r, {in_f}), B ({out_f}, r))"
         )
-    scaling = float(scaling)  # an np.float64 scaling (alpha / np.sqrt(r)) would make dA, dB float64
-    if dropout_mask is not None:
-        dropout_mask = np.asarray(dropout_mask, dtype=x.dtype)  # so would a float64 mask
-    x2 = x.data.reshape(-1, in_f)
-    n = len(x2)
-    mask2 = None if dropout_mask is None else \
-        np.broadcast_to(dropout_mask, x.shape).reshape(n, in_f)
-    xd = x2 if mask2 is None else x2 * mask2  # d(x): (N, in)
-    a_data, b_data = lora_A.data, lora_B.data
-    y = mm(x2, weight.data.T, None if bias is None else bias.data)  # the frozen path, split
-    h = np.empty((n, r), dtype=y.dtype)  # d(x) A^T, kept for dB
-    rows = rows_per_block(n, max(in_f, out_f))
-
-    def forward_block(lo, hi):  # the adapter path, a block of rows at a time, added in cache
-        hb = np.matmul(xd[lo:hi], a_data.T, out=h[lo:hi])
-        y[lo:hi] += np.matmul(hb * scaling, b_data.T)
-
-    note_product((n, in_f), (in_f, r))
-    note_product((n, r), (r, out_f))
-    for_blocks(forward_block, n, rows)
-
-    # Keep only what the wanted gradients use. A frozen W keeps no x for dW; dA needs d(x).
-    need_x, need_w, need_a, need_b = (t.requires_grad for t in (x, weight, lora_A, lora_B))
-    has_bias, x_shape = bias is not None, x.shape
-    need_bias = has_bias and bias.requires_grad
-    w = weight.data if need_x else None
-    a = a_data if need_x else None
-    b = b_data if need_x or need_a else None
-    saved_h = h if need_b else None
-    saved_xd = xd if need_a else None
-    saved_x = x2 if need_w else None
-
-    def backward(g):
-        g2 = g.reshape(-1, out_f)
-        gx = mm(g2, w) if need_x else None  # G W: the large product, split over the threads
-        parts_a, parts_b = {}, {}  # block start -> that block's share of dA / dB
-
-        def backward_block(lo, hi):  # G's rows are read once, for all the adapter's products
-            gb = g2[lo:hi]
-            if need_b:
-                parts_b[lo] = np.matmul(gb.T, saved_h[lo:hi])  # G^T h: (out, r)
-            if b is None:
-                return
-            u = np.matmul(gb, b)  # G B: (n, r)
-            if need_a:
-                parts_a[lo] = np.matmul(saved_xd[lo:hi].T, u)  # d(x)^T u: (in, r)
-            if need_x:
-                adapter = np.matmul(u * scaling, a)  # s u A: (n, in)
-                if mask2 is not None:
-                    adapter *= mask2[lo:hi]
-                gx[lo:hi] += adapter
-
-        if b is not None:
-            note_product((n, out_f), (out_f, r))
-        if need_b:
-            note_product((out_f, n), (n, r))
-        if need_a:
-            note_product((in_f, n), (n, r))
-        if need_x:
-            note_product((n, r), (r, in_f))
-        for_blocks(backward_block, n, rows)
-        zeros = np.zeros((out_f, r), g2.dtype), np.zeros((in_f, r), g2.dtype)
-        gB = sum_in_order(parts_b, zeros[0]) * scaling if need_b else None
-        gA = np.ascontiguousarray((sum_in_order(parts_a, zeros[1]) * scaling).T) if need_a \
-            else None
-        gW = mm(g2.T, saved_x) if need_w else None
-        gb = g2.sum(axis=0) if need_bias else None
-        gx = gx.reshape(x_shape) if need_x else None
-        return [gx, gW] + ([gb] if has_bias else []) + [gA, gB]
-
-    parents = (x, weight) + ((bias,) if bias is not None else ()) + (lora_A, lora_B)
-    return Tensor.from_op(y.reshape(*x.shape[:-1], out_f), parents, backward)
-

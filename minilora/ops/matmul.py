@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.ops.backend import mm, swap
+from minilora.ops.backend.products import mm, swap
 from minilora.tensor import Tensor, as_tensor
 
 

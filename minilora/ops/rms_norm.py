@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.runtime import for_blocks, rows_per_block, sum_in_order
+from minilora.ops.backend.blocks import for_blocks, rows_per_block, sum_in_order
 from minilora.tensor import Tensor
 
 

@@ -76,8 +76,8 @@ def getitem(a: Tensor, index) -> Tensor:
 def _scatter_add_rows(target: np.ndarray, rows: np.ndarray, g: np.ndarray) -> None:
     """target[rows[i]] += g[i] for every i, repeated rows adding up (an embedding's backward).
 
-    Sorting the rows and summing each run with ``np.add.reduceat`` is ~4x faster than
-    ``np.add.at`` here, and deterministic (each run is summed in order).
+    Sorting the rows and summing each run with ``np.add.reduceat`` is faster than ``np.add.at``
+    (docs/performance.md), and deterministic (each run is summed in order).
     """
     rows = rows.reshape(-1) % max(target.shape[0], 1)  # negative indices, as NumPy reads them
     g = g.reshape(len(rows), *target.shape[1:])

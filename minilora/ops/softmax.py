@@ -1,7 +1,8 @@
-"""Fused softmax, log-softmax and cross-entropy, each with a hand-written backward.
+"""Softmax, log-softmax and cross-entropy: their equations and vector-Jacobian products.
 
-All three subtract the row maximum first (through ``scipy.special.logsumexp`` or explicitly), so
-they stay finite for logits of +-1e4 in float32.
+All three subtract the row maximum first, so they stay finite for logits of +-1e4 in float32.
+The engine runs the fast cross-entropy (``minilora.ops.backend.softmax``), which keeps no (N, V)
+array for the backward pass; ``tests/ops/test_kernels.py`` holds the two equal.
 """
 
 from __future__ import annotations
@@ -45,12 +46,31 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> Tensor:
-    """Mean negative log-likelihood of integer ``targets`` under ``softmax(logits)``.
+    """Mean of -log softmax(logits)[target] over the counted positions.
 
     logits: (..., V), targets: (...) integers in [0, V). Positions whose target equals
     ``ignore_index`` count neither in the sum nor in the mean (all ignored gives NaN, as PyTorch).
-    VJP: (softmax(logits) - onehot(targets)) * g / count.
+    VJP: (softmax(logits) - onehot(targets)) * g / count, zero at ignored positions.
     """
+    x, t, rows = class_targets(logits, targets, ignore_index)  # (N, V), (N,), counted rows
+    logp = x - x.max(axis=1, keepdims=True)
+    logp -= logsumexp(logp, axis=1, keepdims=True)  # log softmax, shifted first as above: (N, V)
+    count = np.asarray(len(rows), dtype=x.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 = NaN when all are ignored
+        loss = -logp[rows, t[rows]].sum() / count
+
+    def backward(g):
+        dx = np.zeros_like(x)
+        dx[rows] = np.exp(logp[rows])
+        dx[rows, t[rows]] -= 1.0
+        return ((dx * (g / max(len(rows), 1))).reshape(logits.shape),)
+
+    return Tensor.from_op(np.asarray(loss, dtype=x.dtype), (logits,), backward)
+
+
+def class_targets(logits: Tensor, targets, ignore_index: int | None):
+    """(logits as (N, V), targets as (N,), the counted rows), after checking the targets: a
+    ShapeError unless they are integers of shape logits.shape[:-1] in [0, V) (or ignored)."""
     t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
     if logits.ndim < 1 or logits.shape[:-1] != t.shape:
         raise ShapeError(
@@ -60,32 +80,9 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
     if not np.issubdtype(t.dtype, np.integer):
         raise ShapeError(f"cross_entropy: targets must be integers, got dtype {t.dtype}")
     vocab = logits.shape[-1]
-    x = logits.data.reshape(-1, vocab)
     t = t.reshape(-1)
     valid = np.ones(t.shape, bool) if ignore_index is None else t != ignore_index
     bad = valid & ((t < 0) | (t >= vocab))
     if bad.any():
         raise ShapeError(f"cross_entropy: target {t[bad][0]} is outside [0, {vocab})")
-    rows = np.flatnonzero(valid)
-    picked = t[rows]
-    # log-probabilities as (x - top) - lse, as in log_softmax: nothing of the logits' scale is lost
-    top = x.max(axis=1, keepdims=True)  # (N, 1)
-    lse = logsumexp(x - top, axis=1)  # (N,)
-    count = len(rows)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nll = lse[rows].sum() - (x[rows, picked] - top[rows, 0]).sum()
-        loss = nll / np.asarray(count, dtype=x.dtype)
-
-    shape = logits.shape
-
-    def backward(g):
-        p = x - top  # recomputed, not saved: (N, V) can be large for a big vocabulary
-        p -= lse[:, None]
-        np.exp(p, out=p)
-        p[rows, picked] -= 1
-        if count != len(t):
-            p[~valid] = 0
-        p *= g / max(count, 1)
-        return (p.reshape(shape),)
-
-    return Tensor.from_op(np.asarray(loss, dtype=x.dtype), (logits,), backward)
+    return logits.data.reshape(-1, vocab), t, np.flatnonzero(valid)

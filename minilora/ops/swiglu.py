@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ShapeError
-from minilora.runtime import for_blocks, rows_per_block
+from minilora.ops.backend.blocks import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 

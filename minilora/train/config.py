@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from minilora.configs import config_from_dict
+from minilora.configs import (
+    choice,
+    config_from_dict,
+    field_name,
+    non_negative_int,
+    non_negative_number,
+    other_field,
+    positive_int,
+)
 from minilora.errors import ConfigError
 
 _INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed")
+_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters")
 _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
@@ -34,37 +42,29 @@ class TrainConfig:
     on_nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
+        owner = "TrainConfig"
         for name in _INTS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"TrainConfig.{name} must be a non-negative integer, "
-                                  f"got {value!r}")
-        for name in ("batch_size", "eval_interval", "eval_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be at least 1, "
-                                  f"got {getattr(self, name)}")
+            check = positive_int if name in _AT_LEAST_ONE else non_negative_int
+            setattr(self, name, check(owner, name, getattr(self, name)))
         for name in _FLOATS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
-            setattr(self, name, float(value))
+            setattr(self, name, non_negative_number(owner, name, getattr(self, name)))
         if self.lr <= 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"{field_name(owner, 'lr')} must be > 0, got {self.lr}")
         if self.min_lr > self.lr:
-            raise ConfigError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise ConfigError(f"{field_name(owner, 'min_lr')} ({self.min_lr}) must not exceed "
+                              f"{other_field(owner, 'lr')} ({self.lr})")
         for name in ("beta1", "beta2"):
             if not getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), "
+                raise ConfigError(f"{field_name(owner, name)} must be in [0, 1), "
                                   f"got {getattr(self, name)}")
-        if self.lr_decay_iters is not None and (
-                isinstance(self.lr_decay_iters, bool) or not isinstance(self.lr_decay_iters, int)
-                or self.lr_decay_iters < self.warmup_iters):
-            raise ConfigError(f"TrainConfig.lr_decay_iters must be an integer >= warmup_iters "
-                              f"({self.warmup_iters}), got {self.lr_decay_iters!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise ConfigError("TrainConfig.on_nonfinite must be 'raise' or 'skip', "
-                              f"got {self.on_nonfinite!r}")
+        if self.lr_decay_iters is not None:
+            decay = non_negative_int(owner, "lr_decay_iters", self.lr_decay_iters)
+            if decay < self.warmup_iters:
+                raise ConfigError(f"{field_name(owner, 'lr_decay_iters')} must be an integer >= "
+                                  f"{other_field(owner, 'warmup_iters')} ({self.warmup_iters}), "
+                                  f"got {decay}")
+            self.lr_decay_iters = decay
+        self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
 
     @property
     def decay_iters(self) -> int:

@@ -21,11 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from minilora.errors import ConfigError, NonFiniteError
-from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, param_groups
-from minilora.runtime import parallel_for
-from minilora.tensor import no_grad
+from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
+from minilora.runtime import step_threading
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
+from minilora.train.evaluate import estimate_loss
 from minilora.train.rundir import RunDir
 
 
@@ -41,24 +41,6 @@ class TrainResult:
     tokens_per_s: float
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
-
-
-@no_grad()
-def estimate_loss(model, data, batch_size: int, eval_iters: int, rng: np.random.Generator) -> dict:
-    """Mean loss over ``eval_iters`` random batches of each split, in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = {}
-        for split in ("train", "val"):
-            losses = []
-            for _ in range(eval_iters):
-                x, y = data.get_batch(split, batch_size, model.config.block_size, rng)
-                losses.append(model(x, y)[1].item())
-            out[split] = float(np.mean(losses))
-        return out
-    finally:
-        model.train(was_training)
 
 
 def _first_nonfinite(named_params) -> str | None:
@@ -88,12 +70,8 @@ def _culprit(model, named) -> str:
     return "no parameter's gradient is affected"
 
 
-def _kept(run) -> str:
+def _last_good_checkpoint(run) -> str:
     return f"; the last good checkpoint is in {run.path}" if run is not None else ""
-
-
-def _grad_norm(params) -> float:
-    return math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in params if p.grad is not None))
 
 
 def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *,
@@ -109,11 +87,12 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_info: JSON-able facts saved in the checkpoint (tokenizer, LoRA config, base model, data).
     extra_eval: called with the model at each evaluation; its numbers join the metrics record.
     on_eval: called with each metrics record once it is saved (the CLI prints it).
-    threads: how many threads the engine uses (default: all CPUs); see ``runtime.parallel_for``.
+    threads: how many threads the engine uses (default: all CPUs); see ``runtime.step_threading``.
     """
-    with parallel_for(largest_product(model, config.batch_size * model.config.block_size), threads):
-        return _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
-                      on_eval)
+    with step_threading(largest_product(model, config.batch_size * model.config.block_size),
+                        threads):
+        training = _Training(model, data, config, out_dir, resume, run_info)
+        return training.run(quiet, extra_eval, on_eval)
 
 
 def largest_product(model, tokens: int) -> int:
@@ -123,115 +102,147 @@ def largest_product(model, tokens: int) -> int:
                         default=0)
 
 
-def _train(model, data, config, out_dir, resume, quiet, run_info, extra_eval,
-           on_eval=None) -> TrainResult:
-    block_size = model.config.block_size
-    data.check_block_size(block_size)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named]
-    optimizer = AdamW(param_groups(named, config.weight_decay), lr=config.lr,
-                      betas=(config.beta1, config.beta2))
-    schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_iters, config.decay_iters)
-    batch_rng = np.random.default_rng(config.seed)
-    eval_rng = np.random.default_rng([config.seed, 1])  # evaluation never shifts training batches
-    run_info = dict(run_info or {})
-    run_info["train_config"] = config.to_dict()
+class _Training:
+    """One run of the loop: what it trains with, and what it has done so far."""
 
-    if resume and out_dir is None:
-        raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
-    if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
-        raise ConfigError(f"--resume: {out_dir} holds no checkpoint to resume from")
-    run = RunDir(out_dir) if out_dir is not None else None
-    start, elapsed, history, skipped = 0, 0.0, [], 0
-    try:
-        if run is not None:
-            run.lock()
-            if resume:
-                rngs = (batch_rng, eval_rng, model.rng)
-                start, elapsed = run.restore(model, optimizer, rngs, config)
-                skipped = run.restored.meta.get("skipped_steps", 0)
-                history = run.metrics_until(start, run.restored.meta.get("last_eval"))
+    def __init__(self, model, data, config: TrainConfig, out_dir, resume: bool,
+                 run_info: dict | None):
+        data.check_block_size(model.config.block_size)
+        if resume and out_dir is None:
+            raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
+        if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
+            raise ConfigError(f"--resume: {out_dir} holds no checkpoint to resume from")
+        self.model, self.data, self.config, self.resume = model, data, config, resume
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in self.named]
+        self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
+                               betas=(config.beta1, config.beta2))
+        self.schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_iters,
+                                       config.decay_iters)
+        self.batch_rng = np.random.default_rng(config.seed)
+        self.eval_rng = np.random.default_rng([config.seed, 1])  # never shifts training batches
+        self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
+        self.run_dir = RunDir(out_dir) if out_dir is not None else None
+        self.tokens_per_step = config.batch_size * model.config.block_size
+        self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
+        self.step_times: list[float] = []
+        self.last = {"train": math.nan, "val": math.nan}
+        self.since_eval = [0, 0.0]  # tokens and seconds of training since the last evaluation
+
+    @property
+    def rngs(self) -> tuple:
+        return self.batch_rng, self.eval_rng, self.model.rng
+
+    def run(self, quiet: bool, extra_eval, on_eval) -> TrainResult:
+        config = self.config
+        try:
+            self._open()
+            show = not quiet and sys.stderr.isatty()
+            bar = tqdm(total=config.max_iters, initial=self.start, disable=not show, unit="it",
+                       leave=False)
+            self.model.train()
+            for it in range(self.start, config.max_iters + 1):
+                due = it % config.eval_interval == 0 or it == config.max_iters
+                if due and not (self.resume and it == self.start):
+                    self._evaluate(it, extra_eval, on_eval)
+                if it == config.max_iters:
+                    break
+                loss, dt = self._step(it)
+                bar.update(1)
+                if show:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / dt:,.0f}")
+            bar.close()
+        finally:
+            if self.run_dir is not None:
+                self.run_dir.unlock()
+        return self._result()
+
+    def _open(self) -> None:
+        """Lock the run directory and start afresh, or restore where the checkpoint stopped."""
+        if self.run_dir is not None:
+            self.run_dir.lock()
+            if self.resume:
+                self.start, self.elapsed = self.run_dir.restore(self.model, self.optimizer,
+                                                            self.rngs, self.config)
+                meta = self.run_dir.restored.meta
+                self.skipped = meta.get("skipped_steps", 0)
+                self.history = self.run_dir.metrics_until(self.start, meta.get("last_eval"))
             else:
-                run.start_fresh()
-        if not resume:  # dropout masks follow the run's seed, not the model's history
-            fresh = np.random.default_rng([config.seed, 2])
-            model.rng.bit_generator.state = fresh.bit_generator.state
+                self.run_dir.start_fresh()
+        if not self.resume:  # dropout masks follow the run's seed, not the model's history
+            fresh = np.random.default_rng([self.config.seed, 2])
+            self.model.rng.bit_generator.state = fresh.bit_generator.state
+        if self.history:
+            self.last = {"train": self.history[-1]["train_loss"],
+                         "val": self.history[-1]["val_loss"]}
 
-        tokens_per_step = config.batch_size * block_size
-        step_times: list[float] = []
-        last = {"train": math.nan, "val": math.nan}
-        if history:
-            last = {"train": history[-1]["train_loss"], "val": history[-1]["val_loss"]}
-        since_eval_tokens, since_eval_time = 0, 0.0
-        show = not quiet and sys.stderr.isatty()
-        bar = tqdm(total=config.max_iters, initial=start, disable=not show, unit="it", leave=False)
-        model.train()
-        for it in range(start, config.max_iters + 1):
-            due = it % config.eval_interval == 0 or it == config.max_iters
-            if due and not (resume and it == start):
-                last = estimate_loss(model, data, config.batch_size, config.eval_iters, eval_rng)
-                if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
-                    raise NonFiniteError(
-                        f"training stopped at iteration {it}: the evaluation loss is "
-                        f"{last['train']} (train), {last['val']} (val); "
-                        f"{_culprit(model, named)}{_kept(run)}")
-                record = {"iter": it, "train_loss": last["train"], "val_loss": last["val"],
-                          "lr": schedule(min(it, config.max_iters)), "elapsed_s": round(elapsed, 4),
-                          "tokens_per_s": round(since_eval_tokens / since_eval_time, 2)
-                          if since_eval_time else None}
-                if extra_eval is not None:
-                    record.update(extra_eval(model))
-                history.append(record)
-                since_eval_tokens, since_eval_time = 0, 0.0
-                if run is not None:
-                    run.append_metrics(record)
-                    run.save(model, optimizer, (batch_rng, eval_rng, model.rng), it, elapsed,
-                             run_info, record, skipped)
-                if on_eval is not None:
-                    on_eval(record)
-            if it == config.max_iters:
-                break
+    def _evaluate(self, it: int, extra_eval, on_eval) -> None:
+        """Measure both losses, append the metrics record, write the checkpoint."""
+        config = self.config
+        last = estimate_loss(self.model, self.data, config.batch_size, config.eval_iters,
+                             self.eval_rng)
+        if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
+            raise NonFiniteError(
+                f"training stopped at iteration {it}: the evaluation loss is "
+                f"{last['train']} (train), {last['val']} (val); "
+                f"{_culprit(self.model, self.named)}{_last_good_checkpoint(self.run_dir)}")
+        tokens, seconds = self.since_eval
+        record = {"iter": it, "train_loss": last["train"], "val_loss": last["val"],
+                  "lr": self.schedule(min(it, config.max_iters)),
+                  "elapsed_s": round(self.elapsed, 4),
+                  "tokens_per_s": round(tokens / seconds, 2) if seconds else None}
+        if extra_eval is not None:
+            record.update(extra_eval(self.model))
+        self.last = last
+        self.history.append(record)
+        self.since_eval = [0, 0.0]
+        if self.run_dir is not None:
+            self.run_dir.append_metrics(record)
+            self.run_dir.save(self.model, self.optimizer, self.rngs, it, self.elapsed,
+                              self.run_info, record, self.skipped)
+        if on_eval is not None:
+            on_eval(record)
 
-            t0 = time.perf_counter()
-            optimizer.set_lr(schedule(it))
-            x, y = data.get_batch("train", config.batch_size, block_size, batch_rng)
-            _, loss = model(x, y)
-            loss_value = loss.item()
-            finite_loss = math.isfinite(loss_value)
-            if finite_loss or config.on_nonfinite == "raise":
-                loss.backward()  # for a non-finite loss, only to find the parameter it reaches
-            del loss
-            norm = math.nan
-            if finite_loss:
-                norm = clip_grad_norm(trainable, config.grad_clip) if config.grad_clip > 0 \
-                    else _grad_norm(trainable)
-            if math.isfinite(norm):
-                optimizer.step()
-            elif config.on_nonfinite == "skip":
-                skipped += 1
-            else:
-                what = "the gradient norm is not finite" if finite_loss \
-                    else f"the loss is {loss_value}"
-                raise NonFiniteError(f"training stopped at iteration {it}: {what}; "
-                                     f"{_culprit(model, named)}{_kept(run)} "
-                                     "(on_nonfinite='skip', --skip-nonfinite on the command line, "
-                                     "skips such steps instead)")
-            optimizer.zero_grad()
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            elapsed += dt
-            since_eval_tokens += tokens_per_step
-            since_eval_time += dt
-            bar.update(1)
-            if show:
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        bar.close()
-    finally:
-        if run is not None:
-            run.unlock()
+    def _step(self, it: int) -> tuple[float, float]:
+        """One optimizer step (or a skipped one): (its loss, its seconds)."""
+        config, model = self.config, self.model
+        t0 = time.perf_counter()
+        self.optimizer.set_lr(self.schedule(it))
+        x, y = self.data.get_batch("train", config.batch_size, model.config.block_size,
+                                   self.batch_rng)
+        _, loss = model(x, y)
+        loss_value = loss.item()
+        finite_loss = math.isfinite(loss_value)
+        if finite_loss or config.on_nonfinite == "raise":
+            loss.backward()  # for a non-finite loss, only to find the parameter it reaches
+        del loss
+        norm = math.nan
+        if finite_loss:
+            norm = clip_grad_norm(self.trainable, config.grad_clip) if config.grad_clip > 0 \
+                else grad_norm(self.trainable)
+        if math.isfinite(norm):
+            self.optimizer.step()
+        elif config.on_nonfinite == "skip":
+            self.skipped += 1
+        else:
+            what = "the gradient norm is not finite" if finite_loss \
+                else f"the loss is {loss_value}"
+            raise NonFiniteError(f"training stopped at iteration {it}: {what}; "
+                                 f"{_culprit(model, self.named)}"
+                                 f"{_last_good_checkpoint(self.run_dir)} "
+                                 "(on_nonfinite='skip', --skip-nonfinite on the command line, "
+                                 "skips such steps instead)")
+        self.optimizer.zero_grad()
+        dt = time.perf_counter() - t0
+        self.step_times.append(dt)
+        self.elapsed += dt
+        self.since_eval[0] += self.tokens_per_step
+        self.since_eval[1] += dt
+        return loss_value, dt
 
-    ms = 1000 * float(np.median(step_times)) if step_times else math.nan
-    return TrainResult(iters=config.max_iters, train_loss=last["train"], val_loss=last["val"],
-                       elapsed_s=elapsed, ms_per_step=ms,
-                       tokens_per_s=tokens_per_step / (ms / 1000) if step_times else math.nan,
-                       skipped_steps=skipped, history=history)
+    def _result(self) -> TrainResult:
+        ms = 1000 * float(np.median(self.step_times)) if self.step_times else math.nan
+        return TrainResult(iters=self.config.max_iters, train_loss=self.last["train"],
+                           val_loss=self.last["val"], elapsed_s=self.elapsed, ms_per_step=ms,
+                           tokens_per_s=self.tokens_per_step / (ms / 1000) if self.step_times
+                           else math.nan, skipped_steps=self.skipped, history=self.history)

@@ -1,4 +1,5 @@
-"""Parameter counting: the seed's two worked examples and PEFT's report line."""
+"""Parameter counting: the two worked examples (3x3 at r=1, 4096x4096 at r=4) and PEFT's report
+line."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_per_layer_counts_of_an_adapted_layer_match_its_arrays():
 
 
 def test_report_reads_as_pefts_print_trainable_parameters(capsys):
-    """The line of issue 3, from a character-level GPT (65 symbols, block 64, 2 layers of width 32)
+    """The README's line, from a character-level GPT (65 symbols, block 64, 2 layers of width 32)
     with r=4 on c_attn and c_proj (attn.c_proj and mlp.c_proj both match)."""
     config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32)
     model = apply_lora(GPT(config, seed=0), LoRAConfig(r=4, lora_alpha=8,

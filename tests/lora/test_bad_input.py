@@ -1,5 +1,5 @@
-"""Every bad input of issue 3 is a MiniLoRAError subclass, raised before anything changes, with a
-message that names the module or field and the values."""
+"""Every bad input to the LoRA API is a MiniLoRAError subclass, raised before anything changes,
+with a message that names the module or field and the values."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from minilora.lora import (
     LoRALayerCount,
     LoRALinear,
     apply_lora,
-    disable_adapters,
+    disable_adapter,
     load_lora_state_dict,
     lora_state_dict,
     mark_only_lora_as_trainable,
@@ -58,7 +58,7 @@ def test_a_bad_config_field_is_a_config_error_naming_field_and_value(case):
     field, value, shown = (*case, repr(case[1]))[:3]
     with pytest.raises(ConfigError) as e:
         LoRAConfig(**{field: value})
-    assert f"LoRAConfig: {field}" in str(e.value) and shown in str(e.value)
+    assert f"LoRAConfig.{field}" in str(e.value) and shown in str(e.value)
 
 
 @pytest.mark.parametrize("hostile", [
@@ -254,11 +254,11 @@ def test_merging_with_a_disabled_adapter_changes_nothing(merge):
     assert_unchanged(model, before)
 
 
-def test_disable_adapters_on_a_merged_model_is_an_error():
+def test_disable_adapter_on_a_merged_model_is_an_error():
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"]))
     merge_adapter(model)
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="merged"), disable_adapters(model):
+    with pytest.raises(ConfigError, match="merged"), disable_adapter(model):
         pass
     assert_unchanged(model, before)
     assert not any(layer.disable_adapters for _, layer in named_lora_layers(model))
@@ -266,7 +266,7 @@ def test_disable_adapters_on_a_merged_model_is_an_error():
 
 @pytest.mark.parametrize("operation", [
     merge_and_unload, unload, lora_state_dict, mark_only_lora_as_trainable, merge_adapter,
-    lambda m: disable_adapters(m).__enter__(), lambda m: load_lora_state_dict(m, {}),
+    lambda m: disable_adapter(m).__enter__(), lambda m: load_lora_state_dict(m, {}),
 ])
 def test_lora_operations_on_a_model_without_lora_layers_say_so(operation):
     model = ToyGPT()

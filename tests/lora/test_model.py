@@ -13,7 +13,7 @@ from minilora.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    disable_adapters,
+    disable_adapter,
     load_lora_state_dict,
     lora_state_dict,
     merge_adapter,
@@ -193,13 +193,24 @@ def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
     np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
 
 
-def test_disable_adapters_restores_the_adapters_even_after_an_exception():
+def test_disable_adapter_restores_the_adapters_even_after_an_exception():
     model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
     idx, _ = tokens(3)
     before = model(idx).data
-    with pytest.raises(RuntimeError), disable_adapters(model):
+    with pytest.raises(RuntimeError), disable_adapter(model):
         raise RuntimeError("boom")
     np.testing.assert_array_equal(model(idx).data, before)
+
+
+def test_disable_adapters_is_the_old_name_of_disable_adapter():
+    from minilora.lora import disable_adapters
+
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"])))
+    idx, _ = tokens(3)
+    with disable_adapter(model):
+        base = model(idx).data
+    with pytest.warns(DeprecationWarning, match="disable_adapter"), disable_adapters(model):
+        np.testing.assert_array_equal(model(idx).data, base)
 
 
 def test_a_model_that_is_one_linear_can_be_merged_and_unloaded():

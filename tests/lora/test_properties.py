@@ -1,5 +1,6 @@
-"""The nine LoRA properties of issue 3 (DESIGN.md's invariants 1-5, 8, 9), each a test of its
-own, over random in, out, r, alpha, dtype (float32, float64) and seeds. Tolerance: helpers.py."""
+"""The LoRA properties docs/theory.md derives (merge, unmerge, a fresh adapter, frozen weights,
+counts, closed-form gradients, full rank...), each a test of its own, over random in, out, r,
+alpha, dtype (float32, float64) and seeds. Tolerance: helpers.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from minilora.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
-    disable_adapters,
+    disable_adapter,
     get_nb_trainable_parameters,
     load_lora_state_dict,
     lora_parameter_counts,
@@ -207,7 +208,7 @@ def test_trainable_count_is_sum_of_r_times_in_plus_out(c, n_layer, r, targets, r
     assert total == ToyGPT(c=c, n_layer=n_layer).num_parameters() + expected
 
 
-# ---- 6. gradients in closed form (DESIGN.md invariant 8) ---------------------------------------
+# ---- 6. gradients in closed form --------------------------------------------------------------
 
 @PROPERTY
 @given(spec=layer_specs(), p=st.sampled_from([0.0, 0.5]))
@@ -278,11 +279,11 @@ def test_rank_below_min_cannot_represent_a_full_rank_delta_w():
         assert np.linalg.norm(delta - best, 2) >= sigma[r] * (1 - 1e-12) > 0.1
 
 
-# ---- 8. disable_adapters -----------------------------------------------------------------------
+# ---- 8. disable_adapter ------------------------------------------------------------------------
 
 @PROPERTY
 @given(case=adapted_models())
-def test_disable_adapters_restores_the_base_output_exactly_and_keeps_adapters(case):
+def test_disable_adapter_restores_the_base_output_exactly_and_keeps_adapters(case):
     seed, model, _ = case
     base = ToyGPT(c=model.lm_head.in_features, n_layer=len(model.transformer.h),
                   dtype=model.lm_head.weight.dtype, seed=seed)
@@ -291,7 +292,7 @@ def test_disable_adapters_restores_the_base_output_exactly_and_keeps_adapters(ca
     adapted = model(idx).data
     adapters = lora_state_dict(model)
     assert not np.array_equal(adapted, base(idx).data)  # the adapters do change the output
-    with disable_adapters(model):
+    with disable_adapter(model):
         np.testing.assert_array_equal(model(idx).data, base(idx).data)
     np.testing.assert_array_equal(model(idx).data, adapted)
     for name, value in lora_state_dict(model).items():

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora import ConfigError, ShapeError, no_grad
+from minilora import ConfigError, ShapeError, no_grad, ops
+from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
 from tests.models import reference_gpt as ref
 
@@ -86,19 +87,31 @@ def test_gradients_of_every_parameter_match_finite_differences():
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
 
 
-def test_fused_attention_equals_the_composed_path_in_value_and_gradient():
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_model_on_the_reference_ops_equals_the_model_on_the_kernels(lora, monkeypatch):
+    """Every fused op swapped for its equation (ops.reference): the same logits and gradients."""
     rng = np.random.default_rng(1)
     idx, targets = batch(rng)
     grads = []
-    for fused in (True, False):
+    for impl in ("kernel", "reference"):
+        if impl == "reference":
+            for name in ops.reference.__all__:
+                monkeypatch.setattr(ops, name, getattr(ops.reference, name))
         model = tiny(seed=2)
-        for block in model.transformer.h:
-            block.attn.fused = fused
+        if lora:
+            apply_lora(model, LoRAConfig(r=2, target_modules=("c_attn", "c_fc")), rng=3)
+            b_rng = np.random.default_rng(5)
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):  # B = 0 would hide A's gradient
+                    p.data = b_rng.standard_normal(p.shape)
         logits, loss = model(idx, targets)
         loss.backward()
         grads.append((logits.data, {n: p.grad for n, p in model.named_parameters()}))
     np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-13)
     for name, g in grads[0][1].items():
+        if g is None:  # frozen: no gradient on either side
+            assert grads[1][1][name] is None, name
+            continue
         np.testing.assert_allclose(g, grads[1][1][name], rtol=1e-10, atol=1e-13, err_msg=name)
 
 

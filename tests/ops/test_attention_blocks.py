@@ -4,7 +4,6 @@ The blocked path must be the same function as plain masked softmax attention, fo
 including lengths that are not a multiple of the block size, and on the engine's threads.
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -12,20 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minilora import ops, runtime
-from minilora.ops import attention
+from minilora.ops.backend import attention
 from tests.gradcheck import assert_same_function, gradcheck
-
-
-def composed_attention(qkv, n_head):
-    """split + heads + masked softmax(q k^T / sqrt(hd)) v + merge, from primitives only."""
-    b, t, c3 = qkv.shape
-    c, hd = c3 // 3, c3 // 3 // n_head
-    q, k, v = (ops.transpose(ops.reshape(z, (b, t, n_head, hd)), (0, 2, 1, 3))
-               for z in ops.split(qkv, 3, axis=2))
-    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
-    scores = ops.masked_fill(scores, np.triu(np.ones((t, t), bool), 1), -np.inf)
-    y = ops.matmul(ops.softmax(scores, axis=-1), v)
-    return ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c))
+from tests.ops.test_fused import causal_self_attention_composed
 
 
 @pytest.fixture
@@ -53,7 +41,7 @@ def test_blocked_causal_attention_equals_its_composition(t, heads, seed):
     try:
         qkv = np.random.default_rng(seed).standard_normal((2, t, 3 * 2 * heads))
         assert_same_function(lambda x: ops.causal_self_attention(x, heads),
-                             lambda x: composed_attention(x, heads), qkv)
+                             lambda x: causal_self_attention_composed(x, heads), qkv)
     finally:
         attention.ROW_BLOCK = saved
 

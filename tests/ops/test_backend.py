@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from minilora import runtime
 from minilora.ops import backend
+from minilora.ops.backend import products
 
 # Splitting changes only how BLAS blocks the sums: float32 round-off of a k-term dot product.
 RTOL, ATOL = 1e-5, 1e-4
@@ -22,12 +23,12 @@ RTOL, ATOL = 1e-5, 1e-4
 def _split_everything():
     """Split even the smallest products into many blocks, so every shape takes the split path
     (small products are where BLAS's kernels are most sensitive to a call's shape)."""
-    saved = backend.SPLIT_MIN_MACS, backend.MIN_BLOCK_MACS
-    backend.SPLIT_MIN_MACS, backend.MIN_BLOCK_MACS = 1, 1
+    saved = products.SPLIT_MIN_MACS, products.MIN_BLOCK_MACS
+    products.SPLIT_MIN_MACS, products.MIN_BLOCK_MACS = 1, 1
     try:
         yield
     finally:
-        backend.SPLIT_MIN_MACS, backend.MIN_BLOCK_MACS = saved
+        products.SPLIT_MIN_MACS, products.MIN_BLOCK_MACS = saved
 
 
 def _blas_kernel() -> str:
@@ -183,7 +184,7 @@ def test_a_training_step_on_blas_threads_is_reproducible_and_round_off_equal_acr
             assert np.abs(gn - g1).max() <= BLAS_THREADS_RTOL * np.abs(g1).max()
 
 
-def test_parallel_for_lets_blas_thread_only_a_step_of_small_products():
+def test_step_threading_lets_blas_thread_only_a_step_of_small_products():
     from threadpoolctl import threadpool_info
 
     from minilora.bench.step import CONFIGS
@@ -198,7 +199,22 @@ def test_parallel_for_lets_blas_thread_only_a_step_of_small_products():
         tokens = cfg.batch_size * cfg.block_size
         sizes[name] = largest_product(GPT(cfg.gpt(), seed=0), tokens)
         assert sizes[name] == tokens * 4 * cfg.n_embd * cfg.n_embd  # the MLP's c_fc and c_proj
-    with runtime.parallel_for(sizes["A"], threads=2):
+    with runtime.step_threading(sizes["A"], threads=2):
         assert runtime.threads() == 1 and blas_threads() == 2  # A: BLAS threads its products
-    with runtime.parallel_for(sizes["B"], threads=2):
+    with runtime.step_threading(sizes["B"], threads=2):
         assert runtime.threads() == 2 and blas_threads() == 1  # B: the engine splits them
+
+
+def test_the_old_names_still_work_and_say_where_things_went():
+    """parallel_for is step_threading; the block helpers moved to ops.backend.blocks; a kernel
+    that still announces a product with note_product is still counted."""
+    from minilora.ops.backend import blocks
+
+    with pytest.warns(DeprecationWarning, match="step_threading"):
+        with runtime.parallel_for(1 << 30, threads=2):
+            assert runtime.threads() == 2
+    with pytest.warns(DeprecationWarning, match="ops.backend.blocks.for_blocks"):
+        assert runtime.for_blocks is blocks.for_blocks
+    with backend.record_products() as seen, pytest.warns(DeprecationWarning, match="matmul"):
+        backend.note_product((3, 4), (4, 5))
+    assert seen == [((3, 4), (4, 5))]

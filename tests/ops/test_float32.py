@@ -2,7 +2,7 @@
 
 The VJPs are checked directly (``out.grad_fn.backward(g)``), not through ``.grad`` of a leaf: the
 engine casts a leaf's gradient to the leaf's dtype, which would hide a backward that silently
-computed in float64 (twice the memory and time, the trap DESIGN.md warns about).
+computed in float64 (twice the memory and time).
 """
 
 import math
@@ -123,9 +123,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, make", [(n, m) for n, _, m in CASES],
-                         ids=[f"{n}[{what}]" if what else n for n, what, _ in CASES])
-def test_op_keeps_float32_in_its_output_and_its_vjp(name, make):
+# every case on the engine's op, and the fused ops' cases again on their equations
+RUNS = [(n, what, m, impl) for impl in ("kernel", "reference") for n, what, m in CASES
+        if impl == "kernel" or n in ops.reference.__all__]
+
+
+@pytest.mark.parametrize("name, make, impl", [(n, m, impl) for n, _, m, impl in RUNS],
+                         ids=[f"{n}[{what}]-{impl}" if what else f"{n}-{impl}"
+                              for n, what, _, impl in RUNS])
+def test_op_keeps_float32_in_its_output_and_its_vjp(name, make, impl, monkeypatch):
+    if impl == "reference":
+        monkeypatch.setattr(ops, name, getattr(ops.reference, name))
     outs = make()
     for out in outs if isinstance(outs, list) else [outs]:
         assert out.dtype == np.float32, f"{name} returned {out.dtype}"
@@ -144,7 +152,12 @@ def test_astype_to_the_same_dtype_is_the_tensor_itself():
 
 def test_every_op_is_in_the_float32_table():
     """A new op cannot skip the dtype check by being forgotten here."""
-    assert {name for name, _, _ in CASES} == set(ops.__all__)
+    assert {name for name, _, _ in CASES} == set(ops.__all__) - {"reference", "dropout_mask"}
+
+
+def test_a_dropout_mask_has_the_dtype_asked_for_even_with_a_float64_p():
+    mask = ops.dropout_mask((4, 5), np.float64(0.25), np.random.default_rng(0), np.float32)
+    assert mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, np.float32(1 / 0.75)}
 
 
 def test_a_float32_graph_backward_gives_float32_gradients_everywhere():

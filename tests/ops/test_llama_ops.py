@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minilora import Tensor, ops, runtime
-from minilora.ops import attention
+from minilora.ops.backend import attention
 from minilora.ops.rotary import rope_inv_freq, rope_tables
 from tests.gradcheck import FAST, assert_same_function, gradcheck, randn, shapes
 

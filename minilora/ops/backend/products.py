@@ -1,47 +1,62 @@
-"""Where the heavy array work goes: matrix products, and how they are counted.
+"""Matrix products: how each one runs, and how they are counted.
 
-Every matmul in the engine, forward or backward, goes through :func:`mm` (or, inside a fused
-kernel's blocks, is announced with :func:`note_product`). By default that is plain ``np.matmul``.
-Inside ``minilora.runtime.parallel`` (which the training loop and the benchmark enter), BLAS is
-limited to one thread and each large product is cut into fixed row blocks computed by the engine's
-thread pool instead (NumPy releases the GIL inside BLAS). See ``minilora.runtime`` for why.
+Every product the engine computes goes through this module. :func:`mm` computes a whole product:
+plain ``np.matmul``, or, inside ``runtime.parallel``, fixed blocks shared by the engine's threads
+(NumPy releases the GIL inside BLAS). ``matmul`` is the product a fused kernel computes on one of
+its blocks. :func:`record_products` collects the shapes of both: how the benchmark counts a step's
+FLOPs, and how the tests see that a frozen weight costs no product.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 
 from minilora import runtime
+from minilora.ops.backend.blocks import for_blocks
 
 # Products below this many multiply-adds run whole: handing half to the pool costs more than it
-# saves (figures in docs/performance.md).
+# saves (docs/performance.md#what-the-engine-does).
 SPLIT_MIN_MACS = 1 << 24
-# A split product is cut into this many blocks at most (enough for 2 or 4 threads; more cost 2-3%
-# on 2 cores: docs/performance.md), and into blocks of MIN_BLOCK_MACS at least.
+# A split product is cut into this many blocks at most (enough for 2 or 4 threads; more cost
+# time on 2 cores), and into blocks of MIN_BLOCK_MACS at least.
 MAX_PRODUCT_BLOCKS = 4
 MIN_BLOCK_MACS = 1 << 23
 
-_recorder: list | None = None  # when a list, every product's (a.shape, b.shape) is appended
+_recorder: list | None = None  # inside record_products(): every product's (a.shape, b.shape)
+
+
+def _recording_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    _recorder.append((a.shape, b.shape))
+    return np.matmul(a, b, out=out)
+
+
+# The product of a fused kernel's block, called as ``products.matmul``: np.matmul itself (no cost
+# per block), or inside record_products() the version that also records the shapes.
+matmul = np.matmul
 
 
 @contextlib.contextmanager
 def record_products() -> Iterator[list[tuple[tuple[int, ...], tuple[int, ...]]]]:
-    """Collect the (a.shape, b.shape) of every product computed inside: how the benchmark counts
-    a step's FLOPs, and how the tests see that a frozen weight costs no product."""
-    global _recorder
-    previous, _recorder = _recorder, []
+    """Collect the (a.shape, b.shape) of every product computed inside, whole or per block."""
+    global _recorder, matmul
+    previous = _recorder, matmul
+    _recorder, matmul = [], _recording_matmul
     try:
         yield _recorder
     finally:
-        _recorder = previous
+        _recorder, matmul = previous
 
 
 def note_product(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
-    """Record a product that a fused kernel computes itself (inside worker threads)."""
+    """Deprecated: record a product a kernel computed with plain np.matmul. Compute it with
+    ``products.matmul`` instead, which is counted where it runs."""
+    warnings.warn("ops.backend.note_product is deprecated; compute block products with "
+                  "ops.backend.products.matmul", DeprecationWarning, stacklevel=2)
     if _recorder is not None:
         _recorder.append((tuple(a_shape), tuple(b_shape)))
 
@@ -79,18 +94,18 @@ def mm(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarr
         def work(lo, hi):  # split the leading batch axis: each block a stack of whole products
             _plus(np.matmul(a[lo:hi], b[lo:hi], out=out[lo:hi]), bias)
 
-        runtime.for_blocks(work, a.shape[0], block_size(a.shape[0], macs))
+        for_blocks(work, a.shape[0], block_size(a.shape[0], macs))
     elif m > n:
         def work(lo, hi):  # split the columns: each block packs all of a but only its part of b
             _plus(np.matmul(a, b[..., lo:hi], out=out[..., lo:hi]),
                   None if bias is None else bias[lo:hi])
 
-        runtime.for_blocks(work, m, block_size(m, macs))
+        for_blocks(work, m, block_size(m, macs))
     else:
         def work(lo, hi):  # split the rows: each block packs all of b but only its part of a
             _plus(np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]), bias)
 
-        runtime.for_blocks(work, n, block_size(n, macs))
+        for_blocks(work, n, block_size(n, macs))
     return out
 
 

@@ -1,0 +1,16 @@
+"""The fused ops as their equations: forward and vector-Jacobian product in a few lines each.
+
+These are what the docs derive and what a reader checks their own code against. The engine runs
+the fast kernels of ``minilora.ops.backend`` (exported as ``minilora.ops.gelu`` and so on), which
+take the same arguments and give the same numbers to round-off (``tests/ops/test_kernels.py``).
+Softmax and log-softmax have no kernel: no hot path calls them.
+"""
+
+from minilora.ops.activation import gelu
+from minilora.ops.attention import causal_self_attention, scaled_dot_product_attention
+from minilora.ops.lora_linear import lora_linear
+from minilora.ops.normalization import layer_norm
+from minilora.ops.softmax import cross_entropy, log_softmax, softmax
+
+__all__ = ["causal_self_attention", "cross_entropy", "gelu", "layer_norm", "log_softmax",
+           "lora_linear", "scaled_dot_product_attention", "softmax"]

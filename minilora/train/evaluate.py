@@ -1,0 +1,42 @@
+"""Evaluation: the mean loss over random batches, and exact match on a built-in task.
+
+The training loop, ``minilora eval`` and the demo all measure a model here, so a loss or a score
+means the same wherever it is printed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minilora.data import ExactMatch, Task
+from minilora.models.generation import greedy_completions
+from minilora.tensor import no_grad
+
+
+@no_grad()
+def mean_loss(model, data, split: str, batches: int, batch_size: int,
+              rng: np.random.Generator) -> float:
+    """Mean loss over ``batches`` random batches of ``split`` ("train" or "val") drawn from
+    ``rng``, in eval mode (no dropout); the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for _ in range(batches):
+            x, y = data.get_batch(split, batch_size, model.config.block_size, rng)
+            losses.append(model(x, y)[1].item())
+        return float(np.mean(losses))
+    finally:
+        model.train(was_training)
+
+
+def estimate_loss(model, data, batch_size: int, eval_iters: int, rng: np.random.Generator) -> dict:
+    """{"train": ..., "val": ...}: :func:`mean_loss` over ``eval_iters`` batches of each split."""
+    return {split: mean_loss(model, data, split, eval_iters, batch_size, rng)
+            for split in ("train", "val")}
+
+
+def task_accuracy(model, tokenizer, task: Task, limit: int | None = None) -> ExactMatch:
+    """Exact match of greedy completions on the task's held-out prompts (the first ``limit``)."""
+    return task.evaluate(lambda ps, n: greedy_completions(model, tokenizer, ps, n, stop="\n"),
+                         limit)
