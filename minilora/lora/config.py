@@ -217,8 +217,8 @@ def _init_method(owner: str, value) -> str:
     if isinstance(value, str) and value in INIT_LORA_WEIGHTS:
         return value
     why = " (PEFT's False, a random B, is not implemented)" if value is False else ""
-    raise ConfigError(f"{field_name(owner, 'init_lora_weights')} must be True (PEFT's spelling of 'kaiming'), "
-                      f"'kaiming' or 'gaussian', got {value!r}{why}")
+    raise ConfigError(f"{field_name(owner, 'init_lora_weights')} must be True (PEFT's spelling "
+                      f"of 'kaiming'), 'kaiming' or 'gaussian', got {value!r}{why}")
 
 
 # A regular expression from a file could take exponential time to match (``(.*)*z`` took 18 s per
