@@ -128,15 +128,15 @@ copy.load_state_dict(base_weights)                                 # ... with th
 apply_lora(copy, LoRAConfig.from_dict(io.load_json(out / "adapter_config.json")))
 load_lora_state_dict(copy, io.load_tensors(out / "adapter.safetensors"))
 x = majority.get_batch("val", 4, shape["block_size"], np.random.default_rng(0))[0]  # (4, T)
-assert np.array_equal(copy(x).data, model(x).data)
+assert np.array_equal(copy(x)[0].data, model(x)[0].data)
 print("base + loaded adapter gives the fine-tuned logits bit for bit")
 
 # ---- 6. Merge and generate ----------------------------------------------------------------------
 print("\n== 6. merge: W' = W + s B A, then generate with plain Linear layers")
-unmerged_logits = model(x).data                                    # (4, T, V)
+unmerged_logits = model(x)[0].data                                    # (4, T, V)
 merged = merge_and_unload(model)
 print("c_attn is now:", merged.transformer.h[0].attn.c_attn)
-diff = np.abs(merged(x).data - unmerged_logits).max()
+diff = np.abs(merged(x)[0].data - unmerged_logits).max()
 print(f"max |merged - unmerged logits| = {diff:.1e} (float32 round-off)")
 assert diff < 1e-4
 for prompt, truth in task.pairs[:3]:

@@ -65,7 +65,7 @@ print(f"GPT {config.n_layer} layers x {config.n_embd} wide, {base.num_parameters
 # ---- 2. Same outputs --------------------------------------------------------------------------
 x = rng.integers(0, config.vocab_size, (batch, config.block_size))  # (B, T) token ids
 with no_grad():
-    y_base, y_adapted, y_merged = base(x).data, adapted(x).data, merged(x).data  # (B, T, V)
+    y_base, y_adapted, y_merged = (m(x)[0].data for m in (base, adapted, merged))  # (B, T, V)
 print(f"max |adapted - base|   = {np.abs(y_adapted - y_base).max():.2e}  (the adapter matters)")
 print(f"max |merged - adapted| = {np.abs(y_merged - y_adapted).max():.2e}  (float32 round-off)")
 assert np.abs(y_merged - y_adapted).max() < 1e-4 < np.abs(y_adapted - y_base).max()

@@ -247,9 +247,9 @@ def cmd_merge(args) -> int:
     probe = np.random.default_rng(0).integers(0, model.config.vocab_size,
                                               (4, model.config.block_size))
     with no_grad():
-        before = model(probe).data
+        before = model(probe)[0].data
         merge_and_unload(model)
-        after = model(probe).data
+        after = model(probe)[0].data
     diff = float(np.max(np.abs(before.astype(np.float64) - after)))
     bound = _MERGE_TOLERANCE[model.config.dtype] * max(1.0, float(np.max(np.abs(before))))
     if not diff <= bound:

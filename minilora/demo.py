@@ -230,9 +230,9 @@ def _merge_best(out: Path, rows, base_run, base, tokenizer, data, plan: DemoPlan
     x, _ = data.get_batch("val", plan.batch_size, base.config.block_size,
                           np.random.default_rng(1))
     with no_grad():
-        unmerged_logits = adapted(x).data
+        unmerged_logits = adapted(x)[0].data
         merged = merge_and_unload(adapted)
-        merged_logits = merged(x).data
+        merged_logits = merged(x)[0].data
     diff = float(np.max(np.abs(unmerged_logits.astype(np.float64) - merged_logits)))
     (out / "merged").mkdir(parents=True, exist_ok=True)
     write_checkpoint(out / "merged" / CHECKPOINT, merged,

@@ -150,7 +150,8 @@ class Transformer(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: ``model(idx)`` -> logits (B, T, V); ``model(idx, targets)`` -> (logits, mean loss).
+    """GPT-2: ``model(idx, targets)`` -> (logits (B, T, V), mean loss); ``model(idx)`` ->
+    (logits, None), as nanoGPT.
 
     seed: fixes the initial weights and the dropout masks (one Generator, ``model.rng``).
     """
@@ -199,11 +200,13 @@ class GPT(nn.Module):
                 p.data = np.zeros(p.shape, dtype)
 
     def forward(self, idx, targets=None):
-        """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored)."""
+        """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored).
+
+        Returns (logits (B, T, V), mean cross-entropy over the targets), as nanoGPT does; the loss
+        is None without targets, so ``logits, _ = model(idx)`` always works."""
         logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
-        if targets is None:
-            return logits
-        return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
+        loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
+        return logits, loss
 
     def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
         """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the

@@ -335,8 +335,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """A Llama (or Qwen2) language model: ``model(idx)`` -> logits (B, T, V);
-    ``model(idx, targets)`` -> (logits, mean cross-entropy, targets of -1 ignored).
+    """A Llama (or Qwen2) language model: ``model(idx, targets)`` -> (logits (B, T, V), mean
+    cross-entropy, targets of -1 ignored); ``model(idx)`` -> (logits, None), as GPT.
 
     seed: fixes the initial weights (one Generator, ``model.rng``), drawn as transformers draws
     them: N(0, initializer_range) for Linear and Embedding weights, zero biases (and the padding
@@ -376,9 +376,8 @@ class LlamaForCausalLM(nn.Module):
         if idx.ndim != 2:
             raise ShapeError(f"LlamaForCausalLM: idx must have shape (B, T), got {idx.shape}")
         logits = self.lm_head(self.model(idx, cache))  # (B, T, V)
-        if targets is None:
-            return logits
-        return logits, ops.cross_entropy(logits, targets, ignore_index=-1)
+        loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
+        return logits, loss
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,

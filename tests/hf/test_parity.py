@@ -93,7 +93,8 @@ def test_a_transformers_gpt2_gives_the_same_logits_in_minilora(base):
     dtype, directory = base
     idx = tokens()
     ours = GPT.from_pretrained(directory, dtype=dtype)
-    assert_close(ours(idx).data, logits_of(load_hf(directory, dtype), idx), dtype, "HF -> minilora")
+    assert_close(ours(idx)[0].data, logits_of(load_hf(directory, dtype), idx), dtype,
+                 "HF -> minilora")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -105,15 +106,15 @@ def test_minilora_saves_what_gpt2lmheadmodel_loads_with_the_same_logits(tmp_path
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert theirs.config.n_inner == 24 and theirs.config.layer_norm_epsilon == 1e-4
     idx = tokens()
-    assert_close(logits_of(theirs.eval(), idx), model.eval()(idx).data, dtype, "minilora -> HF")
+    assert_close(logits_of(theirs.eval(), idx), model.eval()(idx)[0].data, dtype, "minilora -> HF")
 
 
 def test_gelu_pytorch_tanh_and_old_style_files_read_the_same(tmp_path):
     theirs = hf_gpt2("float64", activation_function="gelu_pytorch_tanh")
     theirs.save_pretrained(tmp_path)
     idx = tokens()
-    assert_close(GPT.from_pretrained(tmp_path, dtype="float64")(idx).data, logits_of(theirs, idx),
-                 "float64", "HF -> minilora")
+    ours, _ = GPT.from_pretrained(tmp_path, dtype="float64")(idx)
+    assert_close(ours.data, logits_of(theirs, idx), "float64", "HF -> minilora")
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
@@ -133,8 +134,8 @@ def test_a_sharded_checkpoint_reads_the_same(tmp_path):
     theirs.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     idx = tokens()
-    assert_close(GPT.from_pretrained(tmp_path, dtype="float64")(idx).data, logits_of(theirs, idx),
-                 "float64", "HF -> minilora")
+    ours, _ = GPT.from_pretrained(tmp_path, dtype="float64")(idx)
+    assert_close(ours.data, logits_of(theirs, idx), "float64", "HF -> minilora")
 
 
 def test_every_gpt2config_field_is_mapped_fixed_or_changes_no_logit():
@@ -170,7 +171,7 @@ def test_a_peft_adapter_gives_the_same_logits_in_minilora(base, tmp_path, name):
     theirs.save_pretrained(tmp_path)
     ours = hf.load_adapter(GPT.from_pretrained(directory, dtype=dtype), tmp_path)
     idx = tokens()
-    assert_close(ours(idx).data, logits_of(theirs, idx), dtype, "PEFT -> minilora")
+    assert_close(ours(idx)[0].data, logits_of(theirs, idx), dtype, "PEFT -> minilora")
     trainable, total = theirs.get_nb_trainable_parameters()
     copies = sum(p.numel() for n, p in theirs.named_parameters() if "modules_to_save." in n)
     assert get_nb_trainable_parameters(hf.load_adapter(
@@ -186,7 +187,7 @@ def test_minilora_saves_the_adapter_peft_saves_and_peft_loads_it(base, tmp_path,
     hf.save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(directory))
     theirs = peft.PeftModel.from_pretrained(load_hf(directory, dtype), tmp_path / "ours").eval()
     idx = tokens()
-    assert_close(logits_of(theirs, idx), ours.eval()(idx).data, dtype, "minilora -> PEFT")
+    assert_close(logits_of(theirs, idx), ours.eval()(idx)[0].data, dtype, "minilora -> PEFT")
     # the same files PEFT writes for the same adapter: keys, shapes, dtypes and every field
     peft_model(directory, dtype, PEFT_CONFIGS[name]).save_pretrained(tmp_path / "peft")
     mine = safetensors.numpy.load((tmp_path / "ours" / "adapter_model.safetensors").read_bytes())
@@ -219,7 +220,7 @@ def test_merging_in_minilora_equals_peft_merge_and_unload(base, tmp_path, name):
     for key, value in written.items():
         assert_close(value, merged[key], dtype, "merged in minilora == PEFT merge_and_unload")
     idx = tokens()
-    assert_close(GPT.from_pretrained(tmp_path / "merged", dtype=dtype)(idx).data,
+    assert_close(GPT.from_pretrained(tmp_path / "merged", dtype=dtype)(idx)[0].data,
                  logits_of(theirs, idx), dtype, "merged in minilora == PEFT merge_and_unload")
 
 

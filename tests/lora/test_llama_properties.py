@@ -82,7 +82,7 @@ def test_lora_adapts_exactly_the_named_projections_and_counts_r_in_plus_out(case
 def test_fresh_adapter_gives_exactly_the_base_output(case):
     seed, config, model, _ = case
     idx, _ = batch(seed)
-    np.testing.assert_array_equal(model(idx).data, LlamaForCausalLM(config, seed)(idx).data)
+    np.testing.assert_array_equal(model(idx)[0].data, LlamaForCausalLM(config, seed)(idx)[0].data)
 
 
 @PROPERTY
@@ -91,16 +91,16 @@ def test_merged_output_equals_unmerged_output(case):
     seed, config, model, _ = case
     train_adapters(model, seed)
     idx, _ = batch(seed)
-    unmerged = model(idx).data
+    unmerged = model(idx)[0].data
     merge_adapter(model)
-    merged = model(idx).data
+    merged = model(idx)[0].data
     tol = MERGE_TOL[np.dtype(config.dtype)]
     np.testing.assert_allclose(merged, unmerged, **tol)
     unmerge_adapter(model)
-    np.testing.assert_allclose(model(idx).data, unmerged, **tol)
+    np.testing.assert_allclose(model(idx)[0].data, unmerged, **tol)
     plain = merge_and_unload(model)
     assert not list(named_lora_layers(plain))
-    np.testing.assert_allclose(plain(idx).data, unmerged, **tol)
+    np.testing.assert_allclose(plain(idx)[0].data, unmerged, **tol)
 
 
 @PROPERTY

@@ -232,10 +232,10 @@ def tiny_gpt(seed=0):
 
 def test_fresh_adapter_on_the_gpt_gives_exactly_its_logits():
     idx = np.random.default_rng(0).integers(0, 11, (2, 8))
-    base = tiny_gpt()(idx).data
+    base = tiny_gpt()(idx)[0].data
     config = LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], lora_dropout=0.1)
     model = apply_lora(tiny_gpt(), config, rng=0)
-    np.testing.assert_array_equal(model(idx).data, base)
+    np.testing.assert_array_equal(model(idx)[0].data, base)
     assert len(adapted_names(model)) == 6  # attn.c_attn, attn.c_proj and mlp.c_proj in 2 blocks
 
 
@@ -248,7 +248,7 @@ def test_base_checkpoint_plus_adapter_reloads_and_merges(tmp_path):
     run = trained(apply_lora(tiny_gpt(seed=4), config, rng=1))
     for _, layer in named_lora_layers(run):
         layer.bias.data = layer.bias.data + 0.1  # a trained bias travels with the adapter
-    logits = run(idx).data
+    logits = run(idx)[0].data
     np.savez(tmp_path / "adapter.npz", **lora_state_dict(run))
     (tmp_path / "adapter.json").write_text(json.dumps(run.lora_config.to_dict()))
 
@@ -257,7 +257,7 @@ def test_base_checkpoint_plus_adapter_reloads_and_merges(tmp_path):
     apply_lora(model, LoRAConfig.from_dict(json.loads((tmp_path / "adapter.json").read_text())))
     with np.load(tmp_path / "adapter.npz", allow_pickle=False) as f:
         load_lora_state_dict(model, {k: f[k] for k in f.files})
-    np.testing.assert_array_equal(model(idx).data, logits)
+    np.testing.assert_array_equal(model(idx)[0].data, logits)
     merged = merge_and_unload(model)
     assert list(merged.state_dict()) == list(base_state)
-    np.testing.assert_allclose(merged(idx).data, logits, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged(idx)[0].data, logits, rtol=1e-12, atol=1e-12)

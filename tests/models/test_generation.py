@@ -47,7 +47,7 @@ def _is_greedy_continuation(model, ids, tokens) -> bool:
     another path may choose the other token, so nothing after it is compared."""
     seq = list(ids)
     for token in tokens:
-        logits = model(np.array([seq[-model.config.block_size:]])).data[0, -1]
+        logits = model(np.array([seq[-model.config.block_size:]]))[0].data[0, -1]
         best = logits.max()
         if logits[token] < best - LOGIT_ROUND_OFF:
             return False
@@ -63,7 +63,7 @@ def test_the_cache_gives_the_logits_of_the_forward_pass():
     cache = KVCache(model.config.n_layer)
     first = model.next_logits(idx[:, :12], cache)  # the prompt, once
     rest = [model.next_logits(idx[:, t:t + 1], cache) for t in range(12, 20)]  # then one each
-    full = model(idx).data  # (B, T, V)
+    full = model(idx)[0].data  # (B, T, V)
     assert cache.length == 20
     np.testing.assert_allclose(first, full[:, 11], rtol=0, atol=LOGIT_ROUND_OFF)
     for t, logits in zip(range(12, 20), rest, strict=True):
@@ -84,7 +84,7 @@ def test_greedy_generation_is_greedy_under_the_plain_forward_pass(lora, prompt_l
         assert list(row[:prompt_length]) == list(prompt)
         assert _is_greedy_continuation(model, prompt, row[prompt_length:])
         # the check can fail: the least likely first token is not greedy
-        worst = int(model(prompt[None]).data[0, -1].argmin())
+        worst = int(model(prompt[None])[0].data[0, -1].argmin())
         assert not _is_greedy_continuation(model, prompt, [worst])
     assert len({tuple(r) for r in out[:, prompt_length:]}) > 1  # the check sees something
 

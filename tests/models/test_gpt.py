@@ -124,7 +124,7 @@ def test_float32_model_stays_float32_and_matches_float64():
     loss32.backward()
     assert logits32.dtype == np.float32
     assert all(p.grad.dtype == np.float32 for p in m32.parameters())
-    logits64 = m64(idx)
+    logits64, _ = m64(idx)
     # float32 eps ~1e-7, grown by a few layers of sums
     np.testing.assert_allclose(logits32.data, logits64.data, rtol=1e-4, atol=1e-5)
 
@@ -132,10 +132,10 @@ def test_float32_model_stays_float32_and_matches_float64():
 def test_dropout_changes_training_output_but_not_eval_output():
     model = tiny(dropout=0.5)
     idx, _ = batch(np.random.default_rng(0))
-    a, b = model(idx).data, model(idx).data
+    a, b = model(idx)[0].data, model(idx)[0].data
     assert not np.array_equal(a, b)
     model.eval()
-    np.testing.assert_array_equal(model(idx).data, model(idx).data)
+    np.testing.assert_array_equal(model(idx)[0].data, model(idx)[0].data)
 
 
 def test_greedy_generation_is_deterministic_and_extends_the_prompt():
@@ -153,7 +153,7 @@ def test_sampling_with_a_seed_is_reproducible_and_top_k_limits_choices():
     a = model.generate(prompt, 5, temperature=1.0, top_k=2, rng=9)
     np.testing.assert_array_equal(a, model.generate(prompt, 5, temperature=1.0, top_k=2, rng=9))
     with no_grad():
-        first = model.eval()(prompt).data[0, -1]
+        first = model.eval()(prompt)[0].data[0, -1]
     assert a[0, 1] in np.argsort(first)[-2:]
 
 

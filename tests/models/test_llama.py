@@ -146,7 +146,8 @@ def test_forward_gives_logits_or_logits_and_the_mean_loss_with_minus_one_ignored
     model = tiny()
     idx, targets = tokens(0), tokens(1)
     targets[0, :3] = -1
-    logits = model(idx)
+    logits, loss = model(idx)
+    assert loss is None
     assert logits.shape == (2, 7, 13) and logits.dtype == np.float64
     same, loss = model(idx, targets)
     np.testing.assert_array_equal(same.data, logits.data)
@@ -185,10 +186,10 @@ def test_forward_in_chunks_with_a_cache_equals_one_forward(chunks):
     """Positions continue after the cached ones (RoPE at an offset; queries the last keys)."""
     model = tiny(model_type="qwen2", num_key_value_heads=1)
     idx = tokens(3)
-    full = model(idx).data
+    full = model(idx)[0].data
     cache, parts, start = KVCache(2), [], 0
     for n in chunks:
-        parts.append(model(idx[:, start:start + n], cache=cache).data)
+        parts.append(model(idx[:, start:start + n], cache=cache)[0].data)
         start += n
     assert cache.length == 7
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-13)
@@ -200,7 +201,7 @@ def test_greedy_generation_equals_the_argmax_of_full_forward_passes():
     out = model.generate(idx, 5, temperature=0)
     expected = idx
     for _ in range(5):
-        nxt = model(expected).data[:, -1].argmax(axis=-1)
+        nxt = model(expected)[0].data[:, -1].argmax(axis=-1)
         expected = np.concatenate([expected, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(out, expected)
 

@@ -188,8 +188,8 @@ def test_merged_model_gives_the_unmerged_logits(corpus, base_run, tmp_path):
     assert any(np.any(p.data) for n, p in model.named_parameters() if n.endswith("lora_B"))
     idx = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, MODEL["block_size"]))
     with no_grad():
-        unmerged = model(idx).data
-        merged = merge_and_unload(model)(idx).data
+        unmerged = model(idx)[0].data
+        merged = merge_and_unload(model)(idx)[0].data
     assert not any("lora" in n for n, _ in model.named_parameters())
     # float32 round-off of W + s B A over in = 16..64 terms: a few ulps of logits of size ~1
     np.testing.assert_allclose(merged, unmerged, rtol=0, atol=1e-5)
