@@ -9,6 +9,7 @@ then is the model built and filled, one tensor at a time; on any error nothing i
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,19 @@ def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
     """
     if dtype not in ("float32", "float64"):
         raise ConfigError(f"from_pretrained: dtype must be 'float32' or 'float64', got {dtype!r}")
+    arch, hf_config, stored = stored_tensors(path, model_type)
+    try:
+        config = arch.config_from_hf(hf_config, dtype, dropout)
+    except ConfigError as e:
+        raise FileFormatError(f"{Path(path) / CONFIG}: {e}") from None
+    plan = _plan(arch, config, stored)
+    model = arch.MODEL_CLASS(config, seed=0)  # every size now agrees with the files
+    _fill(arch, model, plan, np.dtype(config.dtype))
+    return model.eval()
+
+
+def _open(path, model_type: str | None) -> tuple[Path, dict, object]:
+    """(the directory, its ``config.json``, the architecture module for its ``model_type``)."""
     directory = files.directory_of(path, "model")
     hf_config = files.read_json(directory, CONFIG, "model config", {"model_type": str})
     kind = hf_config["model_type"]
@@ -68,37 +82,59 @@ def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
         wanted = [model_type] if model_type else sorted(ARCHITECTURES)
         raise FileFormatError(f"{directory / CONFIG}: model_type {kind!r}; minilora reads "
                               f"{', '.join(wanted)}")
-    try:
-        config = arch.config_from_hf(hf_config, dtype, dropout)
-    except ConfigError as e:
-        raise FileFormatError(f"{directory / CONFIG}: {e}") from None
-    plan = _plan(arch, config, files.tensor_headers(directory, WEIGHTS, WEIGHTS_INDEX, "model"))
-    model = arch.MODEL_CLASS(config, seed=0)  # every size now agrees with the files
-    _fill(arch, model, plan, np.dtype(config.dtype))
-    return model.eval()
+    return directory, hf_config, arch
 
 
-def _plan(arch, config, headers: dict) -> dict[str, tuple[Path, str, io.TensorInfo]]:
-    """key (as ``tensor_shapes`` names it) -> (file, key in the file, info), every tensor the
-    config implies present once with its shape and a float dtype, and nothing else."""
-    plan: dict[str, tuple[Path, str, io.TensorInfo]] = {}
-    for file_key, (path, info) in headers.items():
-        key = arch.canonical_key(file_key)
-        if key is None:
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a model directory as its files hold it: the file, the key in it, and what
+    the header says (``info.dtype`` is the file's name for the dtype: ``"BF16"``, ``"F32"``)."""
+
+    path: Path
+    file_key: str
+    info: io.TensorInfo
+
+    def read(self, arch) -> np.ndarray:
+        """The tensor in minilora's layout (``arch.from_file``), as float64: float16 and bfloat16
+        are widened exactly, so every bit of the stored value is kept."""
+        array = io.read_tensors(self.path, {self.file_key: self.info}, np.float64)[self.file_key]
+        return arch.from_file(self.file_key, array)
+
+
+def stored_tensors(path, model_type: str | None = None) -> tuple[object, dict,
+                                                                 dict[str, StoredTensor]]:
+    """(the architecture module, ``config.json``, name -> StoredTensor for every tensor) of a model
+    directory, headers only, for comparing a file with what it should hold (``minilora check``):
+    nothing is checked against the config, so a missing, extra or mis-shaped tensor is the
+    caller's to report. Names are the architecture's (``canonical_key``: minilora's parameter
+    names); a buffer it skips is left out; two keys for one name are refused."""
+    directory, hf_config, arch = _open(path, model_type)
+    out: dict[str, StoredTensor] = {}
+    for file_key, (file, info) in files.tensor_headers(directory, WEIGHTS, WEIGHTS_INDEX,
+                                                        "model").items():
+        name = arch.canonical_key(file_key)
+        if name is None:
             continue
-        if key in plan:
-            raise FileFormatError(f"{path}: tensors {plan[key][1]!r} and {file_key!r} are the same "
-                                  f"tensor {key!r}")
-        plan[key] = (path, file_key, info)
+        if name in out:
+            raise FileFormatError(f"{file}: tensors {out[name].file_key!r} and {file_key!r} are "
+                                  f"the same tensor {name!r}")
+        out[name] = StoredTensor(file, file_key, info)
+    return arch, hf_config, out
+
+
+def _plan(arch, config, plan: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
+    """``plan`` (from :func:`stored_tensors`), checked: every tensor the config implies present
+    once with its shape and a float dtype, and nothing else."""
     # no more names than the files hold tensors, plus one: enough to see that some are missing
     expected = dict(itertools.islice(arch.tensor_shapes(config), len(plan) + 1))
     missing = [k for k in expected if k not in plan]
     if missing:
-        where = sorted({str(p) for p, _, _ in plan.values()}) or ["the directory"]
+        where = sorted({str(t.path) for t in plan.values()}) or ["the directory"]
         raise FileFormatError(f"{where[0]}: missing tensors {missing[:4]}"
                               f"{' and more' if len(missing) > 4 else ''} (the config implies "
                               "them)")
-    for key, (path, file_key, info) in plan.items():
+    for key, (path, file_key, info) in ((k, (t.path, t.file_key, t.info))
+                                        for k, t in plan.items()):
         shape = expected.get(key, expected.get(arch.TIED.get(key)))
         if shape is None:
             raise FileFormatError(f"{path}: unexpected tensor {file_key!r} (not part of "
@@ -115,11 +151,11 @@ def _fill(arch, model: Module, plan: dict, dtype: np.dtype) -> None:
     must equal the tensor it is tied to."""
     params = dict(model.named_parameters())
     by_file: dict[Path, dict[str, str]] = {}
-    for key, (path, file_key, _) in plan.items():
-        by_file.setdefault(path, {})[file_key] = key
+    for key, t in plan.items():
+        by_file.setdefault(t.path, {})[t.file_key] = key
     tied_copies = {}
     for path, keys in by_file.items():
-        infos = {fk: plan[k][2] for fk, k in keys.items()}
+        infos = {fk: plan[k].info for fk, k in keys.items()}
         for file_key, array in io.read_tensors(path, infos, dtype).items():
             key = keys[file_key]
             if not np.all(np.isfinite(array)):
