@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_train, _add_merge, _add_generate, _add_eval, _add_params,
                 _add_bench):
         add(sub)
+    for add in (_add_check, _add_vectors):  # the conformance kit
+        add(sub)
     return parser
 
 
@@ -303,6 +305,85 @@ def _add_bench(sub) -> None:
     p.add_argument("--compare", choices=("torch",), help="also time the same model in PyTorch")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=_positive_int)
+
+
+# ---- the conformance kit: check and vectors -------------------------------------------------
+
+CHECK_DESCRIPTION = """\
+Check what another LoRA implementation produced against minilora's float64 reference.
+
+--merged DIR: a merged model (a Hugging Face directory, as merge_and_unload() then
+save_pretrained() write it) against --base plus --adapter (a PEFT adapter directory). For every
+adapted layer, W' = W + s B A with the adapter's own scaling (lora_alpha / r, rsLoRA
+lora_alpha / sqrt(r), rank_pattern, alpha_pattern) and layout (fan_in_fan_out); every other
+tensor must equal the base's. Each tensor gets a verdict: exact, round-off (within the bound its
+dtype explains: float32, float16, bfloat16), unresolvable (the delta is below what the dtype
+resolves, so the file cannot show whether it was merged) or WRONG, with a diagnosis when a
+known mistake fits: scaling off by a factor (doubled, squared, missing, rsLoRA for plain),
+the delta transposed, merged twice, not merged, merged into another layer, a tensor missing
+or extra.
+
+--logits FILE: someone's logits (.npy or .safetensors) for --input-ids (or the file's own
+input_ids tensor) against the reference forward of --base with --adapter, per position.
+
+Exit code 0: nothing is WRONG; 1: something is; 2: a usage error (a missing directory, a
+damaged file). The bounds and their derivation: docs/conformance.md.
+"""
+
+CHECK_EXAMPLES = """\
+example: a merge where one layer was merged twice
+  minilora check --base gpt2-base --adapter my-adapter --merged my-merged
+    tensor                              dtype     ...  verdict    diagnosis
+    transformer.h.0.attn.c_attn.weight  bfloat16  ...  round-off
+    transformer.h.1.attn.c_attn.weight  bfloat16  ...  WRONG      delta added twice (merged
+                                                                  twice, or its scaling doubled)
+    verdict: WRONG (1 round-off, 1 WRONG tensors)
+other examples:
+  # the same, all tensors shown, and a JSON report for CI
+  minilora check --base gpt2-base --adapter my-adapter --merged my-merged --all --json check.json
+  # logits your code computed (B, T, V) for the token ids (B, T) in ids.npy
+  minilora check --base gpt2-base --adapter my-adapter --logits logits.npy --input-ids ids.npy
+"""
+
+
+def _add_check(sub) -> None:
+    from minilora.check.rounding import DTYPES
+
+    p = sub.add_parser("check", help="check another implementation's merged model or logits "
+                       "against the reference", description=CHECK_DESCRIPTION,
+                       epilog=CHECK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, metavar="DIR", help="the base model (Hugging Face "
+                   "directory: config.json, model.safetensors)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT adapter directory "
+                   "(adapter_config.json, adapter_model.safetensors)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merged", metavar="DIR", help="the merged model to check")
+    what.add_argument("--logits", metavar="FILE", help="logits to check (.npy or .safetensors)")
+    p.add_argument("--input-ids", metavar="FILE", help="with --logits: the token ids (.npy or "
+                   ".safetensors; default: the logits file's input_ids tensor)")
+    p.add_argument("--computed-in", choices=DTYPES, help="with --logits: the dtype the logits "
+                   "were computed in, which sets the tolerance (default: the file's dtype)")
+    p.add_argument("--tolerance", type=_number, metavar="REL",
+                   help="with --logits: the relative error per position to accept instead")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--all", action="store_true", help="print every row, not just those worth "
+                   "reading")
+
+
+def _add_vectors(sub) -> None:
+    p = _sub(sub, "vectors", "write the golden vectors: LoRA test cases for other implementations",
+             """\
+        Write a versioned set of test cases for people implementing LoRA in another framework or
+        language: for the LoRA linear layer (several shapes, ranks, alphas, rsLoRA, bias or not,
+        a dropout mask) the inputs x, W, b, A, B, an upstream gradient G and the references y,
+        dx, dA, dB, db and the merged W'; for a tiny GPT-2 with a LoRA adapter (as transformers
+        and PEFT save them) the token ids, logits, loss and every gradient; and manifest.json:
+        each case's settings, the tolerance per dtype and why, each file's SHA-256. The same
+        version writes the same bits on every machine (docs/conformance.md says why).""", """\
+        example:
+          minilora vectors --out golden
+          ls golden golden/lora_linear golden/gpt2_lora   # manifest.json says what each holds""")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,3 +300,32 @@ def cmd_bench(args) -> int:
     from minilora.bench import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_check(args) -> int:
+    from minilora.check import check_logits, check_merge
+
+    if args.merged is None and any(getattr(args, k) is not None for k in
+                                   ("input_ids", "computed_in", "tolerance")):
+        raise ConfigError("check: --input-ids, --computed-in and --tolerance go with --logits")
+    if args.merged is not None:
+        report = check_merge(args.base, args.adapter, args.merged)
+        print(f"{args.merged} against {args.base} + {args.adapter} merged in float64 "
+              "(W' = W + s B A; bounds: docs/conformance.md)")
+    else:
+        report = check_logits(args.base, args.adapter, args.logits, args.input_ids,
+                              args.computed_in, args.tolerance)
+        print(f"{args.logits} against the forward of {args.base} + {args.adapter} in float64")
+    print(report.render(args.all), end="")
+    if args.json:
+        report.save_json(args.json)
+    return report.exit_code
+
+
+def cmd_vectors(args) -> int:
+    from minilora.check import VECTORS_VERSION, write_vectors
+
+    out = write_vectors(args.out)
+    print(f"golden vectors version {VECTORS_VERSION} written to {out} (manifest.json lists "
+          "every case, its tolerances and each file's SHA-256)")
+    return 0

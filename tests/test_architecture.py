@@ -22,6 +22,7 @@ LAYERS = [
     ("minilora.nn", "minilora.optim"),
     ("minilora.lora", "minilora.models"),
     ("minilora.train", "minilora.hf"),
+    ("minilora.check",),
     ("minilora.bench", "minilora.demo", "minilora.commands", "minilora.cli", "minilora.__main__"),
 ]
 REFERENCE_OPS = ["activation", "attention", "lora_linear", "normalization", "softmax"]

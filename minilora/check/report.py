@@ -79,5 +79,31 @@ class Report:
         return "".join(line.rstrip() + "\n" for line in cells)
 
 
+    def render(self, every_row: bool = False) -> str:
+        """What ``minilora check`` prints: the rows worth reading (all with ``every_row``), a line
+        for the rest, the notes and the verdict."""
+        if every_row:
+            shown = self.rows
+        elif self.mode == "merge":
+            shown = [r for r in self.rows if r.kind == "adapted" or r.verdict != EXACT]
+        else:
+            shown = self.wrong[:20] or sorted(self.rows, key=lambda r: -r.of_bound)[:5]
+        text = self.table(shown, "tensor" if self.mode == "merge" else "batch,position")
+        rest = len(self.rows) - len(shown)
+        if rest and self.mode == "merge":
+            text += f"... and {rest} other tensors, each exact (as the base holds it)\n"
+        elif rest:
+            worst = max(self.rows, key=lambda r: r.of_bound)
+            text += (f"... {rest} more positions (--all shows them); worst relative error "
+                     f"{worst.max_rel:.3g} at {worst.name}, tolerance "
+                     f"{self.summary['tolerance']:.3g} ({self.summary['computed_in']})\n")
+        text += "".join(f"note: {n}\n" for n in self.notes)
+        counts = ", ".join(f"{sum(r.verdict == v for r in self.rows)} {v}" for v in VERDICTS
+                           if any(r.verdict == v for r in self.rows))
+        what = "tensors" if self.mode == "merge" else "positions"
+        return text + (f"verdict: WRONG ({counts} {what})\n" if self.wrong
+                       else f"verdict: OK, nothing is WRONG ({counts} {what})\n")
+
+
 def _g(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
