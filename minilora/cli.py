@@ -331,15 +331,19 @@ damaged file). The bounds and their derivation: docs/conformance.md.
 """
 
 CHECK_EXAMPLES = """\
-example: a merge where one layer was merged twice
+example: a bfloat16 merge written by hand with two mistakes (docs/conformance.md)
   minilora check --base gpt2-base --adapter my-adapter --merged my-merged
-    tensor                              dtype     ...  verdict    diagnosis
-    transformer.h.0.attn.c_attn.weight  bfloat16  ...  round-off
-    transformer.h.1.attn.c_attn.weight  bfloat16  ...  WRONG      delta added twice (merged
-                                                                  twice, or its scaling doubled)
-    verdict: WRONG (1 round-off, 1 WRONG tensors)
+    tensor                              dtype     ...  of bound  verdict    diagnosis
+    transformer.h.0.attn.c_attn.weight  bfloat16  ...  0.481     round-off
+    transformer.h.0.attn.c_proj.weight  bfloat16  ...  351       WRONG      delta transposed:
+        (B A)^T was added (fan_in_fan_out, the (in, out) layout, mixed up)
+    ...
+    transformer.h.2.attn.c_attn.weight  bfloat16  ...  31.8      WRONG      plain scaling
+        alpha/r = 2 used where the adapter says rsLoRA alpha/sqrt(r) = 4
+    ...
+    verdict: WRONG (31 exact, 7 round-off, 2 WRONG tensors)           (exit code 1)
 other examples:
-  # the same, all tensors shown, and a JSON report for CI
+  # every tensor shown, and a JSON report for CI
   minilora check --base gpt2-base --adapter my-adapter --merged my-merged --all --json check.json
   # logits your code computed (B, T, V) for the token ids (B, T) in ids.npy
   minilora check --base gpt2-base --adapter my-adapter --logits logits.npy --input-ids ids.npy

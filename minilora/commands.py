@@ -305,7 +305,7 @@ def cmd_bench(args) -> int:
 def cmd_check(args) -> int:
     from minilora.check import check_logits, check_merge
 
-    if args.merged is None and any(getattr(args, k) is not None for k in
+    if args.merged is not None and any(getattr(args, k) is not None for k in
                                    ("input_ids", "computed_in", "tolerance")):
         raise ConfigError("check: --input-ids, --computed-in and --tolerance go with --logits")
     if args.merged is not None:

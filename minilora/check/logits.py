@@ -42,6 +42,9 @@ def check_logits(base, adapter, logits, input_ids=None, computed_in: str | None 
         picks the tolerance; tolerance: replaces it.
     """
     values, file_dtype = read_array(logits, "logits")
+    if input_ids is None and Path(logits).suffix != ".safetensors":
+        raise ConfigError(f"check_logits: {logits} holds logits alone; give the token ids too "
+                          "(--input-ids FILE), or both in one .safetensors file")
     ids, _ = read_array(logits if input_ids is None else input_ids, "input_ids",
                         hint="" if input_ids is not None else " (or give --input-ids FILE)")
     computed_in = dtype_name(computed_in or file_dtype)
@@ -73,6 +76,9 @@ def check_logits(base, adapter, logits, input_ids=None, computed_in: str | None 
                          "something that depends on the position (the causal mask, position "
                          "ids, a key/value cache)")
         summary["diagnosis"] = diagnosis[0]
+        if not diagnosis[0]:
+            notes.append("no scaling mistake made in every adapted layer fits: if you have the "
+                         "merged model, --merged DIR finds the layer that is wrong")
     if all(row.verdict == UNRESOLVABLE for row in rows):
         notes.append("the adapter changes these logits by less than the tolerance: choose "
                      "inputs where it matters, or a larger adapter, to see whether it was applied")
