@@ -124,9 +124,10 @@ def _shapes(ids: np.ndarray, values: np.ndarray, ref: Reference, logits, input_i
     if ids.ndim != 2 or values.ndim != 3 or values.shape != (*ids.shape, config.vocab_size):
         raise FileFormatError(f"{logits}: logits of shape {values.shape} for input_ids of shape "
                               f"{ids.shape}; expected (B, T, {config.vocab_size}) for (B, T)")
-    if ids.size == 0 or ids.shape[1] > config.block_size:
+    context = getattr(config, "block_size", None) or config.max_position_embeddings
+    if ids.size == 0 or ids.shape[1] > context:
         raise FileFormatError(f"{where}: {ids.shape[1]} positions; the model takes 1 to "
-                              f"{config.block_size}")
+                              f"{context}")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise FileFormatError(f"{where}: token ids from {ids.min()} to {ids.max()}; the "
                               f"vocabulary has {config.vocab_size}")
