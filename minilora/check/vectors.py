@@ -78,7 +78,7 @@ GPT_RTOL_WHY = (
     "tolerance is stated, not derived: float64 and float32 implementations that compute the "
     "same function in any order land within about 100 unit round-offs (2^-53 and 2^-24) of the "
     "reference relative to each tensor's largest element here, and the tolerance allows "
-    "~10^4 float64 and ~10^3 float32 unit round-offs; any real mistake (a missing scale, a "
+    "~10^6 float64 and ~10^3 float32 unit round-offs; any real mistake (a missing scale, a "
     "transposed weight, a wrong mask) moves these outputs by 1e-3 or more. Half precision is "
     "not offered for the GPT: after a few hundred bfloat16 roundings no tolerance separates "
     "round-off from mistakes; check those with `minilora check --logits`.")

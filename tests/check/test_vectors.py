@@ -45,7 +45,7 @@ PINNED = {
         "1e832cf1bd8e40fa5f9b518f49957461be2814159cdc7e0645777b83fc888272",
     "lora_linear/r4_full_rank.safetensors":
         "6d43620a7c03f28fd58fbf9e4e820e2b354dda5c70689e5ce6758a2bfef000b1",
-    "manifest.json": "98019c58892c6cdf63de387cf543662d7e3e5108582206adc68be132660c7b36",
+    "manifest.json": "fbbc093f6d902cbf0d4ee4eedd822ac0d63ecee86b0998bab800d636e572ae93",
 }
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 
