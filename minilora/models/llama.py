@@ -182,9 +182,11 @@ class LlamaConfig:
         if self.use_sliding_window is not False:
             raise ConfigError("LlamaConfig.use_sliding_window: sliding-window attention is not "
                               "implemented; minilora attends to every earlier position")
-        if self.layer_types is not None and any(t != "full_attention" for t in self.layer_types):
+        if self.layer_types is not None and (not isinstance(self.layer_types, list) or any(
+                t != "full_attention" for t in self.layer_types)):
             raise ConfigError(f"LlamaConfig.layer_types {self.layer_types!r}: only "
                               "'full_attention' layers are implemented")
+        self.layer_types = None  # every layer full attention, what None means
         if self.model_type == "qwen2":
             for name in ("attention_bias", "mlp_bias"):
                 if getattr(self, name):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from minilora.lora import LoRAConfig, apply_lora, named_lora_layers
-from minilora.models import GPT, GPTConfig
+from minilora.models import GPT, GPTConfig, LlamaConfig, LlamaForCausalLM
 
 # Relative error max|ours - theirs| / max|theirs| allowed per dtype (the issue's targets): the two
 # sides compute the same sums in different orders, a few hundred eps apart at most.
@@ -43,6 +43,26 @@ def tiny_config(dtype="float32", **kw) -> GPTConfig:
 def random_gpt(dtype="float32", seed=0, **kw) -> GPT:
     """A tiny GPT with every weight and bias random (LayerNorms too), so no tensor is trivial."""
     model = GPT(tiny_config(dtype, **kw), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for _, p in model.named_parameters():
+        p.data = (rng.standard_normal(p.shape) * 0.3 + (1.0 if p.ndim == 1 else 0.0)
+                  ).astype(p.dtype)
+    return model
+
+
+# Llama-family variants the Hugging Face tests run: fewer key/value heads than query heads, tied
+# and untied, Qwen2's q/k/v biases; vocab 23, as the GPT-2 tests.
+LLAMA_SIZES = {"vocab_size": 23, "hidden_size": 16, "intermediate_size": 24,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+LLAMAS = {"llama": {}, "llama-tied": {"tie_word_embeddings": True},
+          "qwen2": {"model_type": "qwen2"},
+          "qwen2-tied": {"model_type": "qwen2", "tie_word_embeddings": True}}
+
+
+def random_llama(variant: str = "llama", dtype="float32", seed=0, **kw) -> LlamaForCausalLM:
+    """A tiny Llama or Qwen2 with every weight and bias random (RMSNorms about 1)."""
+    config = LlamaConfig(**{**LLAMA_SIZES, **LLAMAS[variant], "dtype": dtype, **kw})
+    model = LlamaForCausalLM(config, seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _, p in model.named_parameters():
         p.data = (rng.standard_normal(p.shape) * 0.3 + (1.0 if p.ndim == 1 else 0.0)
