@@ -1,8 +1,8 @@
 """GPT-2 as Hugging Face ``transformers`` stores it: the config map and the tensor map.
 
 An architecture is this much and no more (``pretrained.py`` reads and writes the model files for
-all of them, ``peft.py`` the adapters; a second architecture is a second module like this one,
-registered in ``pretrained.ARCHITECTURES``):
+all of them, ``peft.py`` the adapters; another architecture is another module like this one,
+registered in ``pretrained.ARCHITECTURES``, as ``llama.py`` and ``qwen2.py`` are):
 
 - ``MODEL_TYPE`` (``config.json``'s ``model_type``), ``MODEL_CLASS`` (minilora's model), ``NAME``
   (for messages), ``ARCHITECTURES`` (the ``transformers`` classes whose files it reads),

@@ -75,7 +75,7 @@ def test_from_pretrained_returns_the_model_the_model_type_names(saved, tmp_path)
     random_gpt().save_pretrained(tmp_path / "gpt2")
     assert type(minilora.from_pretrained(tmp_path / "gpt2")) is GPT
     assert type(LlamaForCausalLM.from_pretrained(directory)) is LlamaForCausalLM
-    with pytest.raises(FileFormatError, match="model_type 'llama'|model_type 'qwen2'"):
+    with pytest.raises(FileFormatError, match=r"model_type '(llama|qwen2)'"):
         GPT.from_pretrained(directory)
     with pytest.raises(FileFormatError, match="model_type 'gpt2'; minilora reads llama, qwen2"):
         LlamaForCausalLM.from_pretrained(tmp_path / "gpt2")
@@ -86,7 +86,7 @@ def test_from_pretrained_returns_the_model_the_model_type_names(saved, tmp_path)
 
 
 def test_the_dtype_asked_for_is_the_dtype_computed_in(saved):
-    model, directory = saved
+    _, directory = saved
     back = minilora.from_pretrained(directory)  # float32 by default, as GPT.from_pretrained
     assert back.config.dtype == "float32"
     assert all(p.dtype == np.float32 for p in back.parameters())
@@ -137,8 +137,8 @@ def test_qwen2_refuses_the_bias_fields_it_does_not_have(tmp_path):
 def test_llama_has_no_dropout_to_replace(saved):
     _, directory = saved
     assert minilora.from_pretrained(directory, dropout=0.0) is not None
-    with pytest.raises(FileFormatError, match="dropout=0.1: minilora's (Llama|Qwen2) has no "
-                                              "dropout"):
+    with pytest.raises(FileFormatError, match=r"dropout=0.1: minilora's (Llama|Qwen2) has no "
+                                              r"dropout"):
         minilora.from_pretrained(directory, dropout=0.1)
 
 
@@ -175,7 +175,7 @@ def test_a_tied_lm_head_in_the_file_is_read_only_if_equal(tmp_path):
     assert same_parameters(minilora.from_pretrained(tmp_path), model)
     tensors["lm_head.weight"][0, 0] += 1.0
     (tmp_path / "model.safetensors").write_bytes(safetensors.numpy.save(tensors))
-    with pytest.raises(FileFormatError, match="differs from 'model.embed_tokens.weight'"):
+    with pytest.raises(FileFormatError, match=r"differs from 'model\.embed_tokens\.weight'"):
         minilora.from_pretrained(tmp_path)
 
 
@@ -184,7 +184,8 @@ def test_a_bfloat16_checkpoint_is_read_exactly(tmp_path):
 
     model = random_llama("llama")
     model.save_pretrained(tmp_path)
-    raw = {k: ("BF16", v.shape, bfloat16_bits(v).tobytes()) for k, v in tensors_of(tmp_path).items()}
+    raw = {k: ("BF16", v.shape, bfloat16_bits(v).tobytes())
+           for k, v in tensors_of(tmp_path).items()}
     write_safetensors(tmp_path / "model.safetensors", raw, {"format": "pt"})
     back = dict(minilora.from_pretrained(tmp_path).named_parameters())
     for key, (_, shape, data) in raw.items():

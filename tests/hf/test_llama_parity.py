@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +23,15 @@ import minilora
 from minilora import hf
 from minilora.lora import LoRAConfig, get_nb_trainable_parameters, merge_and_unload
 from tests.extras import need
-from tests.hf.helpers import adapted, assert_close, random_llama, tokens
+from tests.hf.helpers import (
+    adapted,
+    assert_close,
+    assert_same_adapter_files,
+    peft_parameter_counts,
+    random_llama,
+    random_peft_model,
+    tokens,
+)
 
 torch, transformers, peft = need("torch", "transformers", "peft")
 from tests.models.test_llama_parity import VOCAB, hf_model, in_float64  # noqa: E402  (needs torch)
@@ -45,12 +52,7 @@ PEFT_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_libraries")
 
 
 def idx() -> np.ndarray:
@@ -144,14 +146,7 @@ def peft_config(name: str, variant: str) -> dict:
 
 def peft_model(directory, dtype: str, config: dict, seed=0):
     """get_peft_model on the base in ``directory`` with every trainable tensor made random."""
-    model = peft.get_peft_model(load_hf(directory, dtype),
-                                peft.LoraConfig(task_type="CAUSAL_LM", **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.2)
-    return model.eval()
+    return random_peft_model(load_hf(directory, dtype), config, seed)
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
@@ -161,11 +156,9 @@ def test_a_peft_adapter_gives_the_same_logits_in_minilora(base, tmp_path, name):
     theirs.save_pretrained(tmp_path)
     ours = hf.load_adapter(minilora.from_pretrained(directory, dtype=dtype), tmp_path)
     assert_close(ours(idx())[0].data, logits_of(theirs, dtype), dtype, "PEFT -> minilora")
-    trainable, total = theirs.get_nb_trainable_parameters()
-    copies = sum(p.numel() for n, p in theirs.named_parameters() if "modules_to_save." in n)
     assert get_nb_trainable_parameters(hf.load_adapter(
-        minilora.from_pretrained(directory, dtype=dtype), tmp_path, is_trainable=True)) == (
-        trainable, total - copies)  # PEFT counts its copies of saved modules in the total
+        minilora.from_pretrained(directory, dtype=dtype), tmp_path, is_trainable=True)) == \
+        peft_parameter_counts(theirs)
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
@@ -186,15 +179,7 @@ def test_minilora_saves_the_adapter_peft_saves_and_peft_loads_it(base, tmp_path,
     # the same files PEFT writes for the same adapter: keys (PEFT's names for Llama), shapes,
     # dtypes, and every field of the config
     peft_model(directory, dtype, config).save_pretrained(tmp_path / "peft")
-    mine, peft_state = (safetensors.numpy.load(
-        (tmp_path / d / "adapter_model.safetensors").read_bytes()) for d in ("ours", "peft"))
-    assert {k: (v.shape, v.dtype) for k, v in mine.items()} == \
-        {k: (v.shape, v.dtype) for k, v in peft_state.items()}
-    peft_json = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    for field in ("target_modules", "modules_to_save"):  # PEFT writes some from a set
-        for d in (mine_json, peft_json):
-            d[field] = sorted(d[field]) if isinstance(d[field], list) else d[field]
-    assert mine_json == {**peft_json, "base_model_name_or_path": str(directory)}
+    assert_same_adapter_files(tmp_path / "ours", tmp_path / "peft", str(directory))
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
@@ -216,7 +201,7 @@ def test_merging_in_minilora_equals_peft_merge_and_unload(base, tmp_path, name):
 
 def test_all_linear_picks_the_layers_peft_picks(base):
     """PEFT's "all-linear" on Llama: the seven projections of every layer, never lm_head."""
-    variant, dtype, directory = base
+    _, dtype, directory = base
     theirs = peft.get_peft_model(load_hf(directory, dtype), peft.LoraConfig(
         task_type="CAUSAL_LM", target_modules="all-linear"))
     peft_layers = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
