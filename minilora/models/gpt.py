@@ -181,6 +181,15 @@ class GPT(nn.Module):
 
         save_pretrained(self, path)
 
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """The number of parameters, as nanoGPT counts them: every parameter once (the tied
+        ``lm_head`` / ``transformer.wte`` weight once), less the position embeddings
+        ``transformer.wpe`` (block_size, C) when ``non_embedding`` (the default). The token
+        embeddings stay in: through the tie they are the output layer's weights too. LoRA's
+        ``A`` and ``B`` count like any parameter; ``num_parameters()`` counts all, wpe included."""
+        n = self.num_parameters()
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
     def get_output_embeddings(self) -> nn.Linear:
         """The output layer (``lm_head``), as ``transformers`` names it: what PEFT's
         ``target_modules="all-linear"`` leaves out."""
