@@ -198,13 +198,15 @@ def test_merging_a_merged_adapter_changes_nothing_and_warns_naming_the_layers():
     """As PEFT ("All adapters are already merged, nothing to do"): a warning, the weights kept."""
     model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=0))
     layers = dict(named_lora_layers(model))
-    layers["transformer.h.0.mlp.c_fc"].merge()
+    fc, attn = "transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn"
+    layers[fc].merge()
     weights = {n: lay.weight.data.copy() for n, lay in layers.items()}
     with pytest.warns(UserWarning, match=r"merge_adapter: the adapters of c_fc \(full names: "
-                                         r"transformer\.h\.0\.mlp\.c_fc\) are already merged; merging the rest"):
+                                         r"transformer\.h\.0\.mlp\.c_fc\) are already merged; "
+                                         "merging the rest"):
         merge_adapter(model)
-    np.testing.assert_array_equal(layers["transformer.h.0.mlp.c_fc"].weight.data, weights["transformer.h.0.mlp.c_fc"])
-    assert not np.array_equal(layers["transformer.h.0.attn.c_attn"].weight.data, weights["transformer.h.0.attn.c_attn"])
+    np.testing.assert_array_equal(layers[fc].weight.data, weights[fc])
+    assert not np.array_equal(layers[attn].weight.data, weights[attn])
     merged = {n: lay.weight.data.copy() for n, lay in layers.items()}
     with pytest.warns(UserWarning, match="merge_and_unload: .* are already merged; nothing to do"):
         plain = merge_and_unload(model)
