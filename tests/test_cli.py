@@ -113,7 +113,7 @@ def test_train_no_bias_makes_a_model_without_biases(work, capsys):
     code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
                                      str(work / "base"), "--out", str(work / "nb2"),
                                      "--no-bias"], capsys)
-    assert code == 2 and "fixes the architecture; drop --no-bias" in err
+    assert code == 2 and "fixes the architecture (and the vocabulary); drop --no-bias" in err
 
 
 def test_train_init_from_fine_tunes_every_parameter(work):
@@ -287,13 +287,13 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "base-is-a-lora-run": ([*lora[:4], "lora", *lora[5:], "--out", "o8"],
                                "it is a LoRA run; merge it first", "o8"),
         "data-the-base-cannot-read": ([*lora[:2], "odd.txt", *lora[3:], "--out", "o9"],
-                                      "'Ü' (U+00DC)", "o9"),
+                                      "'Ü' (U+00DC, first at position 0, 100 times)", "o9"),
         "adapter-on-another-base": (["generate", "--model", "other/lora", "--prompt", "a"],
                                     "weights fingerprint differs", None),
         "adapter-without-its-base": (["merge", "--model", "orphan/lora", "--out", "o10"],
                                      "base model", "o10"),
         "resume-another-base": (["train", "--out", "other/lora", "--resume"],
-                                "has changed since the run started", None),
+                                "weights fingerprint differs", None),
         "resume-nothing": (["train", "--out", "o11", "--resume"], "no checkpoint to resume from",
                            "o11"),
         "resume-with-settings": (["train", "--out", "lora", "--resume", "--lr", "1"],
@@ -323,7 +323,7 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "out-holds-a-run": ([*new[:-2], "--max-iters", "2", "--out", "base"],
                             "already holds a run", None),
         "architecture-with-init-from": ([*lora, "--out", "o24", "--n-layer", "3"],
-                                        "fixes the architecture; drop --n-layer", "o24"),
+                                        "fixes the architecture (and the vocabulary); drop --n-layer", "o24"),
         "no-data": (["train", "--out", "o25"], "--data", "o25"),
         "merge-a-full-run": (["merge", "--model", "base", "--out", "o26"], "not a LoRA run",
                              "o26"),

@@ -250,7 +250,7 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
-                 stop_token: int | None = None) -> np.ndarray:
+                 stop_token: int | None = None, streamer=None) -> np.ndarray:
         """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
@@ -258,7 +258,8 @@ class GPT(nn.Module):
         The prompt is read once; each new token then costs one position, its keys and values
         added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
         slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
-        Builds no graph; runs in eval mode and restores the previous mode after.
+        Builds no graph; runs in eval mode and restores the previous mode after. streamer: as
+        ``transformers``' (:class:`~minilora.models.generation.TextStreamer` prints as it goes).
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
-                        window=self.config.block_size)
+                        window=self.config.block_size, streamer=streamer)
