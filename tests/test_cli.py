@@ -485,7 +485,8 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "out-holds-a-run": ([*new[:-2], "--max-iters", "2", "--out", "base"],
                             "already holds a run", None),
         "architecture-with-init-from": ([*lora, "--out", "o24", "--n-layer", "3"],
-                                        "fixes the architecture (and the vocabulary); drop --n-layer", "o24"),
+                                        "fixes the architecture (and the vocabulary); drop "
+                                        "--n-layer", "o24"),
         "no-data": (["train", "--out", "o25"], "--data", "o25"),
         "merge-a-full-run": (["merge", "--model", "base", "--out", "o26"], "not a LoRA run",
                              "o26"),
