@@ -176,6 +176,15 @@ def _interrupted(out: Path) -> int:
     return 130
 
 
+def _block_size(model, what: str) -> int:
+    """The longest sequence ``model`` reads, as evaluation and the merge check ask for it."""
+    size = getattr(model.config, "block_size", None)
+    if size is None:  # evaluation reads config.block_size (GPTConfig's) for now
+        raise ConfigError(f"{what}: a {type(model).__name__} has no block_size; this command "
+                          "runs GPT models for now")
+    return size
+
+
 def _new_tokenizer(kind: str | None):
     """A new run's tokenizer: None (characters: the text's own, or the built-in alphabet) or
     bytes (256 ids: any text)."""
@@ -272,13 +281,14 @@ def cmd_eval(args) -> int:
 
     source = _open_model(args)
     model, tokenizer = source.model, source.tokenizer
+    block_size = _block_size(model, "eval")
     data = load_dataset(args.data, tokenizer=tokenizer, seed=DATA_SEED)
-    data.check_block_size(model.config.block_size)
+    data.check_block_size(block_size)
     with parallel(args.threads):
         losses = estimate_loss(model, data, args.batch_size, args.eval_iters,
                                np.random.default_rng(args.seed))
         print(f"{args.data}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"({args.eval_iters} batches of {args.batch_size} x {model.config.block_size} "
+              f"({args.eval_iters} batches of {args.batch_size} x {block_size} "
               "tokens per split)")
         if data.task is not None:
             score = task_accuracy(model, tokenizer, data.task)
@@ -354,7 +364,7 @@ def cmd_merge(args) -> int:
     if (out / marker).exists():  # before the merge, which costs time
         raise ConfigError(f"merge: {out} already holds a model ({marker}); choose another --out")
     probe = np.random.default_rng(0).integers(0, model.config.vocab_size,
-                                              (4, model.config.block_size))
+                                              (4, _block_size(model, "merge")))
     with no_grad():
         before = model(probe)[0].data
         merge_and_unload(model)

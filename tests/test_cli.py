@@ -270,8 +270,8 @@ def test_a_moved_base_is_named_and_found_with_base(work, capsys):
            "--temperature", "0", "--threads", "1"]
     code, _, err = _in_this_process(gen, capsys)
     recorded = (moved / "runs" / "base").resolve()
-    assert code == 2 and f"it was recorded at {recorded}; if it moved, give its new place with " \
-        "--base DIR" in err
+    assert code == 2 and f"that is {recorded}, and it was {(work / 'base').resolve()} when the " \
+        "run started; if it moved, give its new place with --base DIR" in err
     code, out, err = _in_this_process([*gen, "--base", str(moved / "elsewhere" / "base")], capsys)
     assert code == 0, err
     assert out == ok(minilora(*gen[:2], "lora", *gen[3:], cwd=work))  # the adapter's own output
@@ -422,8 +422,8 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "adapter-on-another-base": (["generate", "--model", "other/lora", "--prompt", "a"],
                                     "weights fingerprint differs", None),
         "adapter-without-its-base": (["merge", "--model", "orphan/lora", "--out", "o10"],
-                                     "the adapter's base model is missing: it was recorded at ",
-                                     "o10"),
+                                     "the adapter's base model is missing: the run records it "
+                                     "as '../base' from the run, that is ", "o10"),
         "moved-base-named-wrongly": (["generate", "--model", "orphan/lora", "--base", "nowhere"],
                                      "--base nowhere: not a minilora run directory nor a Hugging "
                                      "Face model directory", None),

@@ -244,3 +244,24 @@ def test_a_mistake_is_one_line_exit_code_2_and_leaves_nothing(case, hfw, capsys,
     assert sorted(str(p) for p in Path(hfw).rglob("*")) == before
     if out is not None:
         assert not (hfw / out).exists()
+
+
+def test_the_commands_dispatch_on_the_directory_not_on_gpt2(hfw, capsys, monkeypatch):
+    """A directory minilora.hf reads as another architecture (a Llama here, put in place of the
+    GPT-2): generate runs it; training and eval, which need a GPT for now, refuse it by name."""
+    from minilora.models import LlamaConfig, LlamaForCausalLM
+
+    vocab = hf.load_tokenizer(hfw / "gpt2").vocab_size
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2), seed=0)
+    monkeypatch.setattr(hf, "from_pretrained", lambda *a, **k: llama.eval())
+    code, out, err = _in_this_process(["generate", "--model", str(hfw / "gpt2"), *GREEDY], capsys)
+    assert code == 0 and out.startswith("the cat sat"), err
+    code, _, err = _in_this_process(["eval", "--model", str(hfw / "gpt2"), "--data",
+                                     str(hfw / "corpus.txt")], capsys)
+    assert code == 2 and "eval: a LlamaForCausalLM has no block_size" in err
+    code, _, err = _in_this_process(["train", "--data", str(hfw / "corpus.txt"), "--init-from",
+                                     str(hfw / "gpt2"), "--out", str(hfw / "llama-run")], capsys)
+    assert code == 2 and "minilora's runs train GPT models, this directory holds a " \
+        "LlamaForCausalLM" in err
+    assert not (hfw / "llama-run").exists()

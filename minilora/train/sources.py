@@ -73,9 +73,13 @@ def find_base(ckpt: Checkpoint, base=None) -> Path:
     if base is not None:
         raise FileFormatError(f"--base {base}: not a minilora run directory nor a Hugging Face "
                               "model directory")
-    raise FileFormatError(f"{ckpt.path}: the adapter's base model is missing: it was recorded "
-                          f"at {recorded}; if it moved, give its new place with --base DIR "
-                          "(base= in Python)")
+    original = ckpt.meta.get("init_from")
+    trained = f", and it was {original} when the run started" \
+        if original and Path(original) != recorded else ""
+    raise FileFormatError(f"{ckpt.path}: the adapter's base model is missing: the run records "
+                          f"it as {ckpt.meta['base']['path']!r} from the run, that is {recorded}"
+                          f"{trained}; if it moved, give its new place with --base DIR (base= "
+                          "in Python)")
 
 
 def open_base(ckpt: Checkpoint, base=None) -> tuple[GPT, Path]:
