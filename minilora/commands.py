@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from minilora.configs import naming_fields
-from minilora.errors import ConfigError, DataError, FileFormatError, MiniLoRAError
+from minilora.errors import (
+    ConfigError,
+    DataError,
+    FileFormatError,
+    MiniLoRAError,
+    NonFiniteError,
+)
 from minilora.models import GPTConfig
 from minilora.train import TrainConfig
 from minilora.train.checkpoint import CHECKPOINT, METRICS
@@ -270,6 +276,9 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:  # keep what was printed, end the line; main says "interrupted"
         streamer.end()
         raise
+    except NonFiniteError as e:
+        streamer.end()
+        raise NonFiniteError(f"{args.model}: {e}") from None
     return 0
 
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from minilora.configs import non_negative_int, positive_int
-from minilora.errors import ConfigError, ShapeError
+from minilora.errors import ConfigError, NonFiniteError, ShapeError
 from minilora.nn import make_rng
 from minilora.tensor import Tensor, no_grad
 
@@ -155,6 +155,9 @@ def next_token(logits: np.ndarray, temperature: float, top_k: int | None,
     """One token per row of ``logits`` (B, V): the most likely at temperature 0, else sampled
     from softmax(logits / temperature) over the ``top_k`` most likely (all if None)."""
     logits = logits.astype(np.float64)
+    if not np.isfinite(logits).all():  # no token to pick: say so, not numpy's "contain NaN"
+        raise NonFiniteError("generate: the next token's logits hold NaN or infinity (the "
+                             "model's numbers overflow)")
     if temperature == 0:
         return logits.argmax(axis=-1)
     logits = logits / temperature
