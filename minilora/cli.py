@@ -28,7 +28,9 @@ TRAIN_DESCRIPTION = """\
 Train a GPT: a new one (--data), a full fine-tune of a trained one (--init-from), or a LoRA
 fine-tune (--init-from and --lora-r). Writes DIR/checkpoint.safetensors at every evaluation and
 DIR/metrics.jsonl (one JSON line per evaluation: iter, train_loss, val_loss, lr, elapsed_s,
-tokens_per_s). A LoRA run saves only its adapter, beside a reference to its base.
+tokens_per_s). A LoRA run saves only its adapter, beside a reference to its base. The last
+line gives the median ms per step of this session and the seconds of all the run's steps
+(resumed ones too; evaluations and checkpoints in neither).
 """
 
 TRAIN_EXAMPLES = """\
@@ -147,8 +149,8 @@ def _add_train(sub) -> None:
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="FILE|builtin:NAME",
-                   help="a UTF-8 text file (character tokens, 90/10 train/val split), or a "
-                        "built-in corpus")
+                   help="a UTF-8 text file (90/10 train/val split; tokens: see --tokenizer, "
+                        "or the --init-from model's), or a built-in corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--init-from", metavar="DIR",
                    help="fine-tune this model: a full run (merge a LoRA run first) or a Hugging "

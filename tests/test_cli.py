@@ -32,7 +32,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "24
         "--batch-size", "4", "--eval-iters", "2", "--threads", "1"]
 FINETUNE = ["--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4",
             "--threads", "1"]
-COMMANDS = ("demo", "train", "merge", "generate", "eval", "params", "bench")
+COMMANDS = ("demo", "train", "merge", "export", "generate", "eval", "params", "bench")
 
 
 def minilora(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
