@@ -4,6 +4,7 @@ base-plus-adapter round trip a LoRA run's checkpoint makes."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -191,6 +192,37 @@ def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
     unmerge_adapter(model)
     assert not any(layer.merged for _, layer in named_lora_layers(model))
     np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
+
+
+def test_merging_a_merged_adapter_changes_nothing_and_warns_naming_the_layers():
+    """As PEFT ("All adapters are already merged, nothing to do"): a warning, the weights kept."""
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=0))
+    layers = dict(named_lora_layers(model))
+    fc, attn = "transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn"
+    layers[fc].merge()
+    weights = {n: lay.weight.data.copy() for n, lay in layers.items()}
+    with pytest.warns(UserWarning, match=r"merge_adapter: the adapters of c_fc \(full names: "
+                                         r"transformer\.h\.0\.mlp\.c_fc\) are already merged; "
+                                         "merging the rest"):
+        merge_adapter(model)
+    np.testing.assert_array_equal(layers[fc].weight.data, weights[fc])
+    assert not np.array_equal(layers[attn].weight.data, weights[attn])
+    merged = {n: lay.weight.data.copy() for n, lay in layers.items()}
+    with pytest.warns(UserWarning, match="merge_and_unload: .* are already merged; nothing to do"):
+        plain = merge_and_unload(model)
+    for name, weight in merged.items():
+        np.testing.assert_array_equal(plain.get_submodule(name).weight.data, weight)
+    with pytest.warns(UserWarning, match="LoRALinear.merge: the adapter is already merged"):
+        layer = LoRALinear(Linear(3, 2, rng=0), r=1, lora_alpha=1)
+        layer.merge()
+        layer.merge()
+
+
+def test_merging_an_unmerged_adapter_does_not_warn():
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]), rng=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_and_unload(model)
 
 
 def test_disable_adapter_restores_the_adapters_even_after_an_exception():
