@@ -168,6 +168,11 @@ def test_a_pattern_matching_no_adapted_module_is_an_error():
     assert "rank_pattern key 'c_attn' matches none of the adapted modules" in msg
     msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], alpha_pattern={"h.7.*": 2}))
     assert "alpha_pattern key 'h.7.*'" in msg
+    # a key naming a parent module, or a prefix of a name, names no adapted module either
+    msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], rank_pattern={"h.0": 2}))
+    assert "rank_pattern key 'h.0' matches none of the adapted modules" in msg
+    msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], rank_pattern={r"h\.0\.ml": 2}))
+    assert "rank_pattern key 'h\\\\.0\\\\.ml' matches none" in msg
 
 
 def test_modules_to_save_must_exist_and_not_be_adapted():

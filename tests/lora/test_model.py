@@ -115,6 +115,21 @@ def test_bias_lora_only_also_trains_the_adapted_layers_biases():
     model = apply_lora(ToyGPT(n_layer=1), LoRAConfig(target_modules=["c_fc"], bias="lora_only"))
     layer = "transformer.h.0.mlp.c_fc."
     assert trainable(model) == {layer + p for p in ("lora_A", "lora_B", "bias")}
+    assert set(lora_state_dict(model)) == trainable(model)  # the other biases stay in the base
+
+
+def test_freezing_drops_the_gradients_the_base_held():
+    """A gradient left from a backward pass on the base must not survive on a frozen parameter:
+    ``clip_grad_norm(model.parameters())`` or an optimizer over them would read it."""
+    model = ToyGPT()
+    idx, _ = tokens(0)
+    model(idx).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    apply_lora(model, LoRAConfig(target_modules=["c_fc"], bias="lora_only"))
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert len(frozen) > 10
+    assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] \
+        == []
 
 
 def test_bias_all_trains_every_bias_layer_norms_included():
@@ -161,6 +176,18 @@ def test_unload_gives_back_the_base_model_exactly():
     plain = unload(model)
     assert not adapted_names(plain)
     np.testing.assert_array_equal(plain(idx).data, base)
+
+
+def test_unload_of_a_merged_model_unmerges_first():
+    idx, _ = tokens(1)
+    base = ToyGPT()
+    weights = {n: p.data.copy() for n, p in base.named_parameters()}
+    model = merge_adapter(trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]))))
+    plain = unload(model)
+    assert not adapted_names(plain)
+    for name, p in plain.named_parameters():  # W + s B A - s B A: W up to float64 round-off
+        np.testing.assert_allclose(p.data, weights[name], rtol=0, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(plain(idx).data, base(idx).data, rtol=1e-12, atol=1e-12)
 
 
 def test_merge_adapter_and_unmerge_adapter_switch_every_layer():

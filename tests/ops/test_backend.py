@@ -62,6 +62,23 @@ def test_split_products_equal_numpy_matmul(shapes, threads, with_bias, seed):
     np.testing.assert_allclose(got_t, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(("shape_a", "shape_b"), [
+    ((3, 40, 16), (3, 16, 24)),   # a stack of products: blocks of whole matrices
+    ((24, 16), (16, 40)),         # wider than tall: blocks of columns, each adds its part of bias
+    ((40, 16), (16, 24)),         # taller than wide: blocks of rows
+], ids=["stack", "columns", "rows"])
+def test_every_split_path_adds_the_bias(shape_a, shape_b):
+    """Each way a product can be cut adds the bias itself (Hypothesis may not draw all three
+    with a bias): a block that forgets it is off by the bias, far beyond round-off."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(shape_a).astype(np.float32)
+    b = rng.standard_normal(shape_b).astype(np.float32)
+    bias = rng.uniform(1, 2, shape_b[-1]).astype(np.float32)
+    with runtime.parallel(2), _split_everything():
+        got = backend.mm(a, b, bias)
+    np.testing.assert_allclose(got, np.matmul(a, b) + bias, rtol=RTOL, atol=ATOL)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shapes=product_shapes(), transposed=st.booleans(), seed=st.integers(0, 2**16))
 def test_split_products_give_the_same_bits_on_any_number_of_threads(shapes, transposed, seed):
