@@ -3,12 +3,14 @@ base-plus-adapter round trip a LoRA run's checkpoint makes."""
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
 
-from minilora import Tensor
+from minilora import TargetModuleError, Tensor
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -51,6 +53,43 @@ def trained(model, seed=0):
 def test_targets_follow_peft_name_rule(targets, expected):
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=targets))
     assert adapted_names(model) == ["transformer." + n for n in expected]
+
+
+def test_an_unmatched_target_is_an_error_where_peft_drops_it():
+    """Against PEFT itself, on Hugging Face's GPT-2: ``c_proj`` names attn.c_proj and mlp.c_proj
+    in both; an entry matching nothing is dropped by PEFT, without a warning, when another entry
+    matches, and is an error in minilora; when no entry matches, both raise."""
+    for name in ("torch", "transformers", "peft"):
+        pytest.importorskip(name, reason=f'{name}: pip install -e ".[parity]"')
+    import peft
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0))
+
+    def peft_adapted(targets: list[str]) -> list[str]:
+        config = peft.LoraConfig(r=2, target_modules=targets, fan_in_fan_out=True)  # Conv1D
+        model = peft.get_peft_model(copy.deepcopy(hf), config)
+        return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+
+    def ours(targets: list[str]) -> list[str]:
+        gpt = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), seed=0)
+        return sorted(adapted_names(apply_lora(gpt, LoRAConfig(target_modules=targets))))
+
+    assert ours(["c_attn", "c_proj"]) == peft_adapted(["c_attn", "c_proj"])
+    assert len(peft_adapted(["c_proj"])) == 4  # attn.c_proj and mlp.c_proj in each block
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert peft_adapted(["c_attn", "c_prjo"]) == peft_adapted(["c_attn"])
+    assert not [w for w in caught if "c_prjo" in str(w.message)]
+    with pytest.raises(TargetModuleError, match="entry 'c_prjo' matches no module"):
+        ours(["c_attn", "c_prjo"])
+    with pytest.raises(ValueError, match=r"Target modules .*c_prjo.* not found in the base model"):
+        peft_adapted(["c_prjo"])
+    with pytest.raises(TargetModuleError, match="entry 'c_prjo' matches no module"):
+        ours(["c_prjo"])
 
 
 def test_adapting_keeps_every_base_name_and_its_order():
