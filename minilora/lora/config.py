@@ -129,8 +129,9 @@ class LoRAConfig:
     target_modules: a list of names, each matching a module whose dotted name equals it or ends with
         ``"." + name`` (PEFT's rule), or one string, a regular expression the whole name must match.
         The default, ``("c_attn",)``, is PEFT's default for GPT-2.
-    init_lora_weights: ``"kaiming"`` (PEFT's default: A ~ Kaiming-uniform with a=sqrt(5), i.e.
-        U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"`` (A ~ N(0, 1/r), PEFT's reading of the paper);
+    init_lora_weights: ``"kaiming"`` (PEFT's default, its ``True``: A ~ Kaiming-uniform with
+        a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"`` (A ~ N(0, (1/r)^2), standard
+        deviation 1/r, PEFT's reading of the paper);
         B = 0 in both, so a fresh adapter changes nothing.
     bias: which biases train, loralib's meanings: ``"none"``, ``"all"`` (every bias in the model),
         ``"lora_only"`` (the biases of adapted layers). Trained biases are saved with the adapter.
