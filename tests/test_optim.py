@@ -166,6 +166,46 @@ def test_frozen_parameters_are_bit_identical_and_have_no_state(make):
     assert not any(k.startswith("frozen.") for k in opt.state_dict()["arrays"])
 
 
+OPTIMIZERS = [
+    lambda ps: AdamW(ps, lr=0.1, weight_decay=0.5),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.5),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9),
+]
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_read_only_and_strided_parameters_step_like_any_other(make):
+    """A parameter whose array is read-only (loaded from a file's buffer) or a strided view (a
+    transpose) takes the same steps as a plain one: the optimizer updates its own copy."""
+    rng = np.random.default_rng(2)
+    values, grads = rng.standard_normal((3, 4)), rng.standard_normal((3, 3, 4))
+    read_only = values.copy()
+    read_only.flags.writeable = False
+    params = {"plain": Parameter(values.copy()), "read_only": Parameter(read_only),
+              "strided": Parameter(np.ascontiguousarray(values.T).T)}
+    assert not params["strided"].data.flags.c_contiguous
+    opt = make(list(params.items()))
+    for g in grads:
+        for p in params.values():
+            p.grad = g.copy()
+        opt.step()
+    for name in ("read_only", "strided"):
+        np.testing.assert_array_equal(params[name].data, params["plain"].data, err_msg=name)
+    assert not np.array_equal(params["plain"].data, values)
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_a_step_never_writes_into_the_gradient(make):
+    """The gradient is the caller's (clipping and logging read it): momentum buffers and the
+    update are the optimizer's own arrays, step after step."""
+    p = Parameter(np.ones((2, 3)))
+    p.grad = np.arange(6.0).reshape(2, 3)
+    opt = make([("p", p)])
+    for _ in range(3):
+        opt.step()
+        np.testing.assert_array_equal(p.grad, np.arange(6.0).reshape(2, 3))
+
+
 def test_parameter_without_grad_is_skipped_that_step():
     a, b = Parameter(np.ones(2, np.float32)), Parameter(np.ones(2, np.float32))
     opt = AdamW([a, b], lr=0.1, weight_decay=0.5)
