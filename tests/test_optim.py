@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -206,6 +207,21 @@ def test_a_step_never_writes_into_the_gradient(make):
         np.testing.assert_array_equal(p.grad, np.arange(6.0).reshape(2, 3))
 
 
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_a_float64_gradient_on_a_float32_parameter_is_cast_first(make):
+    """The step is the float32 step, bit for bit: the gradient is cast before any arithmetic."""
+    rng = np.random.default_rng(3)
+    values, grads = rng.standard_normal((2, 5)).astype(np.float32), rng.standard_normal((2, 2, 5))
+    wide, narrow = Parameter(values.copy()), Parameter(values.copy())
+    opt_wide, opt_narrow = make([("p", wide)]), make([("p", narrow)])
+    for g in grads:
+        wide.grad, narrow.grad = g.copy(), g.astype(np.float32)
+        opt_wide.step()
+        opt_narrow.step()
+    assert wide.dtype == np.float32
+    np.testing.assert_array_equal(wide.data, narrow.data)
+
+
 def test_parameter_without_grad_is_skipped_that_step():
     a, b = Parameter(np.ones(2, np.float32)), Parameter(np.ones(2, np.float32))
     opt = AdamW([a, b], lr=0.1, weight_decay=0.5)
@@ -340,19 +356,46 @@ def damaged(state, how):
     return {"meta": meta, "arrays": arrays}
 
 
-@pytest.mark.parametrize("how", ["type", "shape", "dtype", "missing", "unknown", "nan",
-                                 "negative_v", "step", "lr", "groups"])
+# what each damage is called in the error, after "AdamW.load_state_dict: "
+DAMAGE_MESSAGES = {
+    "type": "expected format 'minilora.optim/1' of type 'AdamW', got 'minilora.optim/1' of "
+            "type 'SGD'",
+    "shape": "array 'w.exp_avg' must be (3, 4) float32, got ((4, 3), 'float32')",
+    "dtype": "array 'w.exp_avg' must be (3, 4) float32, got ((3, 4), 'float64')",
+    "missing": "parameter 'b' lacks state arrays ['exp_avg_sq']",
+    "unknown": "state for unknown parameter 'nope'",
+    "nan": "array 'w.exp_avg' holds non-finite or invalid values",
+    "negative_v": "array 'w.exp_avg_sq' holds non-finite or invalid values",
+    "step": "step of 'w' must be a positive integer, got '2'",
+    "lr": "group 0: lr must be",
+    "groups": "expected 1 parameter groups, got 0",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE_MESSAGES))
 def test_load_state_dict_refuses_a_mismatch_and_changes_nothing(how):
     named = make_params()
     state = run(lambda ps: AdamW(ps, lr=0.1), named, 2).state_dict()
     opt = run(lambda ps: AdamW(ps, lr=0.1), make_params(), 1)
     before = opt.state_dict()
-    with pytest.raises(StateDictError):
+    message = re.escape(f"AdamW.load_state_dict: {DAMAGE_MESSAGES[how]}")
+    with pytest.raises(StateDictError, match=f"^{message}"):
         opt.load_state_dict(damaged(state, how))
     after = opt.state_dict()
     assert after["meta"] == before["meta"]
     for k in before["arrays"]:
         np.testing.assert_array_equal(after["arrays"][k], before["arrays"][k])
+
+
+def test_sgd_needs_its_momentum_buffer_only_with_momentum():
+    with_momentum = run(lambda ps: SGD(ps, lr=0.1, momentum=0.9), make_params(), 2).state_dict()
+    del with_momentum["arrays"]["w.momentum_buffer"]
+    with pytest.raises(StateDictError, match=re.escape(
+            "SGD.load_state_dict: parameter 'w' lacks state arrays ['momentum_buffer']")):
+        SGD(make_params(), lr=0.1, momentum=0.9).load_state_dict(with_momentum)
+    plain = run(lambda ps: SGD(ps, lr=0.1), make_params(), 2).state_dict()
+    assert plain["arrays"] == {}
+    SGD(make_params(), lr=0.1).load_state_dict(plain)  # nothing to lack
 
 
 def test_load_state_dict_refuses_state_for_a_frozen_parameter():

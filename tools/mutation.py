@@ -13,7 +13,7 @@ tests written for it, so that a run fits in an afternoon:
 
     lora    minilora/lora/          tests/lora, the API cases of tests/reliability/test_bad_input.py
     ops     minilora/ops/           tests/ops, tests/test_tensor.py, tests/nn
-    optim   minilora/optim.py       tests/test_optim.py, tests/train
+    optim   minilora/optim.py       tests/test_optim.py, tests/train, the API cases
     io      minilora/io/            tests/test_io.py, the hostile-file and lock tests
 
 Each group works in its own copy of the tracked files, ``.mutation/<group>/`` (ignored by git),
@@ -40,7 +40,8 @@ WORK = ROOT / ".mutation"
 GROUPS = {
     "lora": (["minilora/lora/*"], ["tests/lora", "tests/reliability/test_bad_input.py"]),
     "ops": (["minilora/ops/*"], ["tests/ops", "tests/test_tensor.py", "tests/nn"]),
-    "optim": (["minilora/optim.py"], ["tests/test_optim.py", "tests/train"]),
+    "optim": (["minilora/optim.py"], ["tests/test_optim.py", "tests/train",
+                                      "tests/reliability/test_bad_input.py"]),
     "io": (["minilora/io/*"], ["tests/test_io.py", "tests/reliability/test_hostile_files.py",
                                "tests/reliability/test_lock.py"]),
 }
