@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from minilora.lora import LoRAConfig, matches_target
@@ -65,6 +66,12 @@ def test_from_dict_fills_missing_fields_with_defaults():
 def test_a_pattern_names_the_whole_module_not_a_parent_or_a_prefix(name, pattern, matches):
     """PEFT matches ``(.*\\.)?(key)$``: the key must reach the end of the name."""
     assert matches_pattern(name, pattern) is matches
+
+
+def test_an_integer_alpha_stays_an_integer_as_peft_writes_it():
+    config = LoRAConfig(r=8, lora_alpha=16)
+    assert type(config.lora_alpha) is int and config.to_dict()["lora_alpha"] == 16
+    assert type(LoRAConfig(lora_alpha=np.int64(16)).lora_alpha) is int
 
 
 def test_first_matching_pattern_wins_as_in_peft():

@@ -181,11 +181,26 @@ def test_bias_all_trains_every_bias_layer_norms_included():
 
 
 def test_modules_to_save_train_in_full_and_are_saved_with_the_adapter():
-    config = LoRAConfig(target_modules=["c_fc"], modules_to_save=["ln_f"])
+    config = LoRAConfig(target_modules=["c_fc"], modules_to_save=["ln_f", "ln_1"])
     model = apply_lora(ToyGPT(n_layer=1), config)
-    expected = {"transformer.ln_f.weight", "transformer.ln_f.bias",
-                "transformer.h.0.mlp.c_fc.lora_A", "transformer.h.0.mlp.c_fc.lora_B"}
+    expected = {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.ln_1.weight",
+                "transformer.h.0.ln_1.bias", "transformer.h.0.mlp.c_fc.lora_A",
+                "transformer.h.0.mlp.c_fc.lora_B"}
     assert trainable(model) == expected and set(lora_state_dict(model)) == expected
+
+
+def test_a_float64_adapter_loads_into_a_float32_model_as_float32():
+    model = apply_lora(ToyGPT(dtype=np.float32), LoRAConfig(target_modules=["c_fc"]), rng=0)
+    adapter = {k: v.astype(np.float64) + 1 for k, v in lora_state_dict(model).items()}
+    load_lora_state_dict(model, adapter)
+    for name, value in lora_state_dict(model).items():
+        assert value.dtype == np.float32, name
+        np.testing.assert_array_equal(value, adapter[name].astype(np.float32))
+
+
+def test_a_bare_lora_linear_saves_its_arrays_under_their_own_names():
+    layer = LoRALinear(Linear(4, 3, rng=0), r=2, lora_alpha=2, rng=0)
+    assert list(lora_state_dict(layer)) == ["lora_A", "lora_B"]
 
 
 # ---- merging and unloading ---------------------------------------------------------------------
@@ -222,8 +237,10 @@ def test_unload_of_a_merged_model_unmerges_first():
     base = ToyGPT()
     weights = {n: p.data.copy() for n, p in base.named_parameters()}
     model = merge_adapter(trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]))))
+    model.eval()
     plain = unload(model)
     assert not adapted_names(plain)
+    assert plain.get_submodule("transformer.h.0.mlp.c_fc").training is False  # the mode is kept
     for name, p in plain.named_parameters():  # W + s B A - s B A: W up to float64 round-off
         np.testing.assert_allclose(p.data, weights[name], rtol=0, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(plain(idx).data, base(idx).data, rtol=1e-12, atol=1e-12)
