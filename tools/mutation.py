@@ -47,6 +47,11 @@ GROUPS = {
 }
 
 
+# reads the package's source as text, where mutmut's copy holds every mutant's variant of it
+DESELECT = ["--deselect",
+            "tests/reliability/test_hostile_files.py::test_the_package_never_imports_pickle_or_allows_it"]
+
+
 def toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
@@ -65,7 +70,8 @@ def prepare(group: str) -> Path:
                 f"source_paths = {toml_list(['minilora'])}\n"
                 f"only_mutate = {toml_list(mutate)}\n"
                 f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-                f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider'])}\n")
+                f"pytest_add_cli_args = {toml_list(['-p', 'no:cacheprovider', *DESELECT])}\n"
+                f"also_copy = {toml_list(['docs', 'examples', 'README.md'])}\n")  # tests read them
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + settings)
     return work
 
