@@ -37,7 +37,8 @@ TRAIN_EXAMPLES = """\
 examples:
   # pretrain a base on a built-in corpus (no download)
   minilora train --data builtin:world --out runs/base --max-iters 600
-  # fine-tune it with LoRA (rank 4, alpha 8) on attention, on the built-in task
+  # fine-tune it with LoRA (rank 4, alpha 8) on c_attn and every c_proj (the attention's
+  # output and the MLP's), on the built-in task
   minilora train --data builtin:majority --init-from runs/base --out runs/lora \\
       --lora-r 4 --lora-alpha 8 --target-modules c_attn,c_proj --max-iters 300 --lr 5e-3
   # the same in full
@@ -217,8 +218,11 @@ def _add_lora_flags(p) -> None:
     g.add_argument("--lora-dropout", type=_number, metavar="P",
                    help="dropout on the adapter's input (default: 0)")
     g.add_argument("--target-modules", metavar="NAMES",
-                   help="comma-separated module names (default: c_attn,c_proj; also c_fc, "
-                        "or full names such as transformer.h.0.attn.c_attn)")
+                   help="comma-separated module names, each matching every Linear whose "
+                        "dotted name ends in it, as in PEFT (default: c_attn,c_proj, where "
+                        "c_proj is both attn.c_proj and mlp.c_proj; also c_fc, or full names "
+                        "such as transformer.h.0.attn.c_attn); a name matching nothing is an "
+                        "error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
 
 
