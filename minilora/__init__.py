@@ -12,7 +12,7 @@ from minilora.errors import (
     StateDictError,
     TargetModuleError,
 )
-from minilora.hf import load_adapter, save_adapter
+from minilora.hf import from_pretrained, load_adapter, save_adapter
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -26,17 +26,17 @@ from minilora.lora import (
     print_trainable_parameters,
     unload,
 )
-from minilora.models import GPT, GPTConfig
+from minilora.models import GPT, GPTConfig, LlamaConfig, LlamaForCausalLM
 from minilora.runtime import parallel, tune_malloc
 from minilora.tensor import Tensor, is_grad_enabled, no_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LoRAConfig",
-    "LoRALinear", "MiniLoRAError", "NonFiniteError", "RunLockedError", "ShapeError",
-    "StateDictError", "TargetModuleError", "Tensor", "apply_lora", "disable_adapter",
-    "disable_adapters", "is_grad_enabled", "load_adapter", "load_lora_state_dict",
-    "lora_state_dict", "mark_only_lora_as_trainable", "merge_and_unload", "no_grad", "parallel",
-    "print_trainable_parameters", "save_adapter", "tune_malloc", "unload",
+    "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LlamaConfig",
+    "LlamaForCausalLM", "LoRAConfig", "LoRALinear", "MiniLoRAError", "NonFiniteError",
+    "RunLockedError", "ShapeError", "StateDictError", "TargetModuleError", "Tensor", "apply_lora",
+    "disable_adapter", "disable_adapters", "from_pretrained", "is_grad_enabled", "load_adapter",
+    "load_lora_state_dict", "lora_state_dict", "mark_only_lora_as_trainable", "merge_and_unload",
+    "no_grad", "parallel", "print_trainable_parameters", "save_adapter", "tune_malloc", "unload",
 ]

@@ -25,14 +25,17 @@ LAYERS = [
     ("minilora.check",),
     ("minilora.bench", "minilora.demo", "minilora.commands", "minilora.cli", "minilora.__main__"),
 ]
-REFERENCE_OPS = ["activation", "attention", "lora_linear", "normalization", "softmax"]
+REFERENCE_OPS = ["activation", "attention", "grouped_attention", "lora_linear", "normalization",
+                 "rms_norm", "rotary", "softmax", "swiglu"]
 # the imports that go up, on purpose: at the end of tensor.py, and inside a function
 UPWARD = {
     ("minilora.tensor", "minilora.ops"),  # a Tensor's operators (x + y, x @ w) are the ops
     ("minilora.runtime", "minilora.ops.backend"),  # old names of the moved block helpers, warned
-    # PEFT's and transformers' entry points where their users look: GPT.from_pretrained and
+    # PEFT's and transformers' entry points where their users look: GPT.from_pretrained (and
+    # LlamaForCausalLM's) and
     # model.save_pretrained, minilora.lora.save_adapter / load_adapter, inside a function each
     ("minilora.models.gpt", "minilora.hf"),
+    ("minilora.models.llama", "minilora.hf"),
     ("minilora.lora", "minilora.hf"),
 }
 

@@ -49,7 +49,7 @@ def check_merge(base, adapter, merged) -> Report:
     damaged file) is a MiniLoRAError naming the file.
     """
     ref = load_reference(base, adapter)
-    arch, hf_config, stored = hf.stored_tensors(merged)
+    _, hf_config, stored = hf.stored_tensors(merged)
     if hf_config["model_type"] != ref.model_type:
         raise FileFormatError(f"{merged}: model_type {hf_config['model_type']!r}, the base's is "
                               f"{ref.model_type!r}: not a merge of this base")
@@ -60,10 +60,11 @@ def check_merge(base, adapter, merged) -> Report:
         else:
             rows.append(Row(name, _kind(ref, name), None, WRONG, diagnosis="missing from the "
                             "merged model", code="missing"))
+    ties = ref.arch.tied(ref.model.config)
     for name, tensor in stored.items():
         if name in ref.expected:
             continue
-        tied = arch.TIED.get(name)
+        tied = ties.get(name)
         if tied in ref.expected:  # a tied copy saved anyway must equal what it is tied to
             rows.append(_check_tensor(ref, tied, tensor, name, kind=f"tied to {tied}"))
         else:

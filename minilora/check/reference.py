@@ -72,13 +72,13 @@ def load_reference(base, adapter) -> Reference:
     model = hf.from_pretrained(base, dtype="float64", dropout=0.0)
     before = {name: p.data for name, p in model.named_parameters()}  # not copies: never mutated
     hf.load_adapter(model, adapter)
-    adapter_dtypes = _adapter_dtypes(adapter)
+    adapter_dtypes, keys = _adapter_dtypes(adapter), hf.adapter_file_map(model)
     layers = {}
     for name, layer in named_lora_layers(model):
         layers[f"{name}.weight"] = AdaptedLayer(
             name, layer.weight.data, layer.lora_A.data, layer.lora_B.data, layer.r,
             layer.lora_alpha, layer.use_rslora, layer.scaling,
-            adapter_dtypes.get(f"{peft.PREFIX}{name}.lora_A.weight", "float32"))
+            adapter_dtypes[keys[f"{name}.lora_A"].key])
     ref = Reference(model, arch, hf_config["model_type"], model.lora_config, layers, before)
     for name, p in model.named_parameters():
         if name.rpartition(".")[2] in ("lora_A", "lora_B"):

@@ -183,7 +183,6 @@ def gpt_reference(model: GPT) -> dict[str, np.ndarray]:
     """Token ids, targets, logits, loss and every gradient, keyed as the files name them:
     ``grad/transformer.h.0.attn.c_attn.weight`` in the model file's layout (GPT-2's Conv1D
     (in, out)), ``grad/base_model.model....lora_A.weight`` as PEFT's adapter file names it."""
-    arch = hf.ARCHITECTURES["gpt2"]
     b, t = GPT_BATCH
     tokens = grid("gpt2_lora/tokens", (b, t + 1))
     tokens = (np.abs(tokens * 2.0 ** GRID_BITS).astype(np.int64)) % GPT_CONFIG.vocab_size
@@ -196,14 +195,11 @@ def gpt_reference(model: GPT) -> dict[str, np.ndarray]:
             for n, layer in layers.items()}
     ref = oracle.gpt_reference(params, lora, GPT_CONFIG, idx, targets)
     out = {"input_ids": idx, "targets": targets, "logits": ref["logits"], "loss": ref["loss"]}
+    where = {**hf.model_file_map(model), **hf.adapter_file_map(model)}
     for key, grad in ref.items():
-        if not key.startswith("grad:"):
-            continue
-        name = key.removeprefix("grad:")
-        if name.endswith((".lora_A", ".lora_B")):
-            out[f"grad/{hf.peft.PREFIX}{name}.weight"] = grad
-        else:
-            out[f"grad/{name}"] = arch.to_file(name, grad)
+        if key.startswith("grad:"):
+            file = where[key.removeprefix("grad:")]
+            out[f"grad/{file.key}"] = np.ascontiguousarray(grad.T if file.transposed else grad)
     return out
 
 

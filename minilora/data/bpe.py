@@ -1,5 +1,7 @@
 """GPT-2's byte-level BPE, run by the ``tokenizers`` package (an optional extra:
-``pip install "minilora[hf]"``), with the ids ``transformers``' GPT-2 tokenizer gives.
+``pip install "minilora[hf]"``), with the ids ``transformers``' GPT-2 tokenizer gives; and any
+other ``tokenizer.json`` (Llama's SentencePiece-style BPE with byte fallback, Qwen2's byte-level
+BPE), with the ids of ``transformers``' ``AutoTokenizer`` on the same file.
 
 Text is split by GPT-2's pattern into words (a word keeps the space before it), each word's UTF-8
 bytes become 256 printable symbols, and the merges, applied in rank order, join symbols into
@@ -76,12 +78,17 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> np.ndarray:
-        """text -> ids (n,) int64, with no special token added around them."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> np.ndarray:
+        """text -> ids (n,) int64, with no special token added around them unless
+        ``add_special_tokens`` (then as the file's post-processor says: Llama's ``<s>`` first,
+        which ``transformers``' tokenizers add by default)."""
         if not isinstance(text, str):
             raise DataError(f"BPETokenizer.encode: expected a str, got {type(text).__name__}")
+        if not isinstance(add_special_tokens, bool):
+            raise DataError(f"BPETokenizer.encode: add_special_tokens must be True or False, got "
+                            f"{add_special_tokens!r}")
         try:
-            ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+            ids = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as e:  # e.g. a lone surrogate, which has no UTF-8 bytes
             raise DataError(f"BPETokenizer.encode: cannot encode the text: {str(e)[:200]}") \
                 from None

@@ -1,12 +1,14 @@
 """GPT-2 as Hugging Face ``transformers`` stores it: the config map and the tensor map.
 
 An architecture is this much and no more (``pretrained.py`` reads and writes the model files for
-all of them, ``peft.py`` the adapters; a second architecture is a second module like this one,
-registered in ``pretrained.ARCHITECTURES``):
+all of them, ``peft.py`` the adapters; another architecture is another module like this one,
+registered in ``pretrained.ARCHITECTURES``, as ``llama.py`` and ``qwen2.py`` are):
 
-- ``MODEL_TYPE`` (``config.json``'s ``model_type``), ``MODEL_CLASS`` (minilora's model),
-  ``ARCHITECTURES`` (the ``transformers`` classes whose files it reads), ``TIED`` (output key ->
-  the key it is tied to; empty if untied), ``INPUT_EMBEDDING`` (its module name);
+- ``MODEL_TYPE`` (``config.json``'s ``model_type``), ``MODEL_CLASS`` (minilora's model), ``NAME``
+  (for messages), ``ARCHITECTURES`` (the ``transformers`` classes whose files it reads),
+  ``TRANSPOSED`` (the parameter-name suffixes stored transposed in the files: data a caller can
+  use), ``INPUT_EMBEDDING`` (its module name);
+- ``tied(config)``: output key -> the key it is tied to (empty if untied), absent from the file;
 - ``config_from_hf(d, dtype, dropout)`` / ``config_to_hf(config)``: ``config.json`` <-> the config;
 - ``tensor_shapes(config)``: every tensor the file must hold, (key, shape in the file), computed
   from the config alone and one at a time (so sizes are checked against the files before anything
@@ -33,8 +35,10 @@ from minilora.models import GPT, GPTConfig
 
 MODEL_TYPE = "gpt2"
 MODEL_CLASS = GPT
+NAME = "GPT-2"
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TRANSPOSED = CONV1D
 TIED = {"lm_head.weight": "transformer.wte.weight"}  # the output layer is the input embedding
 INPUT_EMBEDDING = "transformer.wte"
 _BUFFER = re.compile(r"(?:transformer\.)?h\.\d+\.attn\.(?:bias|masked_bias)")  # older files
@@ -58,6 +62,11 @@ IGNORED = ("initializer_range", "summary_type", "summary_use_proj", "summary_act
            "summary_proj_to_labels", "summary_first_dropout", "use_cache", "bos_token_id",
            "eos_token_id", "pad_token_id")
 _EOS = 50256  # GPT-2's <|endoftext|>, its bos and eos token
+
+
+def tied(config: GPTConfig) -> dict[str, str]:
+    """GPT-2 is always tied: lm_head is transformer.wte."""
+    return TIED
 
 
 def config_from_hf(d: dict, dtype: str, dropout: float | None) -> GPTConfig:

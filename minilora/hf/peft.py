@@ -11,9 +11,10 @@ file's layout (GPT-2's Conv1D weights as (in, out)). Where PEFT and minilora dif
   (``"1"`` matches ``h.1`` and ``h.11``); minilora trains the module in place and matches dotted
   suffixes (``h.1`` alone). A file is read with PEFT's rule (the names it matches become the
   config's) and written with full names wherever the two rules would differ.
-- GPT-2's tied ``lm_head`` / ``transformer.wte``: PEFT keeps them tied only with
-  ``ensure_weight_tying=True`` and ``lm_head`` in ``modules_to_save``, and then writes both tensors
-  and ``modules_to_save=["transformer.wte"]``; minilora always keeps the tie and writes that. A file
+- A tied ``lm_head`` and input embedding (GPT-2's ``transformer.wte``, a tied Llama's or Qwen2's
+  ``model.embed_tokens``): PEFT keeps them tied only with ``ensure_weight_tying=True`` and
+  ``lm_head`` in ``modules_to_save``, and then writes both tensors and the embedding in
+  ``modules_to_save``; minilora always keeps the tie and writes that. A file
   that trains one of the two without the other (untied in PEFT) is refused.
 - With ``bias="all"`` PEFT also saves the biases of its own two copies of each saved module
   (``M.original_module.*.bias``, ``M.modules_to_save.*.bias``); minilora reads past them (the
@@ -31,7 +32,7 @@ import numpy as np
 from minilora import io
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError, TargetModuleError
 from minilora.hf import files
-from minilora.hf.pretrained import architecture_of
+from minilora.hf.pretrained import FileTensor, architecture_of
 from minilora.lora import (
     LoRAConfig,
     apply_lora,
@@ -80,11 +81,25 @@ def _model_name(key: str) -> str:
     return key.replace(".base_layer.", ".") if key.endswith(".base_layer.bias") else key
 
 
+def adapter_file_map(model: Module) -> dict[str, FileTensor]:
+    """minilora's adapter parameter name (as :func:`~minilora.lora.lora_state_dict` names it) ->
+    its key in ``adapter_model.safetensors`` as PEFT writes it, and whether the file holds its
+    transpose (a saved GPT-2 Conv1D weight; never ``lora_A`` or ``lora_B``)."""
+    arch = architecture_of(model, "adapter_file_map")
+    layers = {name for name, _ in named_lora_layers(model)}
+    out = {}
+    for name in lora_state_dict(model):
+        key = _file_key(name, layers)
+        out[name] = FileTensor(PREFIX + key, key.endswith(arch.TRANSPOSED))
+    return out
+
+
 # ---- writing -------------------------------------------------------------------------------
 
 def save_adapter(model: Module, path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter of ``model`` as PEFT 0.21 would for the same adapter on
-    ``GPT2LMHeadModel``: ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
+    """Write the adapter of ``model`` as PEFT 0.21 would for the same adapter on the same
+    transformers model (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM``):
+    ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically.
 
     base_model_name_or_path: what PEFT records as the base (a hub name or a directory).
     Returns the directory.
@@ -105,9 +120,10 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
         key = _file_key(name, lora_layers)
         tensors[PREFIX + key] = arch.to_file(key, array)
     d = peft_dict(config)
-    tied = [n for n in (*arch.TIED, *arch.TIED.values()) if n in state]
+    pairs = arch.tied(model.config)
+    tied = [n for n in (*pairs, *pairs.values()) if n in state]
     if tied:  # PEFT's tied form: both tensors, the input embedding in modules_to_save
-        for key in (*arch.TIED, *arch.TIED.values()):
+        for key in (*pairs, *pairs.values()):
             tensors[PREFIX + key] = arch.to_file(key, state[tied[0]])
         d["ensure_weight_tying"] = True
     d["modules_to_save"] = _peft_modules_to_save(model, config, arch, bool(tied))
@@ -130,7 +146,8 @@ def _peft_modules_to_save(model: Module, config: LoRAConfig, arch, tied: bool) -
     saved = [n for n, _ in model.named_modules() if n and any(matches_target(n, e)
                                                                for e in entries)]
     if tied:
-        tied_modules = {k.rpartition(".")[0] for k in (*arch.TIED, *arch.TIED.values())}
+        pairs = arch.tied(model.config)
+        tied_modules = {k.rpartition(".")[0] for k in (*pairs, *pairs.values())}
         holders = [n for n in saved if any(t.startswith(n + ".") for t in tied_modules)]
         if holders:
             raise ConfigError(f"save_adapter: modules_to_save {holders} hold the tied "
@@ -167,7 +184,7 @@ def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
     config = _read_config(config_path, files.read_json(directory, ADAPTER_CONFIG,
                                                        "adapter config", {}), model)
     headers = files.tensor_headers(directory, ADAPTER_WEIGHTS, None, "adapter")
-    _check_tie(weights_path, headers, arch)
+    _check_tie(weights_path, headers, arch, arch.tied(model.config))
     try:
         targets, saved = plan_lora(model, config)
     except MiniLoRAError as e:
@@ -176,7 +193,7 @@ def load_adapter(model: Module, path, is_trainable: bool = False) -> Module:
     _check_lora_shapes(weights_path, wanted, model, config, targets)
     state = io.read_tensors(weights_path, {key: info for name, (key, info) in wanted.items()})
     state = {name: arch.from_file(name, state[key]) for name, (key, _) in wanted.items()}
-    _collapse_tie(weights_path, state, saved, arch)
+    _collapse_tie(weights_path, state, saved, arch, arch.tied(model.config))
     _apply_and_load(model, config, state, targets, weights_path)
     if not is_trainable:  # as PEFT: frozen, and in eval mode (no dropout)
         model.requires_grad_(False)
@@ -224,19 +241,19 @@ def _plan_keys(path: Path, headers: dict, config: LoRAConfig, saved: list[str],
     return wanted
 
 
-def _check_tie(path: Path, headers: dict, arch) -> None:
+def _check_tie(path: Path, headers: dict, arch, pairs: dict[str, str]) -> None:
     """An adapter that trains one of a tied pair (GPT-2's lm_head, transformer.wte) without the
     other was untied in PEFT: refused, before anything else says how to tie it."""
     names = {_model_name(key.removeprefix(PREFIX)) for key in headers}
-    for lm_head, embedding in arch.TIED.items():
+    for lm_head, embedding in pairs.items():
         present = [n for n in (lm_head, embedding) if n in names]
         if len(present) == 1:
             other = embedding if present[0] == lm_head else lm_head
             raise FileFormatError(
-                f"{path}: the adapter trains {present[0]!r} but not {other!r}, which GPT-2 ties "
-                "to it: PEFT had untied them "
-                "(ensure_weight_tying=False, or modules_to_save naming wte); minilora keeps the "
-                "tie (PEFT: modules_to_save=['lm_head'], ensure_weight_tying=True)")
+                f"{path}: the adapter trains {present[0]!r} but not {other!r}, which {arch.NAME} "
+                "ties to it: PEFT had untied them (ensure_weight_tying=False, or modules_to_save "
+                f"naming {arch.INPUT_EMBEDDING.rpartition('.')[2]}); minilora keeps the tie "
+                "(PEFT: modules_to_save=['lm_head'], ensure_weight_tying=True)")
 
 
 def _check_lora_shapes(path: Path, wanted: dict, model: Module, config: LoRAConfig,
@@ -258,13 +275,14 @@ def _check_lora_shapes(path: Path, wanted: dict, model: Module, config: LoRAConf
                                       f"{layer.in_features}, out={layer.out_features})")
 
 
-def _collapse_tie(path: Path, state: dict, saved: list[str], arch) -> None:
+def _collapse_tie(path: Path, state: dict, saved: list[str], arch, pairs: dict[str, str]) -> None:
     """Both tensors of a tie, which must be equal, become the one name minilora's adapter uses."""
-    for lm_head, embedding in arch.TIED.items():
+    for lm_head, embedding in pairs.items():
         if lm_head in state and embedding in state:
             if not np.array_equal(state[lm_head], state[embedding]):
-                raise FileFormatError(f"{path}: {lm_head!r} and {embedding!r} differ, but GPT-2 "
-                                      "ties them: an untied adapter, which minilora does not run")
+                raise FileFormatError(f"{path}: {lm_head!r} and {embedding!r} differ, but "
+                                      f"{arch.NAME} ties them: an untied adapter, which minilora "
+                                      "does not run")
             module = embedding.rpartition(".")[0]
             by_embedding = any(module == s or module.startswith(s + ".") for s in saved)
             del state[lm_head if by_embedding else embedding]

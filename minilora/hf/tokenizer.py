@@ -1,6 +1,7 @@
-"""The GPT-2 tokenizer of a Hugging Face directory: ``tokenizer.json``, or ``vocab.json`` plus
-``merges.txt`` (GPT-2's original pair), read through minilora's safe files and run by
-``tokenizers`` (see :class:`minilora.data.BPETokenizer`).
+"""The tokenizer of a Hugging Face directory: ``tokenizer.json`` (GPT-2's, Llama's, Qwen2's: any
+the ``tokenizers`` package reads), or ``vocab.json`` plus ``merges.txt`` (GPT-2's original pair),
+read through minilora's safe files and run by ``tokenizers`` (see
+:class:`minilora.data.BPETokenizer`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def has_tokenizer(path) -> bool:
 
 
 def load_tokenizer(path, vocab_size: int | None = None) -> BPETokenizer:
-    """The BPE tokenizer in the directory ``path`` (``tokenizer.json`` preferred, as
+    """The tokenizer in the directory ``path`` (``tokenizer.json`` preferred, as
     ``transformers`` prefers it). vocab_size: the model's; a tokenizer with more ids is refused."""
     directory = files.directory_of(path, "tokenizer")
     try:

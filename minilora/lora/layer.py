@@ -11,6 +11,8 @@ and ``lora_B``.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from minilora import ops
@@ -92,9 +94,11 @@ class LoRALinear(Module):
         return self.scaling * (self.lora_B.data @ self.lora_A.data)
 
     def merge(self) -> None:
-        """W <- W + s (B @ A); the forward pass becomes the plain linear. Merging twice does
-        nothing; a disabled adapter is an error."""
+        """W <- W + s (B @ A); the forward pass becomes the plain linear. Merging a merged layer
+        changes nothing and warns, as PEFT does; a disabled adapter is an error."""
         if self.merged:
+            warnings.warn("LoRALinear.merge: the adapter is already merged, nothing to do",
+                          stacklevel=2)
             return
         if self._disabled:
             raise ConfigError("LoRALinear.merge: the adapter is disabled; enable it before merging")

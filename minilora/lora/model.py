@@ -228,9 +228,21 @@ def _mergeable_layers(model: Module, what: str) -> list[tuple[str, LoRALinear]]:
     return layers
 
 
+def _unmerged(layers: list[tuple[str, LoRALinear]], what: str) -> list[tuple[str, LoRALinear]]:
+    """The layers not merged yet; one warning naming those that are (PEFT warns too: "All
+    adapters are already merged, nothing to do"), whose weights already hold ``s B A``."""
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        warnings.warn(f"{what}: the adapters of {_names(merged)} are already merged; "
+                      f"{'nothing to do' if len(merged) == len(layers) else 'merging the rest'}",
+                      stacklevel=3)
+    return [(name, layer) for name, layer in layers if not layer.merged]
+
+
 def merge_adapter(model: Module) -> Module:
-    """``LoRALinear.merge`` on every LoRA layer, in place; the layers stay LoRALinear."""
-    for _, layer in _mergeable_layers(model, "merge_adapter"):
+    """``LoRALinear.merge`` on every LoRA layer, in place; the layers stay LoRALinear. Layers
+    already merged are left as they are, with a warning naming them."""
+    for _, layer in _unmerged(_mergeable_layers(model, "merge_adapter"), "merge_adapter"):
         layer.merge()
     return model
 
@@ -244,9 +256,12 @@ def unmerge_adapter(model: Module) -> Module:
 
 def merge_and_unload(model: Module) -> Module:
     """Merge every adapter into its weight and put plain Linear layers back: the model costs what
-    the base costs at inference. Parameters keep their ``requires_grad``. Returns the model."""
-    for name, layer in _mergeable_layers(model, "merge_and_unload"):
+    the base costs at inference. Parameters keep their ``requires_grad``. Layers already merged
+    keep their weights (which hold ``s B A``), with a warning naming them. Returns the model."""
+    layers = _mergeable_layers(model, "merge_and_unload")
+    for _, layer in _unmerged(layers, "merge_and_unload"):
         layer.merge()
+    for name, layer in layers:
         model = _put_back_plain_linear(model, name, layer)
     return _forget_lora_config(model)
 

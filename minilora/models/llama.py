@@ -33,11 +33,11 @@ from minilora.tensor import Tensor, no_grad
 MODEL_TYPES = ("llama", "qwen2")
 
 # Keys of a transformers config.json that change no number minilora computes: bookkeeping,
-# generation defaults, special tokens other than padding. ``from_dict`` drops them; any other
-# key it does not know is refused by name.
+# generation defaults. ``from_dict`` drops them; any other key it does not know is refused by name.
+# (The bos and eos token ids change no number either, but are kept for ``save_pretrained``.)
 IGNORED_KEYS = frozenset({
     "_name_or_path", "architectures", "transformers_version", "torch_dtype", "use_cache",
-    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "id2label",
+    "sep_token_id", "decoder_start_token_id", "id2label",
     "label2id", "output_attentions", "output_hidden_states", "return_dict", "problem_type",
     "chunk_size_feed_forward", "is_encoder_decoder", "tie_encoder_decoder", "tokenizer_class",
     "prefix", "task_specific_params", "finetuning_task", "torchscript", "pruned_heads",
@@ -87,6 +87,7 @@ class LlamaConfig:
     ``rope_parameters`` (transformers 5) and ``rope_scaling`` (earlier) are read into
     ``rope_theta``; any rope type but "default" is refused by name, as are sliding windows,
     attention dropout, an activation other than SiLU, and biases Qwen2 does not have.
+    ``bos_token_id`` and ``eos_token_id`` change no number; they are kept for ``save_pretrained``.
     ``dtype`` is minilora's: the dtype the model computes in ("float32" or "float64").
     """
 
@@ -109,6 +110,8 @@ class LlamaConfig:
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     use_sliding_window: bool = False
     layer_types: list[str] | None = None
     model_type: str = "llama"
@@ -138,6 +141,15 @@ class LlamaConfig:
                                 or not 0 <= pad < self.vocab_size):
             raise ConfigError(f"LlamaConfig.pad_token_id must be None or in [0, "
                               f"{self.vocab_size}), got {pad!r}")
+        for name in ("bos_token_id", "eos_token_id"):  # Llama 3's eos is a list of ids
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+                    for i in ids):
+                raise ConfigError(f"LlamaConfig.{name} must be None or a token id >= 0"
+                                  f"{' (or a list of them)' if name == 'eos_token_id' else ''}, "
+                                  f"got {value!r:.60}")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"LlamaConfig.dtype must be 'float32' or 'float64', got "
                               f"{self.dtype!r}")
@@ -170,9 +182,11 @@ class LlamaConfig:
         if self.use_sliding_window is not False:
             raise ConfigError("LlamaConfig.use_sliding_window: sliding-window attention is not "
                               "implemented; minilora attends to every earlier position")
-        if self.layer_types is not None and any(t != "full_attention" for t in self.layer_types):
+        if self.layer_types is not None and (not isinstance(self.layer_types, list) or any(
+                t != "full_attention" for t in self.layer_types)):
             raise ConfigError(f"LlamaConfig.layer_types {self.layer_types!r}: only "
                               "'full_attention' layers are implemented")
+        self.layer_types = None  # every layer full attention, what None means
         if self.model_type == "qwen2":
             for name in ("attention_bias", "mlp_bias"):
                 if getattr(self, name):
@@ -359,6 +373,28 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._init_weights(self.rng)
 
+    @classmethod
+    def from_pretrained(cls, path, dtype: str = "float32") -> LlamaForCausalLM:
+        """A Llama or Qwen2 directory as Hugging Face ``transformers`` writes it (``config.json``
+        and ``model.safetensors``, or shards), in eval mode; see
+        :func:`minilora.hf.from_pretrained`."""
+        from minilora.hf import from_pretrained  # the file formats sit above the models
+
+        return from_pretrained(path, dtype=dtype, model_type=MODEL_TYPES)
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` that ``LlamaForCausalLM`` (or
+        ``Qwen2ForCausalLM``) ``.from_pretrained`` loads; see
+        :func:`minilora.hf.save_pretrained`."""
+        from minilora.hf import save_pretrained
+
+        save_pretrained(self, path)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output layer (``lm_head``), as ``transformers`` names it: what PEFT's
+        ``target_modules="all-linear"`` leaves out."""
+        return self.lm_head
+
     def _init_weights(self, rng: np.random.Generator) -> None:
         dtype, std = np.dtype(self.config.dtype), self.config.initializer_range
         for module in self.modules():
@@ -381,15 +417,16 @@ class LlamaForCausalLM(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
-                 stop_token: int | None = None) -> np.ndarray:
+                 stop_token: int | None = None, streamer=None) -> np.ndarray:
         """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n); ``stop_token``:
-        stop once every row has produced it.
+        stop once every row has produced it; ``streamer``: as ``transformers``'.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         Keys and values are cached, so each new token costs one position's forward pass.
         Runs in eval mode and restores the previous mode after.
         """
-        return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token)
+        return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
+                        streamer=streamer)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for :func:`~minilora.models.generation.generate`."""

@@ -2,21 +2,25 @@
 
 Primitives live in ``elementwise``, ``reduce``, ``shape`` and ``matmul``, each one short function
 with its VJP. The fused ops (softmax and cross-entropy, layer norm, GELU, attention, the LoRA
-linear) are written twice: as their equations in ``softmax``, ``normalization``, ``activation``,
-``attention`` and ``lora_linear`` (gathered in :mod:`minilora.ops.reference`), and as the fast
-kernels of :mod:`minilora.ops.backend`, behind the same signatures. The names exported here are the
-kernels, which the engine runs; ``tests/ops/test_kernels.py`` holds each equal to its equation.
-Llama's ops (``rms_norm``, ``rotary``, ``swiglu``, ``grouped_attention``) each hold a short
-reference op and its fast version in one file, tested equal.
+linear, and Llama's RMSNorm, rotary embedding, SwiGLU and grouped-query attention) are written
+twice: as their equations in ``softmax``, ``normalization``, ``activation``, ``attention``,
+``lora_linear``, ``rms_norm``, ``rotary``, ``swiglu`` and ``grouped_attention`` (gathered in
+:mod:`minilora.ops.reference`), and as the fast kernels of :mod:`minilora.ops.backend`, behind the
+same signatures. The names exported here are the kernels, which the engine runs;
+``tests/ops/test_kernels.py`` holds each equal to its equation.
 """
 
 from minilora.ops import reference
 from minilora.ops.activation import dropout, dropout_mask
 from minilora.ops.backend.activation import gelu
 from minilora.ops.backend.attention import causal_self_attention, scaled_dot_product_attention
+from minilora.ops.backend.grouped_attention import grouped_query_attention
 from minilora.ops.backend.lora_linear import lora_linear
 from minilora.ops.backend.normalization import layer_norm
+from minilora.ops.backend.rms_norm import rms_norm
+from minilora.ops.backend.rotary import rotary_embedding
 from minilora.ops.backend.softmax import cross_entropy
+from minilora.ops.backend.swiglu import swiglu
 from minilora.ops.elementwise import (
     add,
     astype,
@@ -34,25 +38,17 @@ from minilora.ops.elementwise import (
     tanh,
     where,
 )
-from minilora.ops.grouped_attention import (
-    grouped_query_attention,
-    grouped_query_attention_reference,
-)
 from minilora.ops.matmul import linear, matmul
 from minilora.ops.reduce import max, mean, sum
-from minilora.ops.rms_norm import rms_norm, rms_norm_reference
-from minilora.ops.rotary import rotary_embedding, rotary_embedding_reference
 from minilora.ops.shape import concatenate, getitem, reshape, split, stack, swapaxes, transpose
 from minilora.ops.softmax import log_softmax, softmax
-from minilora.ops.swiglu import silu, swiglu, swiglu_reference
+from minilora.ops.swiglu import silu
 
 __all__ = [
     "add", "astype", "causal_self_attention", "clip", "concatenate", "cross_entropy", "div",
-    "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention",
-    "grouped_query_attention_reference", "layer_norm", "linear", "log", "log_softmax",
-    "lora_linear", "masked_fill", "matmul", "max", "mean", "mul", "neg", "pow", "reference",
-    "relu", "reshape", "rms_norm", "rms_norm_reference", "rotary_embedding",
-    "rotary_embedding_reference", "scaled_dot_product_attention", "silu", "softmax", "split",
-    "sqrt", "stack", "sub", "sum", "swapaxes", "swiglu", "swiglu_reference", "tanh", "transpose",
-    "where",
+    "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention", "layer_norm",
+    "linear", "log", "log_softmax", "lora_linear", "masked_fill", "matmul", "max", "mean", "mul",
+    "neg", "pow", "reference", "relu", "reshape", "rms_norm", "rotary_embedding",
+    "scaled_dot_product_attention", "silu", "softmax", "split", "sqrt", "stack", "sub", "sum",
+    "swapaxes", "swiglu", "tanh", "transpose", "where",
 ]

@@ -10,7 +10,8 @@ with R(a) the rotation by a, so the vector-Jacobian product is the inverse rotat
     dx = R(a)^T g = R(-a) g = g * cos - rotate_half(g * sin).
 
 The ops take the tables as ``cos, sin: (T, hd/2)``, one angle per pair, from :func:`rope_tables`
-(positions may start at an offset, for a key/value cache).
+(positions may start at an offset, for a key/value cache). The engine runs the fast version
+(``minilora.ops.backend.rotary``); ``tests/ops/test_kernels.py`` holds the two equal.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from minilora.errors import ConfigError, ShapeError
-from minilora.ops.backend.blocks import for_blocks, rows_per_block
 from minilora.tensor import Tensor
 
 
@@ -51,7 +51,8 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def _check(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_rotary(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin in x's dtype, or a ShapeError unless x: (..., T, hd), cos, sin: (T, hd/2)."""
     cos, sin = np.asarray(cos), np.asarray(sin)
     if x.ndim < 2 or x.shape[-1] % 2 or cos.shape != (x.shape[-2], x.shape[-1] // 2) \
             or sin.shape != cos.shape:
@@ -60,9 +61,9 @@ def _check(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.
     return cos.astype(x.dtype, copy=False), sin.astype(x.dtype, copy=False)
 
 
-def rotary_embedding_reference(x: Tensor, cos, sin) -> Tensor:
-    """The equation: x * cos + rotate_half(x) * sin.   x: (..., T, hd), cos, sin: (T, hd/2)."""
-    cos, sin = _check(x, cos, sin)
+def rotary_embedding(x: Tensor, cos, sin) -> Tensor:
+    """x * cos + rotate_half(x) * sin.   x: (..., T, hd), cos, sin: (T, hd/2)."""
+    cos, sin = check_rotary(x, cos, sin)
     c, s = np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)  # (T, hd)
     y = x.data * c + rotate_half(x.data) * s
 
@@ -70,33 +71,3 @@ def rotary_embedding_reference(x: Tensor, cos, sin) -> Tensor:
         return (g * c - rotate_half(g * s),)
 
     return Tensor.from_op(y, (x,), backward)
-
-
-def rotary_embedding(x: Tensor, cos, sin) -> Tensor:
-    """:func:`rotary_embedding_reference` on the two halves directly, in blocks of the leading
-    axes on the engine's threads:  y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin."""
-    cos, sin = _check(x, cos, sin)
-    t, hd = x.shape[-2:]
-    h = hd // 2
-    x3 = x.data.reshape(-1, t, hd)  # (N, T, hd): N = the product of the leading axes
-    y = np.empty(x3.shape, dtype=x.dtype)
-    block = rows_per_block(len(x3), t * hd)
-
-    def rotate(src, dst, sign, lo, hi):  # dst = R(sign * a) src, for the matrices lo:hi
-        s1, s2, d1, d2 = src[lo:hi, :, :h], src[lo:hi, :, h:], dst[lo:hi, :, :h], dst[lo:hi, :, h:]
-        np.multiply(s1, cos, out=d1)
-        np.multiply(s2, cos, out=d2)
-        tmp = s2 * sin
-        (np.subtract if sign > 0 else np.add)(d1, tmp, out=d1)
-        np.multiply(s1, sin, out=tmp)
-        (np.add if sign > 0 else np.subtract)(d2, tmp, out=d2)
-
-    for_blocks(lambda lo, hi: rotate(x3, y, 1, lo, hi), len(x3), block)
-    shape = x.shape
-
-    def backward(g):
-        g3, gx = g.reshape(-1, t, hd), np.empty(x3.shape, dtype=g.dtype)
-        for_blocks(lambda lo, hi: rotate(g3, gx, -1, lo, hi), len(x3), block)
-        return (gx.reshape(shape),)
-
-    return Tensor.from_op(y.reshape(shape), (x,), backward)

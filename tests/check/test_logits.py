@@ -11,7 +11,7 @@ import safetensors.numpy
 from minilora import ConfigError, FileFormatError, hf
 from minilora.check import check_logits
 from minilora.lora import LoRAConfig, disable_adapter, named_lora_layers
-from tests.hf.helpers import adapted, random_gpt
+from tests.hf.helpers import adapted, random_gpt, random_llama
 
 IDS = np.random.default_rng(3).integers(0, 23, (2, 16))
 
@@ -85,3 +85,19 @@ def test_logits_that_cannot_be_read_are_refused_with_one_clear_error(files, tmp_
         check_logits(base, adapter, tmp_path / "l.npy")
     with pytest.raises(ConfigError, match="tolerance must be positive"):
         check_logits(base, adapter, tmp_path / "l.npy", tmp_path / "ids.npy", tolerance=0)
+
+
+def test_a_llamas_logits_are_checked_by_the_same_code(tmp_path):
+    hf.save_pretrained(random_llama("qwen2"), tmp_path / "base")
+    model = adapted(random_llama("qwen2"), LoRAConfig(r=4, lora_alpha=8,
+                                                      target_modules=("q_proj", "v_proj")))
+    hf.save_adapter(model, tmp_path / "adapter")
+    safetensors.numpy.save_file({"logits": _logits(model.eval()), "input_ids": IDS},
+                                str(tmp_path / "l.safetensors"))
+    report = check_logits(tmp_path / "base", tmp_path / "adapter", tmp_path / "l.safetensors")
+    assert {row.verdict for row in report.rows} == {"round-off"}
+    with disable_adapter(model):
+        safetensors.numpy.save_file({"logits": _logits(model), "input_ids": IDS},
+                                    str(tmp_path / "l.safetensors"))
+    report = check_logits(tmp_path / "base", tmp_path / "adapter", tmp_path / "l.safetensors")
+    assert {row.code for row in report.rows} == {"not-merged"}

@@ -24,7 +24,7 @@ from tests.check.helpers import (
     read_file_tensors,
     write_model,
 )
-from tests.hf.helpers import adapted, random_gpt
+from tests.hf.helpers import adapted, random_gpt, random_llama
 
 CONFIG = LoRAConfig(r=8, lora_alpha=12, target_modules=("c_attn", "c_proj", "c_fc"))
 DTYPES = ("float32", "float16", "bfloat16")
@@ -32,13 +32,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def _deltas(model) -> dict[str, np.ndarray]:
     """s B A of every adapted layer, computed in the model's float32, in the file's layout."""
-    arch = hf.ARCHITECTURES["gpt2"]
-    return {f"{n}.weight": arch.to_file(f"{n}.weight", layer.delta_weight().astype(np.float64))
-            for n, layer in named_lora_layers(model)}
+    where = hf.model_file_map(model)
+    out = {}
+    for name, layer in named_lora_layers(model):
+        delta, file = layer.delta_weight().astype(np.float64), where[f"{name}.weight"]
+        out[file.key] = delta.T if file.transposed else delta
+    return out
 
 
-def _files(root, config=CONFIG, b_scale=1.0):
-    base, model = random_gpt(), adapted(random_gpt(), config)
+def _files(root, config=CONFIG, b_scale=1.0, make=random_gpt):
+    base, model = make(), adapted(make(), config)
     for _, layer in named_lora_layers(model):
         layer.lora_B.data = (layer.lora_B.data * b_scale).astype(np.float32)
     hf.save_pretrained(base, root / "base")
@@ -85,6 +88,24 @@ def test_each_broken_merge_is_wrong_on_exactly_that_layer(files, tmp_path_factor
     breaks = data.draw(broken_layers({k: d.shape for k, d in deltas.items()}))
     merged, partners = merge(W, deltas, dtype, breaks, r=CONFIG.r)
     directory = write_model(tmp_path_factory.mktemp("broken") / "m", base, merged, dtype)
+    assert_diagnosed(check_merge(base, adapter, directory), breaks, partners)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2-tied"])
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_a_llama_or_qwen2_merge_is_checked_by_the_same_code(tmp_path_factory, variant, data):
+    """Nothing in the check is GPT-2's: Llama's names, shapes (fewer key/value heads) and
+    layout come from minilora.hf, and the same breaks are found."""
+    root = tmp_path_factory.mktemp(variant)
+    config = LoRAConfig(r=8, lora_alpha=12, target_modules="all-linear")
+    base, adapter, model = _files(root, config, make=lambda: random_llama(variant))
+    W, deltas = read_file_tensors(base), _deltas(model)
+    breaks = data.draw(broken_layers({k: d.shape for k, d in deltas.items()}))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    merged, partners = merge(W, deltas, dtype, breaks, r=8)
+    directory = write_model(root / "m", base, merged, dtype)
     assert_diagnosed(check_merge(base, adapter, directory), breaks, partners)
 
 

@@ -9,10 +9,6 @@ error per direction and dtype is printed at the end of the run ("parity figures"
 
 from __future__ import annotations
 
-import copy
-import json
-import warnings
-
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -26,7 +22,15 @@ from minilora.lora import (
     named_lora_layers,
 )
 from tests.extras import need
-from tests.hf.helpers import adapted, assert_close, random_gpt, tokens
+from tests.hf.helpers import (
+    adapted,
+    assert_close,
+    assert_same_adapter_files,
+    peft_parameter_counts,
+    random_gpt,
+    random_peft_model,
+    tokens,
+)
 
 torch, transformers, peft = need("torch", "transformers", "peft")
 DTYPES = ("float64", "float32")
@@ -48,13 +52,7 @@ PEFT_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def quiet():
-    """transformers and PEFT warn about tiny vocabularies and Conv1D's fan_in_fan_out."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_libraries")
 
 
 def hf_gpt2(dtype: str, seed: int = 0, **config):
@@ -153,15 +151,7 @@ def test_every_gpt2config_field_is_mapped_fixed_or_changes_no_logit():
 
 def peft_model(directory, dtype, config: dict, seed=0):
     """get_peft_model on the base in ``directory`` with every trainable tensor made random."""
-    config = copy.deepcopy(config)  # PEFT rewrites the modules_to_save list it is given
-    model = peft.get_peft_model(load_hf(directory, dtype),
-                                peft.LoraConfig(task_type="CAUSAL_LM", **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.2)
-    return model.eval()
+    return random_peft_model(load_hf(directory, dtype), config, seed)
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
@@ -172,11 +162,9 @@ def test_a_peft_adapter_gives_the_same_logits_in_minilora(base, tmp_path, name):
     ours = hf.load_adapter(GPT.from_pretrained(directory, dtype=dtype), tmp_path)
     idx = tokens()
     assert_close(ours(idx)[0].data, logits_of(theirs, idx), dtype, "PEFT -> minilora")
-    trainable, total = theirs.get_nb_trainable_parameters()
-    copies = sum(p.numel() for n, p in theirs.named_parameters() if "modules_to_save." in n)
     assert get_nb_trainable_parameters(hf.load_adapter(
-        GPT.from_pretrained(directory, dtype=dtype), tmp_path, is_trainable=True)) == (
-        trainable, total - copies)  # PEFT counts its copies of saved modules in the total
+        GPT.from_pretrained(directory, dtype=dtype), tmp_path, is_trainable=True)) == \
+        peft_parameter_counts(theirs)
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
@@ -190,20 +178,8 @@ def test_minilora_saves_the_adapter_peft_saves_and_peft_loads_it(base, tmp_path,
     assert_close(logits_of(theirs, idx), ours.eval()(idx)[0].data, dtype, "minilora -> PEFT")
     # the same files PEFT writes for the same adapter: keys, shapes, dtypes and every field
     peft_model(directory, dtype, PEFT_CONFIGS[name]).save_pretrained(tmp_path / "peft")
-    mine = safetensors.numpy.load((tmp_path / "ours" / "adapter_model.safetensors").read_bytes())
-    peft_state = safetensors.numpy.load(
-        (tmp_path / "peft" / "adapter_model.safetensors").read_bytes())
-    if config.bias == "all" and config.modules_to_save:  # PEFT's copies of the saved biases
-        peft_state = {k: v for k, v in peft_state.items()
-                      if not any(c in k for c in (".original_module.", ".modules_to_save."))}
-    assert {k: (v.shape, v.dtype) for k, v in mine.items()} == \
-        {k: (v.shape, v.dtype) for k, v in peft_state.items()}
-    mine_json, peft_json = (json.loads((tmp_path / d / "adapter_config.json").read_text())
-                            for d in ("ours", "peft"))
-    for field in ("target_modules", "modules_to_save"):  # PEFT writes some from a set
-        for d in (mine_json, peft_json):
-            d[field] = sorted(d[field]) if isinstance(d[field], list) else d[field]
-    assert mine_json == {**peft_json, "base_model_name_or_path": str(directory)}
+    assert_same_adapter_files(tmp_path / "ours", tmp_path / "peft", str(directory),
+                              bias_copies=config.bias == "all" and bool(config.modules_to_save))
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))

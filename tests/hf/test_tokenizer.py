@@ -58,6 +58,64 @@ def test_ids_equal_transformers_gpt2_tokenizer_on_mixed_text(trained):
     assert from_json(MIXED)["input_ids"] == expected
 
 
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory):
+    """A directory as a Llama 2 checkpoint holds its tokenizer: SentencePiece-style BPE (words
+    marked by a leading ``▁``, no byte-level alphabet) with byte fallback (``<0x00>`` ...
+    ``<0xFF>`` after ``<unk>``, ``<s>``, ``</s>``), a post-processor that puts ``<s>`` first, and
+    the ``tokenizer_config.json`` that makes transformers pick ``LlamaTokenizer``. Trained here."""
+    tk = tokenizers
+    tokenizer = tk.Tokenizer(tk.models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁",
+                                                          prepend_scheme="first", split=False)
+    tokenizer.decoder = tk.decoders.Sequence([
+        tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
+        tk.decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = tk.trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                     show_progress=False)
+    tokenizer.train_from_iterator([load_builtin("world").text[:200_000]], trainer)
+    d = json.loads(tokenizer.to_str())
+    learned = sorted((t for t in d["model"]["vocab"] if t not in specials),
+                     key=d["model"]["vocab"].get)
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + learned
+    d["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
+    for added in d["added_tokens"]:
+        added["id"] = tokens.index(added["content"])
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    d["post_processor"] = {"type": "TemplateProcessing",
+                           "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                    bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1],
+                                                      "tokens": ["<s>"]}}}
+    directory = tmp_path_factory.mktemp("llama")
+    (directory / "tokenizer.json").write_text(json.dumps(d))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                       "vocab_size": len(tokens)}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+    return directory
+
+
+def test_a_llama_style_tokenizer_gives_autotokenizers_ids(llama_style):
+    """The ids of transformers' LlamaTokenizer on the same files: without special tokens, and
+    with them (``<s>`` first, transformers' default); bytes no token holds (CJK, emoji) fall back
+    to ``<0xNN>`` tokens; decode gives the text back."""
+    (transformers,) = need("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(llama_style)
+    assert type(theirs).__name__ == "LlamaTokenizer"
+    ours = hf.load_tokenizer(llama_style, vocab_size=len(theirs))
+    ids = ours.encode(MIXED).tolist()
+    assert ids == theirs(MIXED, add_special_tokens=False)["input_ids"] and len(ids) > 600
+    assert ours.encode(MIXED, add_special_tokens=True).tolist() == theirs(MIXED)["input_ids"] \
+        == [1] + ids
+    assert any(3 <= i < 259 for i in ids)  # byte fallback was used
+    assert ours.decode(ids) == MIXED == theirs.decode(ids)
+    assert ours.vocab_size == len(theirs)
+
+
 def test_decode_gives_the_text_back(trained):
     ours = hf.load_tokenizer(trained[1])
     ids = ours.encode(MIXED)

@@ -63,6 +63,26 @@ def test_split_products_equal_numpy_matmul(shapes, threads, with_bias, seed):
     np.testing.assert_allclose(got_t, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(("shape_a", "shape_b", "split"), [
+    ((3, 40, 16), (3, 16, 24), True),   # a stack of products: blocks of whole matrices
+    ((24, 16), (16, 40), True),         # wider than tall: blocks of columns, each its part of bias
+    ((40, 16), (16, 24), True),         # taller than wide: blocks of rows
+    ((40, 16), (16, 24), False),        # inside parallel() but below the split threshold
+], ids=["stack", "columns", "rows", "unsplit"])
+def test_every_split_path_adds_the_bias(shape_a, shape_b, split):
+    """Each way a product can be cut adds the bias itself (Hypothesis may not draw all four
+    with a bias): a block that forgets it is off by the bias, far beyond round-off. And float32
+    stays float32."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(shape_a).astype(np.float32)
+    b = rng.standard_normal(shape_b).astype(np.float32)
+    bias = rng.uniform(1, 2, shape_b[-1]).astype(np.float32)
+    with runtime.parallel(2), (_split_everything() if split else contextlib.nullcontext()):
+        got = backend.mm(a, b, bias)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.matmul(a, b) + bias, rtol=RTOL, atol=ATOL)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shapes=product_shapes(), transposed=st.booleans(), seed=st.integers(0, 2**16))
 def test_split_products_give_the_same_bits_on_any_number_of_threads(shapes, transposed, seed):
@@ -111,18 +131,26 @@ def _grads_on(threads: int, make):
     return [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "lora_linear", "gelu"])
+@pytest.mark.parametrize("op", ["layer_norm", "lora_linear", "gelu", "rms_norm",
+                                "rotary_embedding", "swiglu", "grouped_query_attention"])
 def test_fused_kernels_give_the_same_bits_on_any_number_of_threads(op):
-    """Per-block partial sums (dW of layer norm, dA and dB of LoRA) are added in block order, and
-    the blocks do not depend on the thread count, so a resumed run may use any --threads."""
+    """Per-block partial sums (dW of layer norm and RMSNorm, dA and dB of LoRA) are added in block
+    order, and the blocks do not depend on the thread count, so a resumed run may use any
+    --threads. The sizes cut each kernel's work into several blocks."""
     from minilora import Tensor, ops
+    from minilora.ops.rotary import rope_tables
 
     rng = np.random.default_rng(0)
     arrays = {"x": rng.standard_normal((300, 700), dtype=np.float32),
               "w": rng.standard_normal((50, 700), dtype=np.float32),
               "a": rng.standard_normal((4, 700), dtype=np.float32),
               "b": rng.standard_normal((50, 4), dtype=np.float32),
-              "g": rng.standard_normal(700, dtype=np.float32)}
+              "g": rng.standard_normal(700, dtype=np.float32),
+              "u": rng.standard_normal((300, 700), dtype=np.float32),
+              "heads": rng.standard_normal((6, 4, 130, 64), dtype=np.float32),
+              "q": rng.standard_normal((2, 4, 200, 16), dtype=np.float32),
+              "kv": rng.standard_normal((2, 2, 2, 200, 16), dtype=np.float32)}
+    cos, sin = rope_tables(np.arange(130), 64, 1e4)
 
     def make():
         t = {k: Tensor(v.copy(), requires_grad=True) for k, v in arrays.items()}
@@ -130,6 +158,15 @@ def test_fused_kernels_give_the_same_bits_on_any_number_of_threads(op):
             return [t["x"], t["g"]], ops.layer_norm(t["x"], t["g"], None)
         if op == "gelu":
             return [t["x"]], ops.gelu(t["x"])
+        if op == "rms_norm":
+            return [t["x"], t["g"]], ops.rms_norm(t["x"], t["g"])
+        if op == "rotary_embedding":
+            return [t["heads"]], ops.rotary_embedding(t["heads"], cos, sin)
+        if op == "swiglu":
+            return [t["x"], t["u"]], ops.swiglu(t["x"], t["u"])
+        if op == "grouped_query_attention":
+            k, v = (Tensor(a.copy(), requires_grad=True) for a in arrays["kv"])
+            return [t["q"], k, v], ops.grouped_query_attention(t["q"], k, v)
         return [t["x"], t["a"], t["b"]], ops.lora_linear(t["x"], t["w"], None, t["a"], t["b"], 2.0)
 
     one = _grads_on(1, make)

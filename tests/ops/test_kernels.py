@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from minilora import Tensor, ops, runtime
 from minilora.ops import reference
 from minilora.ops.backend import attention, blocks, products
+from minilora.ops.rotary import rope_tables
 from tests.gradcheck import assert_same_function, randn
 
 KERNELS = settings(max_examples=25, deadline=None)
@@ -134,6 +135,63 @@ def test_causal_self_attention_kernel_is_its_equation(data, threads):
                              lambda x: reference.causal_self_attention(x, n_head), qkv)
 
 
+@KERNELS
+@given(data=st.data(), threads=THREADS, weight=st.booleans(),
+       frozen=st.sampled_from([(), (0,), (1,)]))
+def test_rms_norm_kernel_is_its_equation(data, threads, weight, frozen):
+    c = data.draw(st.integers(1, 9))
+    eps = data.draw(st.sampled_from([1e-6, 0.5]))
+    params = [rows(data.draw, c)] + ([data.draw(randn((c,)))] if weight else [])
+
+    def op(fn):
+        return lambda x, *w: fn(x, w[0] if w else None, eps)
+
+    with many_blocks(threads):
+        assert_same_function(op(ops.rms_norm), op(reference.rms_norm), *params,
+                             frozen=frozen if weight else ())
+
+
+@KERNELS
+@given(data=st.data(), threads=THREADS)
+def test_rotary_embedding_kernel_is_its_equation(data, threads):
+    """Tables of T positions from an offset (a key/value cache's), over 1 or 2 leading axes."""
+    lead = data.draw(hnp.array_shapes(min_dims=1, max_dims=2, max_side=4))
+    t, hd = data.draw(st.integers(1, 6)), 2 * data.draw(st.integers(1, 4))
+    cos, sin = rope_tables(data.draw(st.integers(0, 50)) + np.arange(t), hd,
+                           data.draw(st.sampled_from([10.0, 1e4])), np.float64)
+    with many_blocks(threads):
+        assert_same_function(lambda x: ops.rotary_embedding(x, cos, sin),
+                             lambda x: reference.rotary_embedding(x, cos, sin),
+                             data.draw(randn((*lead, t, hd))))
+
+
+@KERNELS
+@given(data=st.data(), threads=THREADS, frozen=st.sampled_from([(), (0,), (1,)]))
+def test_swiglu_kernel_is_its_equation(data, threads, frozen):
+    gate = rows(data.draw, data.draw(st.integers(1, 9))) * 3.0
+    gate.reshape(-1)[::2] = 0.0  # the kernel reads sigmoid(gate) back as silu / gate: 1/2 at 0
+    with many_blocks(threads):
+        assert_same_function(ops.swiglu, reference.swiglu, gate, data.draw(randn(gate.shape)),
+                             frozen=frozen)
+
+
+@KERNELS
+@given(data=st.data(), threads=THREADS,
+       frozen=st.sampled_from([(), (0,), (1,), (2,), (0, 1), (1, 2)]))
+def test_grouped_query_attention_kernel_is_its_equation(data, threads, frozen):
+    """H = G Hkv query heads (G = 1 is multi-head attention), the queries the last Tq of Tk."""
+    b, hkv, group, hd = (data.draw(st.integers(1, n)) for n in (2, 2, 3, 3))
+    t_k = data.draw(st.integers(1, 10))
+    t_q = data.draw(st.integers(1, t_k))
+    q = data.draw(randn((b, hkv * group, t_q, hd)))
+    k, v = (data.draw(randn((b, hkv, t_k, hd))) for _ in range(2))
+    scale = data.draw(st.sampled_from([None, 0.3]))
+    with many_blocks(threads):
+        assert_same_function(lambda q, k, v: ops.grouped_query_attention(q, k, v, scale),
+                             lambda q, k, v: reference.grouped_query_attention(q, k, v, scale),
+                             q, k, v, frozen=frozen)
+
+
 def test_attention_with_dropout_on_its_weights_is_the_reference():
     """The kernel has no dropout: given a mask, it runs the equation, mask and all."""
     rng = np.random.default_rng(0)
@@ -147,8 +205,9 @@ def test_attention_with_dropout_on_its_weights_is_the_reference():
 
 @pytest.mark.parametrize("name", reference.__all__)
 def test_every_reference_has_its_kernel_or_is_its_own(name):
-    """The engine's ops are the kernels; only softmax and log-softmax are the equations as is."""
-    if name in ("softmax", "log_softmax"):
+    """The engine's ops are the kernels; only softmax, log-softmax and SiLU are the equations as
+    is."""
+    if name in ("softmax", "log_softmax", "silu"):
         assert getattr(ops, name) is getattr(reference, name)
     else:
         assert getattr(ops, name) is not getattr(reference, name)

@@ -2,7 +2,8 @@
 MiniLoRAError naming a file in it, or (when the damage leaves a valid file, e.g. a flipped bit in
 tensor data, which these formats do not checksum) read into a complete model; never another
 exception, never a half-loaded model, never an allocation sized by the config before the sizes
-are checked against the files.
+are checked against the files. Every case runs on each architecture minilora reads: GPT-2, Llama
+(untied) and Qwen2 (tied).
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minilora import GPT, FileFormatError, MiniLoRAError, hf
+from minilora import FileFormatError, MiniLoRAError, hf
 from minilora.lora import LoRAConfig, lora_state_dict, named_lora_layers
-from tests.hf.helpers import adapted, random_gpt, tokens
+from tests.hf.helpers import adapted, random_gpt, random_llama, tokens
 from tests.reliability.conftest import COUNTS
 
-ADAPTER = LoRAConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], bias="lora_only",
-                     modules_to_save=["ln_f"], rank_pattern={"h.1.attn.c_attn": 3})
+# architecture -> (a random base model, an adapter config that uses every kind of adapter tensor)
+ARCHS = {
+    "gpt2": (random_gpt, LoRAConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
+                                    bias="lora_only", modules_to_save=["ln_f"],
+                                    rank_pattern={"h.1.attn.c_attn": 3})),
+    "llama": (lambda: random_llama("llama"),
+              LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                         modules_to_save=["model.norm", "lm_head"],
+                         rank_pattern={"layers.1.self_attn.q_proj": 3})),
+    "qwen2": (lambda: random_llama("qwen2-tied"),
+              LoRAConfig(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj"],
+                         bias="lora_only", modules_to_save=["lm_head"], ensure_weight_tying=True)),
+}
 MODEL_FILES = ("config.json", "model.safetensors")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -32,13 +44,21 @@ def examples(n: int):
         HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    """root/{model, adapter}: a Hugging Face GPT-2 directory and a PEFT adapter for it."""
-    root = tmp_path_factory.mktemp("hf")
-    random_gpt().save_pretrained(root / "model")
-    hf.save_adapter(adapted(random_gpt(), ADAPTER), root / "adapter")
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def good(request, tmp_path_factory):
+    """root/{model, adapter}: a Hugging Face directory and a PEFT adapter for it; root.arch
+    names the architecture."""
+    root = tmp_path_factory.mktemp(request.param)
+    make, adapter = ARCHS[request.param]
+    make().save_pretrained(root / "model")
+    hf.save_adapter(adapted(make(), adapter), root / "adapter")
+    (root / "arch").write_text(request.param)
     return root
+
+
+def base_of(good):
+    """A fresh random base model of ``good``'s architecture."""
+    return ARCHS[(good / "arch").read_text()][0]()
 
 
 def copy_with(good_dir, out, name: str, data: bytes):
@@ -67,20 +87,20 @@ def outcome_of_model(directory) -> str:
     of the dtype asked for, and it runs."""
     COUNTS["damaged Hugging Face files"] += 1
     try:
-        model = GPT.from_pretrained(directory)
+        model = hf.from_pretrained(directory)
     except MiniLoRAError as e:
         assert str(directory) in str(e), f"the message does not name {directory}: {e}"
         return "refused"
     assert all(p.dtype == np.float32 and np.all(np.isfinite(p.data)) for p in model.parameters())
-    logits, _ = model(tokens(vocab=model.config.vocab_size, t=min(4, model.config.block_size)))
+    length = min(4, getattr(model.config, "block_size", 4))
+    logits, _ = model(tokens(vocab=model.config.vocab_size, t=length))
     assert logits.shape[-1] == model.config.vocab_size
     return "read"
 
 
-def outcome_of_adapter(directory) -> str:
-    """'refused' (the model exactly as it was) or 'read' (a whole adapter); nothing else."""
+def outcome_of_adapter(directory, model) -> str:
+    """'refused' (``model`` exactly as it was) or 'read' (a whole adapter); nothing else."""
     COUNTS["damaged Hugging Face files"] += 1
-    model = random_gpt()
     before = snapshot(model)
     try:
         hf.load_adapter(model, directory)
@@ -102,7 +122,7 @@ def test_a_truncated_file_is_refused(good, tmp_path, which, data):
     raw = (good / kind / which).read_bytes()
     n = data.draw(st.integers(0, len(raw) - 1), label="length")
     out = copy_with(good / kind, tmp_path / kind, which, raw[:n])
-    outcome = outcome_of_model(out) if kind == "model" else outcome_of_adapter(out)
+    outcome = outcome_of_model(out) if kind == "model" else outcome_of_adapter(out, base_of(good))
     if which.endswith(".safetensors") or n < len(raw.rstrip()):  # JSON may lose only a newline
         assert outcome == "refused"
 
@@ -115,7 +135,7 @@ def test_a_flipped_bit_is_refused_or_gives_a_whole_model(good, tmp_path, which, 
     bit = data.draw(st.integers(0, 8 * len(raw) - 1), label="bit")
     raw[bit // 8] ^= 1 << (bit % 8)
     out = copy_with(good / kind, tmp_path / kind, which, bytes(raw))
-    outcome = outcome_of_model(out) if kind == "model" else outcome_of_adapter(out)
+    outcome = outcome_of_model(out) if kind == "model" else outcome_of_adapter(out, base_of(good))
     if which.endswith(".safetensors") and bit // 8 < 8:  # the header length
         assert outcome == "refused"
 
@@ -129,7 +149,8 @@ def test_a_wrong_or_oversized_header_length_is_refused(good, tmp_path, which, le
     if length == struct.unpack("<Q", raw[:8])[0]:
         return
     out = copy_with(good / kind, tmp_path / kind, which, struct.pack("<Q", length) + raw[8:])
-    assert (outcome_of_model(out) if kind == "model" else outcome_of_adapter(out)) == "refused"
+    assert (outcome_of_model(out) if kind == "model"
+            else outcome_of_adapter(out, base_of(good))) == "refused"
 
 
 # ---- hostile JSON and sizes -------------------------------------------------------------------
@@ -147,20 +168,29 @@ def test_a_config_field_given_any_json_value_is_refused_or_read_whole(good, tmp_
     field = data.draw(st.sampled_from(sorted(config) + ["an_unknown_field"]), label="field")
     config[field] = data.draw(JSON, label="value")
     out = copy_with(good / kind, tmp_path / kind, name, json.dumps(config).encode())
-    outcome_of_model(out) if kind == "model" else outcome_of_adapter(out)
+    outcome_of_model(out) if kind == "model" else outcome_of_adapter(out, base_of(good))
+
+
+# the fields that set tensor shapes, each shape changing with the field (so only the true sizes
+# fit the tensors): GPT-2's n_inner of 64 is its default, 4 n_embd
+SIZES = {"gpt2": {"n_layer": st.integers(1, 10**6), "n_embd": st.integers(1, 10**6),
+                  "vocab_size": st.integers(1, 10**9), "n_positions": st.integers(1, 10**9),
+                  "n_inner": st.integers(1, 10**9)},
+         "llama": {"num_hidden_layers": st.integers(1, 10**6),
+                   "hidden_size": st.integers(1, 10**6), "vocab_size": st.integers(1, 10**9),
+                   "intermediate_size": st.integers(1, 10**9), "head_dim": st.integers(1, 10**6)}}
 
 
 @examples(40)
-@given(sizes=st.fixed_dictionaries({}, optional={
-    "n_layer": st.integers(1, 10**6), "n_embd": st.integers(1, 10**6),
-    "vocab_size": st.integers(1, 10**9),
-    "n_positions": st.integers(1, 10**9), "n_inner": st.integers(1, 10**9)}))
+@given(data=st.data())
 def test_config_sizes_are_checked_against_the_tensors_before_anything_is_allocated(good,
-                                                                                  tmp_path, sizes):
-    """Any sizes a config may claim (n_embd divisible by n_head=4 or not): refused from the
+                                                                                  tmp_path, data):
+    """Any sizes a config may claim (a width the heads do not divide or not): refused from the
     headers, or (the true sizes) read."""
     config = json.loads((good / "model" / "config.json").read_text())
-    true = {k: config[k] for k in sizes}
+    fields = SIZES["gpt2" if config["model_type"] == "gpt2" else "llama"]
+    sizes = data.draw(st.fixed_dictionaries({}, optional=fields), label="sizes")
+    true = {k: config.get(k) for k in sizes}
     config.update(sizes)
     out = copy_with(good / "model", tmp_path / "model", "config.json", json.dumps(config).encode())
     outcome = outcome_of_model(out)
@@ -225,8 +255,8 @@ def test_a_pickle_checkpoint_is_never_opened(good, tmp_path, monkeypatch):
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, lambda *a, **k: pytest.fail("pickle was called"))
     with pytest.raises(FileFormatError, match="pickle"):
-        GPT.from_pretrained(tmp_path / "model")
+        hf.from_pretrained(tmp_path / "model")
     with pytest.raises(FileFormatError, match="pickle"):
-        hf.load_adapter(random_gpt(), tmp_path / "adapter")
+        hf.load_adapter(base_of(good), tmp_path / "adapter")
     assert not marker.exists()
-    hf.load_adapter(GPT.from_pretrained(good / "model"), good / "adapter")  # good files: no pickle
+    hf.load_adapter(hf.from_pretrained(good / "model"), good / "adapter")  # good files: no pickle
