@@ -124,5 +124,5 @@ def test_layer_accepts_a_plain_array_and_leading_axes():
 
 def test_repr_shows_rank_alpha_and_scaling():
     text = repr(LoRALinear(Linear(3, 2, rng=0), r=4, lora_alpha=8))
-    for part in ("r=4", "lora_alpha=8", "scaling=2", "merged=False"):
+    for part in ("r=4", "lora_alpha=8", "scaling=2", "merged=[]"):
         assert part in text
