@@ -14,6 +14,7 @@ from minilora import ConfigError, FileFormatError, MiniLoRAError, TargetModuleEr
 from minilora.lora import LoRAConfig, apply_lora, lora_state_dict, named_lora_layers
 from minilora.lora.peft_config import MAPPED, peft_dict
 from tests.hf.helpers import adapted, random_gpt, tokens
+from tests.lora.helpers import assert_unchanged, snapshot
 
 CONFIGS = {
     "c_attn": LoRAConfig(r=2, lora_alpha=4),
@@ -224,10 +225,12 @@ def test_a_pickled_adapter_is_refused(tmp_path):
         hf.load_adapter(random_gpt(), tmp_path / "a")
 
 
-def test_an_adapted_model_cannot_take_a_second_adapter(one):
+def test_a_second_adapter_under_a_taken_name_is_an_error(one):
     model, directory, _ = one
-    with pytest.raises(FileFormatError, match="already a LoRALinear"):
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="already has an adapter named 'default'"):
         hf.load_adapter(model, directory)
+    assert_unchanged(model, before)
 
 
 def test_save_adapter_needs_an_adapter(tmp_path):
