@@ -38,7 +38,8 @@ TARGETS = [("{q}", "q", 36), ("{q, v}", "q,v", 18), ("{q, k, v, o}", "q,k,v,o", 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--base", help="a full-model run directory to start from (default: pretrain)")
 parser.add_argument("--out", default="runs/target_budget", help="where results go")
-parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (adapter init, batches)")
+parser.add_argument("--seeds", default="0,1,2",
+                    help="comma-separated seeds (adapter init, batch order)")
 parser.add_argument("--iters", type=int, default=300, help="fine-tuning steps per run")
 parser.add_argument("--lr", type=float, default=5e-3, help="the fine-tuning learning rate")
 parser.add_argument("--small", action="store_true", help="a tiny model, few steps (for CI)")

@@ -49,7 +49,7 @@ def add_weighted_adapter(model: Module, adapters: list[str], weights: list[float
     ranks = [_config_rank(configs[n]) for n in names]
     if kind == "linear" and len(set(ranks)) > 1:
         raise ConfigError(f"add_weighted_adapter: 'linear' needs adapters of one rank, got "
-                          f"{dict(zip(names, ranks))}")
+                          f"{dict(zip(names, ranks, strict=True))}")
     rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[kind]
     layers = [(n, layer) for n, layer in named_lora_layers(model)
               if any(a in layer.adapters for a in names)]
@@ -59,7 +59,8 @@ def add_weighted_adapter(model: Module, adapters: list[str], weights: list[float
     config = dataclasses.replace(
         first, r=rank, lora_alpha=rank, rank_pattern=None, alpha_pattern=None, use_rslora=False,
         target_slices=None, bias="none", modules_to_save=None,
-        target_modules=_union_of_targets(model, [configs[n] for n in names], [n for n, _ in layers]))
+        target_modules=_union_of_targets(model, [configs[n] for n in names],
+                                         [n for n, _ in layers]))
     active = active_adapters(model)
     for layer_name, layer in layers:
         adapter = layer.make_adapter(rank, rank, first.lora_dropout, False,

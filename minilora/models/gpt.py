@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -158,10 +159,11 @@ class GPT(nn.Module):
 
     # c_attn's output is the query, key and value, n_embd rows each: the slices a LoRA config's
     # target_slices may name (read by minilora.lora)
-    fused_projections = {"c_attn": ("q", "k", "v")}
+    fused_projections: ClassVar[dict[str, tuple[str, ...]]] = {"c_attn": ("q", "k", "v")}
     # the LoRA paper's W_q, W_k, W_v, W_o, and the MLP, as GPT-2's modules (see lora_targets)
-    LORA_ROLES = {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
-                  "mlp": ("mlp.c_fc", "mlp.c_proj")}
+    LORA_ROLES: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
+        "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
     def __init__(self, config: GPTConfig, seed: int | np.random.Generator | None = 0):
         super().__init__()

@@ -108,7 +108,7 @@ def check_lora_slices(x: Tensor, lora_A: Tensor, lora_B: Tensor,
             and lora_A.shape[0] % k == 0 and lora_B.shape[0] % k == 0
             and lora_B.shape[1] == lora_A.shape[0] // k and widths == {lora_B.shape[0] // k}
             and ordered[0][0] >= 0 and ordered[-1][1] <= out_features
-            and all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])))
+            and all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:], strict=False)))
     if not fits:
         raise ShapeError(f"lora_slices: x {x.shape}, A {lora_A.shape}, B {lora_B.shape}, slices "
                          f"{slices} of {out_features} outputs do not fit (expected A (k r, in), "

@@ -18,5 +18,5 @@ from minilora.ops.softmax import cross_entropy, log_softmax, softmax
 from minilora.ops.swiglu import silu, swiglu
 
 __all__ = ["causal_self_attention", "cross_entropy", "gelu", "grouped_query_attention",
-           "layer_norm", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "rms_norm", "rotary_embedding",
-           "scaled_dot_product_attention", "silu", "softmax", "swiglu"]
+           "layer_norm", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "rms_norm",
+           "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "swiglu"]

@@ -150,7 +150,8 @@ def test_a_target_that_is_not_a_linear_is_named_with_its_type(target, kind, name
 def test_adapting_an_adapted_layer_is_an_error():
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]))
     msg = apply_fails(model, LoRAConfig(r=2, target_modules=["c_fc"]))
-    assert "'transformer.h.0.mlp.c_fc' (matched by 'c_fc') is already a LoRALinear (default: r=8)" in msg
+    assert ("'transformer.h.0.mlp.c_fc' (matched by 'c_fc') is already a LoRALinear "
+            "(default: r=8)") in msg
 
 
 def test_a_second_adapter_on_other_layers_is_an_error():
