@@ -53,6 +53,6 @@ __all__ = [
     "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention", "layer_norm",
     "linear", "log", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "masked_fill",
     "matmul", "max", "mean", "mul", "neg", "pow", "reference", "relu", "reshape", "rms_norm",
-    "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "split", "sqrt", "stack", "sub", "sum",
-    "swapaxes", "swiglu", "tanh", "transpose", "where",
+    "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "split", "sqrt",
+    "stack", "sub", "sum", "swapaxes", "swiglu", "tanh", "transpose", "where",
 ]
