@@ -32,7 +32,8 @@ from minilora.nn import Embedding, Linear, Module, Parameter, make_rng
 __all__ = [
     "active_adapters", "add_adapter", "apply_lora", "delete_adapter", "disable_adapter",
     "disable_adapters", "mark_only_lora_as_trainable", "merge_adapter", "merge_and_unload",
-    "named_lora_layers", "plan_lora", "set_adapter", "unload", "unmerge_adapter",
+    "named_lora_layers", "plan_lora", "set_adapter", "tied_lora_layers", "unload",
+    "unmerge_adapter",
 ]
 
 
@@ -251,15 +252,24 @@ def _mergeable_layers(model: Module, what: str) -> list[tuple[str, LoRALayer]]:
     return layers
 
 
+def tied_lora_layers(model: Module) -> dict[str, list[str]]:
+    """LoRA layer name -> the other modules sharing its weight, for every LoRA layer whose weight
+    is tied (GPT-2's ``transformer.wte`` and ``lm_head``): merging into it changes them too."""
+    owners = weight_owners({n: m for n, m in model.named_modules() if n})
+    tied = {name: [o for o in owners.get(id(layer.weight), []) if o != name]
+            for name, layer in named_lora_layers(model)}
+    return {name: others for name, others in tied.items() if others}
+
+
 def _warn_if_tied(model: Module, layers: list[tuple[str, LoRALayer]], names, what: str) -> None:
     """Merging into a weight another module shares changes that module too (GPT-2's wte and
     lm_head): warn, naming both. PEFT 0.21 merges the same way; its warning looks for modules
     named ``embed_tokens`` or ``lm_head``, so it is silent for GPT-2's ``wte``."""
-    owners = weight_owners({n: m for n, m in model.named_modules() if n})
+    tied_layers = tied_lora_layers(model)
     for name, layer in layers:
         merging = [n for n in (layer.active_adapters if names is None else names)
                    if n in layer.adapters and n not in layer.merged_adapters]
-        tied = [o for o in owners.get(id(layer.weight), []) if o != name]
+        tied = tied_layers.get(name)
         if merging and tied:
             warnings.warn(f"{what}: the weight of {name!r} is tied to {tied}: merging its adapter "
                           f"changes {tied} too, so the merged model differs from the unmerged one "

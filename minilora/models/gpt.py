@@ -200,7 +200,7 @@ class GPT(nn.Module):
         names = ["q", "k", "v", "o", "mlp"] if names == ["all"] else names
         unknown = [r for r in names if r not in cls.LORA_ROLES]
         if not names or unknown or len(set(names)) < len(names):
-            raise ConfigError(f"lora_targets: expected distinct roles from "
+            raise ConfigError(f"{field_name('GPT', 'lora_targets')}: expected distinct roles from "
                               f"{', '.join(cls.LORA_ROLES)} or all, got {roles!r}")
         modules = []
         for role in names:
