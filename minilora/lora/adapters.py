@@ -27,6 +27,7 @@ import numpy as np
 
 from minilora import ops
 from minilora.configs import choice, flag, positive_int, positive_number, probability
+from minilora.errors import ConfigError
 from minilora.lora.config import INIT_LORA_WEIGHTS, lora_scaling
 from minilora.tensor import Tensor
 
@@ -120,6 +121,14 @@ class SlicedAdapter(LinearAdapter):
 
     slices: tuple[tuple[int, int], ...] = ()
     names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        widths = {hi - lo for lo, hi in self.slices}
+        if not self.slices or len(widths) != 1 or min(widths) < 1 or \
+                len(self.names) not in (0, len(self.slices)):
+            raise ConfigError(f"{self.owner}: slices must be (lo, hi) row ranges of one width, "
+                              f"one name each, got {self.slices} named {self.names}")
 
     def shapes(self, in_features: int, out_features: int) -> tuple[tuple[int, int], ...]:
         k, (lo, hi) = len(self.slices), self.slices[0]
