@@ -98,7 +98,7 @@ def _config_rank(config: LoRAConfig) -> int:
     """The largest rank an adapter's config gives a layer, as PEFT counts it (max of r and the
     rank_pattern), times the most slices it adapts in one module (its full form's rank)."""
     slices = max((len(v) for v in (config.target_slices or {}).values()), default=1)
-    return max(config.r, *(config.rank_pattern or {}).values()) * slices
+    return max([config.r, *(config.rank_pattern or {}).values()]) * slices
 
 
 def _combined(layer, names, weights, kind, rank, clamp, layer_name) -> tuple[np.ndarray, ...]:
