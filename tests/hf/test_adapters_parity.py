@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import safetensors.numpy
 
@@ -20,6 +21,7 @@ from minilora.lora import (
     add_adapter,
     add_weighted_adapter,
     apply_lora,
+    merge_adapter,
     merge_and_unload,
     set_adapter,
 )
@@ -192,3 +194,47 @@ def test_the_q_and_v_adapter_is_exported_as_a_rank_2r_c_attn_adapter_peft_runs(b
     assert_close(logits_of(theirs, idx), expected, dtype, "minilora q,v -> PEFT")
     again = hf.load_adapter(GPT.from_pretrained(directory, dtype=dtype), tmp_path)
     assert_close(again(idx)[0].data, expected, dtype, "minilora q,v -> PEFT")
+
+
+# ---- where minilora and PEFT differ, on purpose (docs/adapters.md) --------------------------
+
+def test_peft_skips_an_unmerged_active_adapter_once_another_is_merged(base, tmp_path):
+    """PEFT's forward is the base layer's alone as soon as any adapter is merged; minilora adds
+    the active adapters it has not merged, so merging part of the active set changes nothing.
+    (Both adapters on c_attn alone: in PEFT a layer that holds none of the merged ones still adds
+    its paths.)"""
+    dtype, directory = base
+    theirs = peft_with_two(directory, dtype, {**SECOND, "target_modules": ["c_attn"]})
+    theirs.save_pretrained(tmp_path)
+    ours = hf.load_adapter(GPT.from_pretrained(directory, dtype=dtype), tmp_path)
+    hf.load_adapter(ours, tmp_path / "other", adapter_name="other")
+    for model in (theirs, ours):
+        (set_peft if model is theirs else set_adapter)(model, ["default", "other"])
+    idx = tokens()
+    both = ours(idx)[0].data.copy()
+    theirs.base_model.merge_adapter(["default"])
+    merge_adapter(ours, ["default"])
+    assert_close(ours(idx)[0].data, both, dtype, "minilora: part of the active set merged")
+    set_adapter(ours, ["default"])  # what PEFT computes: default merged, other's path dropped
+    assert_close(logits_of(theirs, idx), ours(idx)[0].data, dtype, "PEFT -> minilora")
+
+
+def test_peft_scales_a_combination_of_rslora_adapters_by_sqrt_of_its_rank():
+    """PEFT copies use_rslora into the combination, whose scaling is then r / sqrt(r) = sqrt(r)
+    where its A and B assume 1; minilora's combination has use_rslora False, scaling 1."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8, bos_token_id=None,
+        eos_token_id=None)).double()
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "use_rslora": True}
+    theirs = random_peft_model(model, config)
+    theirs.add_adapter("b", peft.LoraConfig(**config))
+    layer = theirs.base_model.model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        layer.lora_B["b"].weight.normal_()
+    with torch.no_grad():
+        wanted = (layer.get_delta_weight("default") + layer.get_delta_weight("b")).numpy()
+        theirs.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="cat")
+        assert layer.scaling["mix"] == 2.0  # 4 / sqrt(4), not 1
+        np.testing.assert_allclose(layer.get_delta_weight("mix").numpy(), 2.0 * wanted,
+                                   rtol=1e-12)
