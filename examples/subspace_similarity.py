@@ -24,8 +24,13 @@ of adapters on ``c_attn`` of a small GPT fine-tuned on ``builtin:majority``:
    correlated with ``W`` more than a random matrix is, but in directions ``W`` does not
    emphasise, and amplified there: ``||ΔW||_F / ||U^T W V||_F`` was about 21.5 for r = 4 on GPT-3.
 
-Three adapters are trained: r=8 (seed 1) and r=64 (seeds 2 and 3). Seeds differ so that no two runs
-share an initial ``A``. Output: a heatmap PNG, a markdown table and a JSON file in ``--out``.
+Three adapters are trained per seed set k of ``--seeds``: r=8 (seed 3k + 1) and r=64 (seeds 3k + 2
+and 3k + 3), so that no two runs share an initial ``A``; set 0 is seeds 1, 2 and 3. The tables give
+the mean and sample standard deviation over the sets, the heatmaps the mean. ``--alpha 2r`` (the
+default) keeps s = 2 at both ranks; ``--alpha 16`` fixes alpha as the paper did. Output: a heatmap
+PNG, a markdown table and a JSON file in ``--out``.
+
+    python examples/subspace_similarity.py --base runs/base --seeds 0,1,2,3,4   # the docs', 15 min
 """
 
 import argparse
@@ -39,6 +44,7 @@ import scipy.linalg
 from minilora.data import builtin_tokenizer, load_dataset
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
+from minilora.optim import CosineSchedule
 from minilora.train import TrainConfig, load_run, train
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,12 +53,16 @@ parser.add_argument("--out", default="runs/subspace", help="where results go")
 parser.add_argument("--plot", help="the heatmap PNG (default: OUT/subspace_similarity.png)")
 parser.add_argument("--iters", type=int, default=400, help="fine-tuning steps per adapter")
 parser.add_argument("--layer", type=int, help="the block to plot (default: the middle one)")
+parser.add_argument("--alpha", default="2r", help="'2r' (s = 2 at both ranks) or a number")
+parser.add_argument("--seeds", default="0",
+                    help="comma-separated seed sets; set k trains seeds 3k+1, 3k+2, 3k+3")
 parser.add_argument("--small", action="store_true", help="a tiny model, few steps (for CI)")
 args = parser.parse_args()
 small = args.small or os.environ.get("MINILORA_EXAMPLE_SMALL", "0") not in ("", "0")
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 r_small, r_large, iters = (2, 8, 20) if small else (8, 64, args.iters)
+seed_sets = [int(k) for k in args.seeds.split(",")]
 
 # ---- The base and three adapters ----------------------------------------------------------------
 tokenizer = builtin_tokenizer()
@@ -72,11 +82,12 @@ base_weights, n_embd, n_layer = base.state_dict(), base.config.n_embd, base.conf
 layer = n_layer // 2 if args.layer is None else args.layer
 
 
-def adapt(r: int, seed: int) -> list:
-    """Fine-tune a rank-r adapter on c_attn from the base; return each block's LoRA layer."""
+def adapt(r: int, seed: int) -> dict:
+    """Fine-tune a rank-r adapter on c_attn from the base: each block's LoRA layer, the loss."""
     model = GPT(base.config, seed=seed)
     model.load_state_dict(base_weights)
-    apply_lora(model, LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn"]), rng=seed)
+    alpha = 2 * r if args.alpha == "2r" else float(args.alpha)
+    apply_lora(model, LoRAConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"]), rng=seed)
     A0 = [block.attn.c_attn.lora_A.data.copy() for block in model.transformer.h]  # (r, C) each
     config = TrainConfig(max_iters=iters, lr=5e-3, min_lr=5e-4, warmup_iters=iters // 10,
                          eval_interval=iters, eval_iters=10, seed=seed)
@@ -85,13 +96,14 @@ def adapt(r: int, seed: int) -> list:
     moved = np.mean([np.linalg.norm(lo.lora_A.data - a0) / np.linalg.norm(a0)
                      for lo, a0 in zip(layers, A0, strict=True)])
     print(f"r={r:<3} seed {seed}: val loss {result.val_loss:.3f}; "
-          f"||A - A_init|| / ||A_init|| = {moved:.2f} (mean over blocks)")
-    return layers
+          f"||A - A_init|| / ||A_init|| = {moved:.2f} (mean over blocks)", flush=True)
+    return {"layers": layers, "val_loss": result.val_loss, "moved": moved}
 
 
-print(f"fine-tuning three adapters on c_attn for {iters} steps each ...")
-runs = {"small": adapt(r_small, seed=1), "large": adapt(r_large, seed=2),
-        "large2": adapt(r_large, seed=3)}
+# AdamW's decoupled weight decay multiplies A by (1 - lr_t wd) each step: what that alone moves
+schedule = CosineSchedule(5e-3, 5e-4, iters // 10, iters)
+decay_only = 1 - np.prod([1 - schedule(it) * TrainConfig.weight_decay for it in range(iters)])
+print(f"weight decay alone would give ||A - A_init|| / ||A_init|| = {decay_only:.3f}")
 
 
 # ---- 1. Subspace similarity between the A matrices ----------------------------------------------
@@ -111,40 +123,7 @@ def phi(A1: np.ndarray, A2: np.ndarray) -> np.ndarray:
     return overlap / np.minimum(i, j)
 
 
-rng = np.random.default_rng(0)
-A_small = runs["small"][layer].lora_A.data    # (r_small, C)
-A_large = runs["large"][layer].lora_A.data    # (r_large, C)
-A_large2 = runs["large2"][layer].lora_A.data  # (r_large, C), another seed
-maps = {
-    f"phi(A_r={r_small}, A_r={r_large})": phi(A_small, A_large),
-    f"phi(A_r={r_large}, A'_r={r_large})": phi(A_large, A_large2),
-    "random Gaussian, same shapes": phi(rng.normal(size=A_large.shape),
-                                        rng.normal(size=A_large.shape)),
-}
-k, rs, rl = r_small, r_small, r_large
-summary = [f"| block | phi(A{rs}, A{rl}, 1, 1) | mean phi(A{rs}, A{rl}, i, j <= {k}) "
-           f"| phi(A{rl}, A{rl}', 1, 1) | mean phi(A{rl}, A{rl}', i, j <= {k}) "
-           f"| random, i, j <= {k} |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-results = {"layer": layer, "r_small": r_small, "r_large": r_large, "iters": iters, "blocks": []}
-for n in range(n_layer):
-    p_sl = phi(runs["small"][n].lora_A.data, runs["large"][n].lora_A.data)
-    p_ll = phi(runs["large"][n].lora_A.data, runs["large2"][n].lora_A.data)
-    p_rand = phi(rng.normal(size=(r_large, n_embd)), rng.normal(size=(r_large, n_embd)))
-    block = {"block": n, "phi_small_large_11": p_sl[0, 0],
-             "phi_small_large_mean_k": p_sl[:, :k].mean(),
-             "phi_large_large_11": p_ll[0, 0], "phi_large_large_mean_k": p_ll[:k, :k].mean(),
-             "phi_random_mean_k": p_rand[:k, :k].mean()}
-    results["blocks"].append(block)
-    summary.append(f"| {n} | {p_sl[0, 0]:.2f} | {p_sl[:, :k].mean():.2f} | {p_ll[0, 0]:.2f} | "
-                   f"{p_ll[:k, :k].mean():.2f} | {p_rand[:k, :k].mean():.2f} |")
-print(f"\nsubspace similarity of the A matrices (C = {n_embd}; two random subspaces of "
-      f"dimensions i and j give about max(i, j) / {n_embd})")
-print("\n".join(summary))
-
-
-# ---- 2. ΔW against W -----------------------------------------------------------------------------
-def projections(W: np.ndarray, dW: np.ndarray, r: int) -> dict:
+def projections(W: np.ndarray, dW: np.ndarray, r: int, rng) -> dict:
     """||U^T W V||_F for the top-r singular directions of dW, of W itself, and of random ones."""
     U, _, Vt = scipy.linalg.svd(dW)               # U: (out, out), Vt: (in, in)
     sw = scipy.linalg.svdvals(W)                  # W's singular values, largest first
@@ -157,26 +136,86 @@ def projections(W: np.ndarray, dW: np.ndarray, r: int) -> dict:
             "amplification": np.linalg.norm(dW) / along_dW}
 
 
+def analyse(k: int, rng) -> dict:
+    """Train seed set k's three adapters; their phi statistics, heatmaps and projections."""
+    runs = {"small": adapt(r_small, seed=3 * k + 1), "large": adapt(r_large, seed=3 * k + 2),
+            "large2": adapt(r_large, seed=3 * k + 3)}
+    A = {name: [lo.lora_A.data for lo in run["layers"]] for name, run in runs.items()}
+    blocks, parts = [], []
+    for n in range(n_layer):
+        p_sl, p_ll = phi(A["small"][n], A["large"][n]), phi(A["large"][n], A["large2"][n])
+        p_rand = phi(rng.normal(size=(r_large, n_embd)), rng.normal(size=(r_large, n_embd)))
+        blocks.append({"phi_small_large_11": p_sl[0, 0],
+                       "phi_small_large_mean_k": p_sl[:, :r_small].mean(),
+                       "phi_large_large_11": p_ll[0, 0],
+                       "phi_large_large_mean_k": p_ll[:r_small, :r_small].mean(),
+                       "phi_random_mean_k": p_rand[:r_small, :r_small].mean()})
+        for which, r in (("small", r_small), ("large", r_large)):
+            lora_layer = runs[which]["layers"][n]
+            W = lora_layer.weight.data.astype(np.float64)          # (3C, C): q, k, v stacked
+            dW = lora_layer.delta_weight().astype(np.float64)      # (3C, C) = s B A
+            for part, rows in (("q", slice(0, n_embd)), ("v", slice(2 * n_embd, 3 * n_embd))):
+                parts.append({"block": n, "part": part, "r": r,
+                              **projections(W[rows], dW[rows], r, rng)})   # W_q, ΔW_q: (C, C)
+    maps = [phi(A["small"][layer], A["large"][layer]), phi(A["large"][layer], A["large2"][layer]),
+            phi(rng.normal(size=(r_large, n_embd)), rng.normal(size=(r_large, n_embd)))]
+    return {"seeds": [3 * k + 1, 3 * k + 2, 3 * k + 3], "blocks": blocks, "projections": parts,
+            "maps": maps, **{f"{name}_{key}": run[key] for name, run in runs.items()
+                             for key in ("val_loss", "moved")}}
+
+
+print(f"fine-tuning three adapters on c_attn for {iters} steps each, for seed sets {args.seeds}")
+rng = np.random.default_rng(0)
+sets = [analyse(k, rng) for k in seed_sets]
+
+
+def stat(values) -> str:
+    """'mean' for one seed set, 'mean ± sample std' for several."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+# ---- 1. Subspace similarity between the A matrices ----------------------------------------------
+k, rs, rl = r_small, r_small, r_large
+summary = [f"| block | phi(A{rs}, A{rl}, 1, 1) | mean phi(A{rs}, A{rl}, i, j <= {k}) "
+           f"| phi(A{rl}, A{rl}', 1, 1) | mean phi(A{rl}, A{rl}', i, j <= {k}) "
+           f"| random, i, j <= {k} |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+stats = ("phi_small_large_11", "phi_small_large_mean_k", "phi_large_large_11",
+         "phi_large_large_mean_k", "phi_random_mean_k")
+for n in range(n_layer):
+    summary.append(f"| {n} | " + " | ".join(stat([s["blocks"][n][key] for s in sets])
+                                             for key in stats) + " |")
+spread = " (mean ± sample standard deviation over the seed sets)" if len(sets) > 1 else ""
+print(f"\nsubspace similarity of the A matrices (C = {n_embd}; two random subspaces of "
+      f"dimensions i and j give about max(i, j) / {n_embd}){spread}")
+print("\n".join(summary))
+
+# ---- 2. ΔW against W -----------------------------------------------------------------------------
 table = ["| block | part | r | ‖W‖ | ‖ΔW‖ | ‖UᵀWV‖, U, V of ΔW | of W | random "
          "| amplification ‖ΔW‖ / ‖UᵀWV‖ |",
          "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-results["projections"] = []
-for n in range(n_layer):
-    for which, r in (("small", r_small), ("large", r_large)):
-        lora_layer = runs[which][n]
-        W = lora_layer.weight.data.astype(np.float64)          # (3C, C): q, k, v stacked
-        dW = lora_layer.delta_weight().astype(np.float64)      # (3C, C) = s B A
-        for part, rows in (("q", slice(0, n_embd)), ("v", slice(2 * n_embd, 3 * n_embd))):
-            p = projections(W[rows], dW[rows], r)              # W_q, ΔW_q: (C, C)
-            results["projections"].append({"block": n, "part": part, "r": r, **p})
-            table.append(f"| {n} | W_{part} | {r} | {p['norm_W']:.2f} | {p['norm_dW']:.2f} | "
-                         f"{p['proj_dW']:.2f} | {p['proj_W']:.2f} | {p['proj_random']:.2f} | "
-                         f"{p['amplification']:.1f} |")
+for i, first in enumerate(sets[0]["projections"]):
+    cells = [stat([s["projections"][i][key] for s in sets]) if key in ("norm_dW", "proj_dW",
+             "proj_random", "amplification") else f"{first[key]:.2f}"   # W is the same base's
+             for key in ("norm_W", "norm_dW", "proj_dW", "proj_W", "proj_random", "amplification")]
+    table.append(f"| {first['block']} | W_{first['part']} | {first['r']} | " + " | ".join(cells)
+                 + " |")
 print("\nΔW against W: ||U^T W V||_F with U, V the top-r singular directions of ΔW, of W, "
-      "or random")
+      f"or random{spread}")
 print("\n".join(table))
+for key in ("small_val_loss", "large_val_loss", "large2_val_loss", "small_moved", "large_moved"):
+    print(f"{key}: {stat([s[key] for s in sets])}")
 (out / "subspace_similarity.md").write_text("\n".join(summary) + "\n\n" + "\n".join(table) + "\n")
+results = {"layer": layer, "r_small": r_small, "r_large": r_large, "iters": iters,
+           "alpha": args.alpha, "decay_only_moved": decay_only,
+           "sets": [{key: value for key, value in s.items() if key != "maps"} for s in sets]}
 (out / "subspace_similarity.json").write_text(json.dumps(results, indent=2, default=float))
+maps = {f"phi(A_r={r_small}, A_r={r_large})": np.mean([s["maps"][0] for s in sets], axis=0),
+        f"phi(A_r={r_large}, A'_r={r_large})": np.mean([s["maps"][1] for s in sets], axis=0),
+        "random Gaussian, same shapes": np.mean([s["maps"][2] for s in sets], axis=0)}
 
 # ---- The heatmaps -------------------------------------------------------------------------------
 try:
@@ -202,7 +241,8 @@ for ax, (title, m) in zip(axes, panels, strict=True):
     ax.set_ylabel("i")
 fig.colorbar(image, ax=axes, fraction=0.02)
 fig.suptitle(f"Normalized subspace similarity of lora_A's top right-singular directions, "
-             f"block {layer} c_attn (C = {n_embd}, {iters} steps)")
+             f"block {layer} c_attn (C = {n_embd}, {iters} steps; mean of {len(sets)} seed "
+             f"set(s))")
 plot = Path(args.plot) if args.plot else out / "subspace_similarity.png"
 plot.parent.mkdir(parents=True, exist_ok=True)
 fig.savefig(plot, dpi=110, bbox_inches="tight")

@@ -1,4 +1,4 @@
-"""The ``minilora`` command: demo, train, merge, generate, eval, params, bench.
+"""The ``minilora`` command: demo, train, merge, export, generate, eval, params, bench.
 
 A user mistake (a missing file, a bad setting, an adapter for another base) prints one line,
 ``minilora: error: ...``, on stderr and exits with code 2; nothing is left half-written.
@@ -7,6 +7,7 @@ A user mistake (a missing file, a bad setting, an adapter for another base) prin
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import textwrap
 
@@ -18,20 +19,26 @@ merge the adapter back, and compare.
 
 main job:   minilora demo            (a few minutes on 2 cores; --quick: a smaller, faster run)
 help:       minilora COMMAND --help  (every command has examples)
+
+Hugging Face and PEFT: --init-from, --model and merge read a Hugging Face model directory,
+--adapter a PEFT adapter; export and merge --format hf write them.
 """
 
 TRAIN_DESCRIPTION = """\
 Train a GPT: a new one (--data), a full fine-tune of a trained one (--init-from), or a LoRA
 fine-tune (--init-from and --lora-r). Writes DIR/checkpoint.safetensors at every evaluation and
 DIR/metrics.jsonl (one JSON line per evaluation: iter, train_loss, val_loss, lr, elapsed_s,
-tokens_per_s). A LoRA run saves only its adapter, beside a reference to its base.
+tokens_per_s). A LoRA run saves only its adapter, beside a reference to its base. The last
+line gives the median ms per step of this session and the seconds of all the run's steps
+(resumed ones too; evaluations and checkpoints in neither).
 """
 
 TRAIN_EXAMPLES = """\
 examples:
   # pretrain a base on a built-in corpus (no download)
   minilora train --data builtin:world --out runs/base --max-iters 600
-  # fine-tune it with LoRA (rank 4, alpha 8) on attention, on the built-in task
+  # fine-tune it with LoRA (rank 4, alpha 8) on c_attn and every c_proj (the attention's
+  # output and the MLP's), on the built-in task
   minilora train --data builtin:majority --init-from runs/base --out runs/lora \\
       --lora-r 4 --lora-alpha 8 --target-modules c_attn,c_proj --max-iters 300 --lr 5e-3
   # the same in full
@@ -39,6 +46,14 @@ examples:
   # continue a run that was stopped (Ctrl-C, a crash): bit for bit as if it never stopped
   # (with the same --threads; see --threads)
   minilora train --out runs/lora --resume
+  # extend a finished run to 600 steps (the learning rate stays at --min-lr past the old end)
+  minilora train --out runs/lora --resume --max-iters 600
+  # a LoRA run whose base has moved
+  minilora train --out runs/lora --resume --base /elsewhere/base
+  # fine-tune a Hugging Face GPT-2 directory (its tokenizer reads the data)
+  minilora train --data notes.txt --init-from gpt2-dir --out runs/hf --lora-r 8 --max-iters 200
+  # a new model whose tokenizer reads any text later (UTF-8 bytes, 256 ids)
+  minilora train --data notes.txt --out runs/bytes --tokenizer byte
   # nanoGPT's CPU run on tiny Shakespeare (the defaults are its settings)
   minilora train --data shakespeare.txt --out runs/shakespeare
 
@@ -48,12 +63,35 @@ built-in corpora: builtin:world (English-like prose, to pretrain on),
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line, ``minilora: error: ...``, and exit code 2."""
+    """argparse, but a usage mistake is one line, ``minilora: error: ...``, and exit code 2, and
+    an unknown flag is reported by the command it was given to, with the flag it may mean."""
 
     def error(self, message: str):
         command = self.prog.removeprefix("minilora").strip()
         self.exit(2, f"minilora: error: {command + ': ' if command else ''}{message} "
                      f"(see '{self.prog} --help')\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._commands.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}"
+                          f"{_did_you_mean(extras, command)}")
+        return parsed
+
+
+def _did_you_mean(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """'; did you mean --lora-r?' for ``--lora_r`` (nanoGPT's and PEFT's spelling), or for a
+    near miss such as ``--max-iter``; '' when nothing is close."""
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    meant = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        if not name.startswith("--") or name in flags:
+            continue
+        close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
+        meant += [c for c in close if c not in meant]
+    return f"; did you mean {', '.join(meant)}?" if meant else ""
 
 
 def _int_at_least(low: int, expected: str):
@@ -112,13 +150,17 @@ def _add_train(sub) -> None:
                        description=TRAIN_DESCRIPTION, epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="FILE|builtin:NAME",
-                   help="a UTF-8 text file (character tokens, 90/10 train/val split), or a "
-                        "built-in corpus")
+                   help="a UTF-8 text file (90/10 train/val split; tokens: see --tokenizer, "
+                        "or the --init-from model's), or a built-in corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
-    p.add_argument("--init-from", metavar="DIR", help="fine-tune this run's model (a full run: "
-                                                      "merge a LoRA run first)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="fine-tune this model: a full run (merge a LoRA run first) or a Hugging "
+                        "Face model directory, whose tokenizer then reads --data")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with its settings")
+                   help="continue the run in --out from its last checkpoint, with its settings "
+                        "(--max-iters N moves its end)")
+    p.add_argument("--base", metavar="DIR",
+                   help="with --resume: where a LoRA run's base is now, if it moved")
     g = p.add_argument_group("model (a new model only; --init-from keeps the base's)")
     g.add_argument("--n-layer", type=_positive_int, metavar="N",
                    help=f"transformer blocks (default: {m.n_layer})")
@@ -134,14 +176,21 @@ def _add_train(sub) -> None:
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
     g.add_argument("--no-bias", action="store_true",
                    help="no biases in Linear and LayerNorm layers (nanoGPT's own default)")
+    g.add_argument("--tokenizer", choices=("char", "byte"),
+                   help="char: the text's characters (default); byte: UTF-8 bytes, 256 ids, "
+                        "so that any text can be read later")
     g = p.add_argument_group("optimisation (AdamW, cosine schedule with linear warm-up)")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
                    help=f"(default: {d.batch_size})")
     g.add_argument("--max-iters", type=_nonneg_int, metavar="N",
-                   help=f"training steps (default: {d.max_iters})")
+                   help=f"training steps (default: {d.max_iters}); with --resume, where the run "
+                        "ends now (a finished run goes on)")
     g.add_argument("--lr", type=_number, help=f"peak learning rate (default: {d.lr:g})")
     g.add_argument("--min-lr", type=_number, metavar="LR",
                    help=f"learning rate at the end of the cosine (default: {d.min_lr:g})")
+    g.add_argument("--lr-decay-iters", type=_nonneg_int, metavar="N",
+                   help="where the cosine reaches --min-lr, which holds after it (default: "
+                        "--max-iters)")
     g.add_argument("--warmup-iters", type=_nonneg_int, metavar="N",
                    help=f"(default: {d.warmup_iters}, or a tenth of --max-iters if smaller)")
     g.add_argument("--weight-decay", type=_number, metavar="WD",
@@ -169,9 +218,11 @@ def _add_lora_flags(p) -> None:
     g.add_argument("--lora-dropout", type=_number, metavar="P",
                    help="dropout on the adapter's input (default: 0)")
     g.add_argument("--target-modules", metavar="NAMES",
-                   help="comma-separated module names (default: c_attn,c_proj; also c_fc, "
-                        "wte for the token embedding, or full names such as "
-                        "transformer.h.0.attn.c_attn)")
+                   help="comma-separated module names, each matching every Linear or "
+                        "Embedding whose dotted name ends in it, as in PEFT (default: "
+                        "c_attn,c_proj, where c_proj is both attn.c_proj and mlp.c_proj; also "
+                        "c_fc, wte for the token embedding, or full names such as "
+                        "transformer.h.0.attn.c_attn); a name matching nothing is an error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
     g.add_argument("--lora-targets", metavar="ROLES",
                    help="the LoRA paper's weights to adapt, by role: q, k, v (slices of c_attn, "
@@ -200,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"minilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_train, _add_merge, _add_generate, _add_eval, _add_params,
-                _add_bench):
+    for add in (_add_demo, _add_train, _add_merge, _add_export, _add_generate, _add_eval,
+                _add_params, _add_bench):
         add(sub)
+    parser._commands = sub.choices
     return parser
 
 
@@ -226,29 +278,68 @@ def _add_demo(sub) -> None:
     _add_common(p)
 
 
+def _add_model_source(p, what: str = "a run directory or a Hugging Face model directory"):
+    p.add_argument("--model", required=True, metavar="DIR", help=what)
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT adapter directory to apply to --model (adapter_config.json, "
+                        "adapter_model.safetensors)")
+    p.add_argument("--base", metavar="DIR",
+                   help="where a LoRA run's base is now, if it moved from where the run "
+                        "recorded it")
+
+
 def _add_merge(sub) -> None:
     p = _sub(sub, "merge", "merge a LoRA run's adapter into its base: a plain model", """\
-        Fold W' = W + s B A into every adapted layer of a LoRA run, check that the merged model's
-        logits equal the unmerged ones (printing the largest difference), and save it as a plain
-        model that generates, evaluates and fine-tunes like any other, at the base's cost.""", """\
-        example:
+        Fold W' = W + s B A into every adapted layer of a LoRA run (or of --model with a PEFT
+        --adapter, as PEFT's merge_and_unload), check that the merged model's logits equal the
+        unmerged ones (printing the largest difference), and save it as a plain model that
+        generates, evaluates and fine-tunes like any other, at the base's cost: a minilora run
+        directory, or a Hugging Face directory (--format hf) that transformers loads.""", """\
+        examples:
           minilora merge --model runs/lora --out runs/merged
-          minilora generate --model runs/merged --prompt 'fig cow owl: ' --temperature 0""")
-    p.add_argument("--model", required=True, metavar="DIR", help="a LoRA run directory")
+          minilora generate --model runs/merged --prompt 'fig cow owl: ' --temperature 0
+          minilora merge --model runs/lora --out merged-hf --format hf
+          minilora merge --model gpt2-dir --adapter adapter-dir --out merged-hf""")
+    _add_model_source(p, "a LoRA run directory, or a Hugging Face model directory with --adapter")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="where the merged model goes (a new directory)")
+    p.add_argument("--format", choices=("run", "hf"),
+                   help="run: a minilora run directory; hf: config.json and model.safetensors, "
+                        "as transformers' save_pretrained (default: the format --model is in)")
+
+
+def _add_export(sub) -> None:
+    p = _sub(sub, "export", "write a run's model or adapter as Hugging Face or PEFT files", """\
+        Write a full run's model as a Hugging Face directory (--format hf: config.json,
+        model.safetensors and, for a BPE tokenizer, tokenizer.json), which
+        GPT2LMHeadModel.from_pretrained loads, or a LoRA run's adapter as a PEFT adapter
+        directory (--format peft: adapter_config.json, adapter_model.safetensors), which
+        PeftModel.from_pretrained loads on the base.""", """\
+        examples:
+          minilora export --model runs/base --out base-hf --format hf
+          minilora export --model runs/lora --out lora-peft --format peft
+          # in PyTorch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('base-hf'),
+          #                                       'lora-peft')""")
+    p.add_argument("--model", required=True, metavar="DIR", help="a run directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the files go")
+    p.add_argument("--format", required=True, choices=("hf", "peft"),
+                   help="hf: a full run's model; peft: a LoRA run's adapter")
+    p.add_argument("--base", metavar="DIR",
+                   help="where a LoRA run's base is now, if it moved")
 
 
 def _add_generate(sub) -> None:
     p = _sub(sub, "generate", "continue a prompt with a trained model", """\
-        Sample a continuation of --prompt from a run's model (a full run, a LoRA run on its
-        base, or a merged one) and print the prompt and its continuation. In the prompt, \\n
-        is a newline, \\t a tab and \\\\ a backslash.""", """\
+        Sample a continuation of --prompt from a model (a full run, a LoRA run on its base, a
+        merged one, or a Hugging Face directory, with a PEFT --adapter or without) and print the
+        prompt and its continuation, token by token as they come (Ctrl-C stops and keeps what
+        is printed). In the prompt, \\n is a newline, \\t a tab and \\\\ a backslash.""", """\
         examples:
           minilora generate --model runs/base --prompt 'the cat' --max-new-tokens 100
           minilora generate --model runs/lora --prompt '\\nfig cow owl plum: ' --temperature 0 \\
-              --max-new-tokens 8""")
-    p.add_argument("--model", required=True, metavar="DIR", help="a run directory")
+              --max-new-tokens 8
+          minilora generate --model gpt2-dir --adapter adapter-dir --prompt 'Hello'""")
+    _add_model_source(p)
     p.add_argument("--prompt", default="\\n", metavar="TEXT",
                    help="where to start (default: a newline)")
     p.add_argument("--max-new-tokens", type=_nonneg_int, default=200, metavar="N",
@@ -263,13 +354,14 @@ def _add_generate(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = _sub(sub, "eval", "validation loss (and task accuracy) of a trained model", """\
-        The mean train and validation loss of a run's model on --data (over --eval-iters random
+        The mean train and validation loss of a model on --data (over --eval-iters random
         batches per split) and, on a built-in task, the exact match of greedy completions on its
         200 held-out prompts.""", """\
         examples:
           minilora eval --model runs/lora --data builtin:majority
-          minilora eval --model runs/shakespeare --data shakespeare.txt --eval-iters 200""")
-    p.add_argument("--model", required=True, metavar="DIR", help="a run directory")
+          minilora eval --model runs/shakespeare --data shakespeare.txt --eval-iters 200
+          minilora eval --model gpt2-dir --adapter adapter-dir --data notes.txt""")
+    _add_model_source(p)
     p.add_argument("--data", required=True, metavar="FILE|builtin:NAME",
                    help="a UTF-8 text file, or a built-in corpus")
     p.add_argument("--eval-iters", type=_positive_int, default=50, metavar="N",

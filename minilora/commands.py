@@ -7,16 +7,26 @@ A user mistake is raised as a :class:`minilora.MiniLoRAError`; ``cli.main`` turn
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from minilora.configs import naming_fields
-from minilora.errors import ConfigError, DataError, MiniLoRAError
+from minilora.errors import (
+    ConfigError,
+    DataError,
+    FileFormatError,
+    MiniLoRAError,
+    NonFiniteError,
+)
 from minilora.models import GPTConfig
 from minilora.train import TrainConfig
 from minilora.train.checkpoint import CHECKPOINT, METRICS
@@ -93,17 +103,20 @@ def cmd_train(args) -> int:
     common = {"quiet": args.quiet, "threads": args.threads, **talk}
     try:
         if args.resume:
-            settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS, "lora_r",
-                                     *_LORA_FLAGS, "data", "init_from", "skip_nonfinite",
-                                     "no_bias"))
+            settings = _given(args, (*_MODEL_FLAGS, "dropout", *_TRAIN_FLAGS - {"max_iters"},
+                                     "lora_r", *_LORA_FLAGS, "data", "init_from",
+                                     "skip_nonfinite", "no_bias", "tokenizer"))
             if settings:
                 raise ConfigError("--resume continues with the run's own settings; drop "
-                                  + ", ".join(_flag(n) for n in settings))
-            result = runs.resume(args.out, **common)
+                                  + ", ".join(_flag(n) for n in settings)
+                                  + " (--max-iters and --base may change)")
+            result = runs.resume(args.out, max_iters=args.max_iters, base=args.base, **common)
         else:
             config, model, lora = _new_run_settings(args)
             if model is not None:
-                result = runs.pretrain(args.data, args.out, model, config, **common)
+                result = runs.pretrain(args.data, args.out, model, config,
+                                       tokenizer=_new_tokenizer(args.tokenizer),
+                                       **common)
             else:
                 result = runs.finetune(args.init_from, args.data, args.out, config, lora,
                                        dropout=args.dropout, **common)
@@ -123,6 +136,9 @@ def _new_run_settings(args):
                           "(or --resume to continue the run in --out)")
     if args.init_from is None and args.lora_r is not None:
         raise ConfigError("--lora-r needs --init-from DIR: LoRA adapts a trained base")
+    if args.base is not None:
+        raise ConfigError("--base needs --resume (it says where a LoRA run's base moved to); a "
+                          "new run's base is --init-from")
     if args.lora_r is None and _given(args, _LORA_FLAGS):
         raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
                           + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
@@ -134,10 +150,11 @@ def _new_run_settings(args):
             if args.no_bias:
                 model["bias"] = False
             GPTConfig(vocab_size=1, **model)  # check the architecture before any data
-        elif _given(args, (*_MODEL_FLAGS, "no_bias")):
-            raise ConfigError(f"--init-from {args.init_from} fixes the architecture; drop "
-                              + ", ".join(_flag(n) for n in _given(args, (*_MODEL_FLAGS,
-                                                                          "no_bias"))))
+        elif _given(args, (*_MODEL_FLAGS, "no_bias", "tokenizer")):
+            raise ConfigError(f"--init-from {args.init_from} fixes the architecture (and the "
+                              "vocabulary); drop " + ", ".join(
+                                  _flag(n) for n in _given(args, (*_MODEL_FLAGS, "no_bias",
+                                                                  "tokenizer"))))
         elif args.lora_r is not None:
             lora = LoRAConfig(
                 r=args.lora_r,
@@ -154,10 +171,11 @@ def _print_result(result, out: Path) -> None:
         print(f"iter {result.iters} (no training steps ran): train loss "
               f"{result.train_loss:.4f}, val loss {result.val_loss:.4f}; the run in {out} is "
               "complete")
-    else:
+    else:  # the median step of this session; the sum of every step of the run, resumes too
         print(f"done: iter {result.iters}, train loss {result.train_loss:.4f}, val loss "
-              f"{result.val_loss:.4f}; {result.ms_per_step:.1f} ms/step "
-              f"({result.tokens_per_s:,.0f} tokens/s), {result.elapsed_s:.1f} s of training")
+              f"{result.val_loss:.4f}; {result.ms_per_step:.1f} ms/step (median, "
+              f"{result.tokens_per_s:,.0f} tokens/s), {result.elapsed_s:.1f} s in all the run's "
+              "steps")
         print(f"saved {out / CHECKPOINT} and {out / METRICS}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with non-finite numbers")
@@ -178,14 +196,65 @@ def _interrupted(out: Path) -> int:
     return 130
 
 
-def _load(model_dir):
-    from minilora.data import tokenizer_from_dict
-    from minilora.train import load_run
+def _block_size(model, what: str) -> int:
+    """The longest sequence ``model`` reads, as evaluation and the merge check ask for it."""
+    size = getattr(model.config, "block_size", None)
+    if size is None:  # evaluation reads config.block_size (GPTConfig's) for now
+        raise ConfigError(f"{what}: a {type(model).__name__} has no block_size; this command "
+                          "runs GPT models for now")
+    return size
 
-    run = load_run(model_dir)
-    if run.tokenizer is None:
-        raise DataError(f"{model_dir}: the run holds no tokenizer")
-    return run, tokenizer_from_dict(run.tokenizer, source=str(model_dir))
+
+def _new_tokenizer(kind: str | None):
+    """A new run's tokenizer: None (characters: the text's own, or the built-in alphabet) or
+    bytes (256 ids: any text)."""
+    from minilora.data import ByteTokenizer
+
+    return ByteTokenizer() if kind == "byte" else None
+
+
+@dataclass
+class _Source:
+    """What ``--model`` (with ``--adapter``, ``--base``) names, opened."""
+
+    model: object
+    tokenizer: object
+    run: object = None  # the LoadedRun of a run directory; None for a Hugging Face directory
+
+
+def _open_model(args, need_tokenizer: bool = True) -> _Source:
+    """The model of ``--model``: a run directory (a LoRA run on its base, found where it was
+    recorded or at ``--base``) or a Hugging Face model directory (through ``minilora.hf``);
+    then the PEFT adapter of ``--adapter`` on it, if given."""
+    from minilora import hf
+    from minilora.lora import named_lora_layers
+    from minilora.train import load_run
+    from minilora.train.sources import is_pretrained
+
+    path, adapter, base = Path(args.model), getattr(args, "adapter", None), args.base
+    if is_pretrained(path):
+        if base is not None:
+            raise ConfigError(f"--base: --model {path} is a Hugging Face model directory; "
+                              "--base is where a LoRA run's base moved to")
+        model = hf.from_pretrained(path)
+        tokenizer = hf.load_tokenizer(path, model.config.vocab_size) \
+            if hf.has_tokenizer(path) else None
+        source = _Source(model, tokenizer)
+    else:
+        if path.is_dir() and not (path / CHECKPOINT).exists():
+            raise FileFormatError(f"{path}: neither a minilora run directory (no {CHECKPOINT}) "
+                                  "nor a Hugging Face model directory (no config.json)")
+        run = load_run(path, base=base)
+        source = _Source(run.model, run.tokenizer, run)
+    if adapter is not None:
+        if any(True for _ in named_lora_layers(source.model)):
+            raise ConfigError(f"--adapter: --model {path} is a LoRA run, with an adapter of its "
+                              "own; give its base (or the merged model) as --model")
+        hf.load_adapter(source.model, adapter)
+    if need_tokenizer and source.tokenizer is None:
+        raise DataError(f"{path}: the model comes with no tokenizer (a Hugging Face directory: "
+                        "tokenizer.json, or vocab.json and merges.txt)")
+    return source
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -199,22 +268,31 @@ def unescape(text: str) -> str:
 
 
 def cmd_generate(args) -> int:
+    from minilora.models import TextStreamer
+    from minilora.runtime import parallel
+
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature:g}")
-    run, tokenizer = _load(args.model)
+    source = _open_model(args)
     prompt = unescape(args.prompt)
     if not prompt:
         raise DataError("--prompt is empty")
     try:
-        idx = tokenizer.encode(prompt)
+        idx = source.tokenizer.encode(prompt)
     except DataError as e:
         raise DataError(f"--prompt: {e}") from None
-    from minilora.runtime import parallel
-
-    with parallel(args.threads):
-        out = run.model.generate(idx[None, :], args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, rng=args.seed)
-    print(tokenizer.decode(out[0]))
+    streamer = TextStreamer(source.tokenizer, file=sys.stdout)  # each token as it comes
+    try:
+        with parallel(args.threads):
+            source.model.generate(idx[None, :], args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  rng=args.seed, streamer=streamer)
+    except KeyboardInterrupt:  # keep what was printed, end the line; main says "interrupted"
+        streamer.end()
+        raise
+    except NonFiniteError as e:
+        streamer.end()
+        raise NonFiniteError(f"{args.model}: {e}") from None
     return 0
 
 
@@ -224,17 +302,19 @@ def cmd_eval(args) -> int:
     from minilora.train.evaluate import estimate_loss, task_accuracy
     from minilora.train.runs import DATA_SEED
 
-    run, tokenizer = _load(args.model)
+    source = _open_model(args)
+    model, tokenizer = source.model, source.tokenizer
+    block_size = _block_size(model, "eval")
     data = load_dataset(args.data, tokenizer=tokenizer, seed=DATA_SEED)
-    data.check_block_size(run.model.config.block_size)
+    data.check_block_size(block_size)
     with parallel(args.threads):
-        losses = estimate_loss(run.model, data, args.batch_size, args.eval_iters,
+        losses = estimate_loss(model, data, args.batch_size, args.eval_iters,
                                np.random.default_rng(args.seed))
         print(f"{args.data}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-              f"({args.eval_iters} batches of {args.batch_size} x {run.model.config.block_size} "
+              f"({args.eval_iters} batches of {args.batch_size} x {block_size} "
               "tokens per split)")
         if data.task is not None:
-            score = task_accuracy(run.model, tokenizer, data.task)
+            score = task_accuracy(model, tokenizer, data.task)
             print(f"{data.task.name}: exact match {score.accuracy:.1%} "
                   f"({score.correct}/{score.total} held-out prompts, greedy)")
     return 0
@@ -245,20 +325,68 @@ def cmd_eval(args) -> int:
 _MERGE_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 
-def cmd_merge(args) -> int:
-    from minilora.io import RunLock
-    from minilora.lora import merge_and_unload
-    from minilora.lora.model import tied_lora_layers
-    from minilora.tensor import no_grad
-    from minilora.train import load_run, write_checkpoint
+@contextlib.contextmanager
+def _new_output(out: Path, marker: str):
+    """Make ``out`` for a model whose last file written is ``marker``; refuse one that holds such
+    a model already. On any error, a directory this call made is removed again."""
+    if (out / marker).exists():
+        raise ConfigError(f"{out} already holds a model ({marker}); choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    run = load_run(args.model)
-    if run.meta["kind"] != "lora":
-        raise ConfigError(f"merge: {args.model} is not a LoRA run (nothing to merge)")
+
+def _write_model(model, out: Path, fmt: str, tokenizer, info: dict) -> list[str]:
+    """Write ``model`` (and its tokenizer) into ``out`` as a minilora run directory (``run``) or
+    a Hugging Face one (``hf``), the file that marks it last; returns the names written."""
+    from minilora import hf
+    from minilora.io import RunLock, write_atomic_bytes
+    from minilora.train import write_checkpoint
+    from minilora.train.tokenizer_file import tokenizer_entry
+
+    entry, files = tokenizer_entry(tokenizer) if tokenizer is not None else (None, {})
+    for name, data in files.items():  # a BPE tokenizer: tokenizer.json, in both formats
+        write_atomic_bytes(out / name, data)
+    if fmt == "hf":
+        hf.save_pretrained(model, out)
+        return [*files, "config.json", "model.safetensors"]
+    with RunLock(out):
+        write_checkpoint(out / CHECKPOINT, model, {**info, "tokenizer": entry})
+    return [*files, CHECKPOINT]
+
+
+# float32 logits of a merged model differ from the unmerged ones by round-off (~1e-6 here);
+# anything near these bounds means the merge is wrong, not inexact
+_MERGE_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
+
+
+def cmd_merge(args) -> int:
+    from minilora.lora import merge_and_unload, named_lora_layers
+    from minilora.lora.model import tied_lora_layers
+    from minilora.models import GPT
+    from minilora.tensor import no_grad
+
+    source = _open_model(args, need_tokenizer=False)
+    model, run = source.model, source.run
+    fmt = args.format or ("run" if run is not None else "hf")
+    if not any(True for _ in named_lora_layers(model)):
+        raise ConfigError(f"merge: {args.model} is not a LoRA run (nothing to merge)"
+                          if run is not None else
+                          f"merge: {args.model} has no adapter; give one with --adapter DIR")
+    if fmt == "run" and not isinstance(model, GPT):
+        raise ConfigError(f"merge --format run: minilora runs hold GPT models, not "
+                          f"{type(model).__name__}; use --format hf")
     out = Path(args.out)
-    if (out / CHECKPOINT).exists():
-        raise ConfigError(f"merge: {out} already holds a model; choose another --out")
-    model = run.model
+    marker = CHECKPOINT if fmt == "run" else "config.json"
+    if (out / marker).exists():  # before the merge, which costs time
+        raise ConfigError(f"merge: {out} already holds a model ({marker}); choose another --out")
     tied = tied_lora_layers(model)
     if tied:
         raise ConfigError(f"merge: the adapter on {sorted(tied)} is on a weight tied to "
@@ -266,7 +394,7 @@ def cmd_merge(args) -> int:
                           "would change those too, so the merged model would not be the adapted "
                           "one (PEFT merges it that way); keep this adapter unmerged")
     probe = np.random.default_rng(0).integers(0, model.config.vocab_size,
-                                              (4, model.config.block_size))
+                                              (4, _block_size(model, "merge")))
     with no_grad():
         before = model(probe)[0].data
         merge_and_unload(model)
@@ -276,19 +404,52 @@ def cmd_merge(args) -> int:
     if not diff <= bound:
         raise MiniLoRAError(f"merge: merged and unmerged logits differ by {diff:.3g} (more than "
                             f"{bound:.3g}); nothing was written")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with RunLock(out):
-            info = {k: run.meta[k] for k in ("tokenizer", "data") if k in run.meta}
-            info["merged_from"] = str(Path(args.model).resolve())
-            write_checkpoint(out / CHECKPOINT, model, info)
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    print(f"merged {args.model} into {out / CHECKPOINT}: a plain model with "
+    info = {"merged_from": str(Path(args.adapter or args.model).resolve())}
+    if run is not None and "data" in run.meta:
+        info["data"] = run.meta["data"]
+    with _new_output(out, marker):
+        _write_model(model, out, fmt, source.tokenizer, info)
+    where = out / CHECKPOINT if fmt == "run" else f"{out} (a Hugging Face directory)"
+    print(f"merged {args.adapter or args.model} into {where}: a plain model with "
           f"{model.num_parameters():,} parameters; max |logits merged - unmerged| = {diff:.3g}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from minilora import hf
+    from minilora.train import load_run
+    from minilora.train.sources import is_pretrained
+
+    if is_pretrained(args.model):
+        raise ConfigError(f"export: {args.model} is a Hugging Face model directory already "
+                          "(export writes a minilora run as one)")
+    run = load_run(args.model, base=args.base)
+    out, lora = Path(args.out), run.meta["kind"] == "lora"
+    if args.format == "hf":
+        if lora:
+            raise ConfigError(f"export --format hf: {args.model} is a LoRA run; write its adapter "
+                              f"with --format peft, or the merged model with 'minilora merge "
+                              f"--model {args.model} --out DIR --format hf'")
+        with _new_output(out, "config.json"):
+            written = _write_model(run.model, out, "hf", run.tokenizer, {})
+        print(f"exported {args.model} to {out}: {', '.join(written)} "
+              "(transformers: GPT2LMHeadModel.from_pretrained)")
+        if "tokenizer.json" not in written:
+            print(f"(its {run.tokenizer.kind if run.tokenizer else 'missing'} tokenizer has no "
+                  "Hugging Face file: only a BPE tokenizer is written)")
+        return 0
+    if not lora:
+        raise ConfigError(f"export --format peft: {args.model} is a full run, with no adapter; "
+                          "--format hf writes its model")
+    base_hf = is_pretrained(run.base_dir)
+    with _new_output(out, "adapter_config.json"):
+        hf.save_adapter(run.model, out,
+                        base_model_name_or_path=str(run.base_dir) if base_hf else None)
+    print(f"exported {args.model}'s adapter to {out}: adapter_config.json, "
+          "adapter_model.safetensors (PEFT: PeftModel.from_pretrained on its base)")
+    if not base_hf:
+        print(f"(its base {run.base_dir} is a minilora run; PEFT needs it as a Hugging Face "
+              f"directory: minilora export --model {run.base_dir} --out DIR --format hf)")
     return 0
 
 
@@ -319,5 +480,18 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from minilora.bench import main as bench_main
+    from minilora.bench.references import torch_peer_path
 
+    if args.json is not None:  # checked now, not after the minutes the benchmark takes
+        path = Path(args.json)
+        if path.is_dir():
+            raise ConfigError(f"--json {path}: is a directory")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--json {path}: the directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"--json {path}: cannot write in {path.parent}")
+    if args.compare == "torch":
+        peer, why = torch_peer_path()
+        if peer is None:
+            raise ConfigError(f"--compare torch: {why}")
     return bench_main(args)

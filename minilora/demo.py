@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.data import Task, load_dataset, tokenizer_from_dict
+from minilora.data import Task, load_dataset
 from minilora.errors import ConfigError
 from minilora.lora import LoRAConfig, merge_and_unload
 from minilora.runtime import parallel
@@ -141,7 +141,7 @@ def run_demo(out_dir=OUT_DIR, quick: bool = False, seed: int = 0, quiet: bool = 
 
     base_run = load_run(out / "base")
     base_model = base_run.model
-    tokenizer = tokenizer_from_dict(base_run.tokenizer, source=str(out / "base"))
+    tokenizer = base_run.tokenizer
     task_data = load_dataset("builtin:majority", tokenizer=tokenizer, seed=runs.DATA_SEED)
     task = task_data.task
     with parallel(threads):
@@ -236,7 +236,7 @@ def _merge_best(out: Path, rows, base_run, base, tokenizer, data, plan: DemoPlan
     diff = float(np.max(np.abs(unmerged_logits.astype(np.float64) - merged_logits)))
     (out / "merged").mkdir(parents=True, exist_ok=True)
     write_checkpoint(out / "merged" / CHECKPOINT, merged,
-                     {"tokenizer": base_run.tokenizer,
+                     {"tokenizer": base_run.meta["tokenizer"],
                       "merged_from": str((out / best["run"]).resolve())})
     acc = task_accuracy(merged, tokenizer, data.task, plan.task_prompts)
     answers["merged"] = acc.completions

@@ -167,6 +167,10 @@ class Tensor:
     def size(self) -> int:
         return self.data.size
 
+    def numel(self) -> int:
+        """The number of elements, as PyTorch's ``numel()`` (the same as ``size``)."""
+        return self.data.size
+
     @property
     def is_leaf(self) -> bool:
         """True for tensors made by the user (parameters, inputs), False for op outputs."""

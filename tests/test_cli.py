@@ -8,6 +8,7 @@ behind. The subprocesses of the error cases run a few at a time (most of their t
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "24
         "--batch-size", "4", "--eval-iters", "2", "--threads", "1"]
 FINETUNE = ["--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4",
             "--threads", "1"]
-COMMANDS = ("demo", "train", "merge", "generate", "eval", "params", "bench")
+COMMANDS = ("demo", "train", "merge", "export", "generate", "eval", "params", "bench")
 
 
 def minilora(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -88,6 +89,7 @@ def test_train_says_what_it_trains_each_evaluation_and_where_it_saved(work):
     assert "builtin:world" in lines[0] and "30 steps of batch 4" in lines[0]
     assert [line.split(":")[0] for line in lines[1:4]] == ["iter 0", "iter 15", "iter 30"]
     assert lines[-2].startswith("done: iter 30, train loss ")
+    assert " ms/step (median, " in lines[-2] and lines[-2].endswith(" s in all the run's steps")
     assert lines[-1] == f"saved {Path('base') / CHECKPOINT} and {Path('base') / METRICS}"
 
 
@@ -113,7 +115,7 @@ def test_train_no_bias_makes_a_model_without_biases(work, capsys):
     code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
                                      str(work / "base"), "--out", str(work / "nb2"),
                                      "--no-bias"], capsys)
-    assert code == 2 and "fixes the architecture; drop --no-bias" in err
+    assert code == 2 and "fixes the architecture (and the vocabulary); drop --no-bias" in err
 
 
 def test_train_init_from_fine_tunes_every_parameter(work):
@@ -227,6 +229,134 @@ def test_resuming_a_finished_run_says_it_is_complete(work):
     assert out.strip().endswith("the run in full is complete")
 
 
+def _tensors_equal(a: Path, b: Path) -> bool:
+    """Every tensor of the two checkpoints (the weights and the optimizer state), bit for bit."""
+    x, y = load_tensors(a / CHECKPOINT), load_tensors(b / CHECKPOINT)
+    return sorted(x) == sorted(y) and all(x[k].tobytes() == y[k].tobytes() for k in x)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_extending_a_finished_run_equals_a_run_that_had_the_steps_from_the_start(kind, work,
+                                                                                 capsys):
+    """--resume --max-iters 24 on a run that ended at 12 is the run made with --max-iters 24
+    --lr-decay-iters 12 (the schedule keeps its end; min_lr after it), weights and AdamW state
+    bit for bit, dropout and all."""
+    how = ["--init-from", str(work / "base"), "--lora-r", "2", "--lora-dropout", "0.1"] \
+        if kind == "lora" else [*TINY[:8]]
+    args = ["train", "--data", str(work / "corpus.txt"), *how, "--dropout", "0.1",
+            "--warmup-iters", "2", "--eval-interval", "6", "--batch-size", "4", "--eval-iters",
+            "2", "--threads", "1", "--quiet"]
+    short, long = work / f"short-{kind}", work / f"long-{kind}"
+    assert _in_this_process([*args, "--max-iters", "12", "--out", str(short)], capsys)[0] == 0
+    code, out, err = _in_this_process(["train", "--out", str(short), "--resume", "--max-iters",
+                                       "24", "--threads", "1"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"resuming {short} at iteration 12 of 24 (extended from 12; lr 0.0001 "
+                          "after iteration 12)")
+    assert _in_this_process([*args, "--max-iters", "24", "--lr-decay-iters", "12", "--out",
+                             str(long)], capsys)[0] == 0
+    assert _tensors_equal(short, long)
+    assert read_checkpoint(short).meta["train_config"] == read_checkpoint(long).meta["train_config"]
+    # and extending it once more is a plain resume from then on
+    assert _in_this_process(["train", "--out", str(short), "--resume", "--quiet"], capsys)[0] == 0
+
+
+def test_a_moved_base_is_named_and_found_with_base(work, capsys):
+    moved = work / "moved-lora"
+    shutil.copytree(work / "lora", moved / "runs" / "lora")
+    shutil.copytree(work / "base", moved / "elsewhere" / "base")
+    run = str(moved / "runs" / "lora")
+    gen = ["generate", "--model", run, "--prompt", "the cat", "--max-new-tokens", "5",
+           "--temperature", "0", "--threads", "1"]
+    code, _, err = _in_this_process(gen, capsys)
+    recorded = (moved / "runs" / "base").resolve()
+    assert code == 2 and f"that is {recorded}, and it was {(work / 'base').resolve()} when the " \
+        "run started; if it moved, give its new place with --base DIR" in err
+    code, out, err = _in_this_process([*gen, "--base", str(moved / "elsewhere" / "base")], capsys)
+    assert code == 0, err
+    assert out == ok(minilora(*gen[:2], "lora", *gen[3:], cwd=work))  # the adapter's own output
+    # resumed with --base, the run records where its base is now
+    code, _, err = _in_this_process(["train", "--out", run, "--resume", "--max-iters", "14",
+                                     "--base", str(moved / "elsewhere" / "base"), "--quiet",
+                                     "--threads", "1"], capsys)
+    assert code == 0, err
+    assert read_checkpoint(run).meta["base"]["path"] == os.path.join("..", "..", "elsewhere",
+                                                                      "base")
+    assert _in_this_process(gen, capsys)[0] == 0  # found without --base from now on
+
+
+def test_tokenizer_byte_makes_a_model_that_reads_any_text(work, capsys):
+    out = work / "bytes"
+    code, _, err = _in_this_process(["train", "--data", str(work / "corpus.txt"), "--out",
+                                     str(out), *TINY, "--max-iters", "2", "--tokenizer", "byte",
+                                     "--quiet"], capsys)
+    assert code == 0, err
+    ckpt = read_checkpoint(out)
+    assert ckpt.meta["tokenizer"] == {"type": "byte"} and ckpt.model_config.vocab_size == 256
+    code, text, err = _in_this_process(["generate", "--model", str(out), "--prompt", "Äé 日本",
+                                        "--max-new-tokens", "3", "--threads", "1"], capsys)
+    assert code == 0 and text.startswith("Äé 日本"), err
+    (work / "umlauts.txt").write_text("Über alles, café noir. " * 60, encoding="utf-8")
+    code, _, err = _in_this_process(["train", "--data", str(work / "umlauts.txt"), "--init-from",
+                                     str(out), "--out", str(work / "bytes-ft"), *FINETUNE[:2],
+                                     "--quiet", "--threads", "1"], capsys)
+    assert code == 0, err  # the text the character base could not read
+
+
+def test_bench_refuses_a_missing_pytorch_before_it_starts(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("minilora.bench.references.torch_peer_path",
+                        lambda: (None, "PyTorch is not installed (pip install torch)"))
+    _block_benchmark(monkeypatch)
+    code, out, err = _in_this_process(["bench", "--compare", "torch"], capsys)
+    assert (code, out) == (2, "")
+    assert err == "minilora: error: --compare torch: PyTorch is not installed (pip install torch)\n"
+    code, _, err = _in_this_process(["bench", "--json", str(tmp_path)], capsys)
+    assert code == 2 and err.endswith(": is a directory\n")
+
+
+def test_generate_streams_tokens_and_keeps_them_on_ctrl_c(work):
+    """The tokens appear as they are made; Ctrl-C stops, keeps them, ends the line, exit 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", "generate", "--model", "base",
+                             "--prompt", "the cat", "--max-new-tokens", "1000000", "--threads",
+                             "1"], cwd=work, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    seen, deadline = b"", time.monotonic() + 120
+    os.set_blocking(proc.stdout.fileno(), False)
+    while proc.poll() is None and time.monotonic() < deadline and len(seen) < 40:
+        seen += proc.stdout.read() or b""
+        time.sleep(0.01)
+    assert len(seen) >= 40, "no tokens streamed while generating"  # long before a million
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    text = (seen + out).decode()
+    assert proc.returncode == 130 and err.decode().strip() == "minilora: interrupted"
+    assert text.startswith("the cat") and text.endswith("\n") and len(text) > 40
+
+
+def test_text_streamer_prints_exactly_what_generate_returns(work, capsys):
+    """The streamed text is the decoded sequence, a character split across byte tokens held
+    back until it is whole."""
+    from minilora.data import ByteTokenizer
+    from minilora.models import TextStreamer
+
+    tokenizer = ByteTokenizer()
+    streamer = TextStreamer(tokenizer)
+    ids = tokenizer.encode("a é 日")
+    streamer.put(ids[None, :2])
+    printed = []
+    for i in ids[2:]:
+        streamer.put(np.array([i]))
+        printed.append(capsys.readouterr().out)
+    streamer.end()
+    assert "".join(printed) + capsys.readouterr().out == "a é 日\n"
+    assert printed[-3:] == ["", "", "日"]  # three bytes, one character
+    run = read_checkpoint(work / "base")
+    model = __import__("minilora").train.load_run(work / "base").model
+    out = model.generate(run.tokenizer.encode("the")[None, :], 12, rng=3,
+                         streamer=TextStreamer(run.tokenizer))
+    assert capsys.readouterr().out == run.tokenizer.decode(out[0]) + "\n"
+
+
 # ---- help ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help_with_examples(command, capsys):
@@ -259,6 +389,7 @@ def _prepare_mistakes(work: Work) -> None:
     shutil.copytree(work / "lora", work / "other" / "lora")
     shutil.copytree(work / "full", work / "other" / "base")  # same architecture, other weights
     shutil.copytree(work / "lora", work / "orphan" / "lora")
+    (work / "emptydir").mkdir()
 
 
 def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
@@ -287,13 +418,44 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "base-is-a-lora-run": ([*lora[:4], "lora", *lora[5:], "--out", "o8"],
                                "it is a LoRA run; merge it first", "o8"),
         "data-the-base-cannot-read": ([*lora[:2], "odd.txt", *lora[3:], "--out", "o9"],
-                                      "'Ü' (U+00DC)", "o9"),
+                                      "'Ü' (U+00DC, first at position 0, 100 times)", "o9"),
         "adapter-on-another-base": (["generate", "--model", "other/lora", "--prompt", "a"],
                                     "weights fingerprint differs", None),
         "adapter-without-its-base": (["merge", "--model", "orphan/lora", "--out", "o10"],
-                                     "base model", "o10"),
+                                     "the adapter's base model is missing: the run records it "
+                                     "as '../base' from the run, that is ", "o10"),
+        "moved-base-named-wrongly": (["generate", "--model", "orphan/lora", "--base", "nowhere"],
+                                     "--base nowhere: not a minilora run directory nor a Hugging "
+                                     "Face model directory", None),
+        "base-of-a-full-run": (["generate", "--model", "base", "--base", "base"],
+                               "base is a full model, it has no base", None),
+        "base-without-resume": ([*new, "--out", "o28", "--base", "base"], "--base needs --resume",
+                                "o28"),
+        "init-from-a-file": ([*lora[:4], "corpus.txt", *lora[5:], "--out", "o29"],
+                             "corpus.txt: a file, not a run directory", "o29"),
+        "underscore-flag": (["train", "--out", "o30", "--lora_r", "4"],
+                            "train: unrecognized arguments: --lora_r 4; did you mean --lora-r? "
+                            "(see 'minilora train --help')", "o30"),
+        "extend-to-before-the-checkpoint": (["train", "--out", "full", "--resume", "--max-iters",
+                                             "3"], "--max-iters 3: the run in full is at "
+                                                   "iteration 12 already", None),
+        "tokenizer-with-init-from": ([*lora, "--out", "o31", "--tokenizer", "byte"],
+                                     "drop --tokenizer", "o31"),
+        "tokenizer-with-resume": (["train", "--out", "full", "--resume", "--tokenizer", "byte"],
+                                  "drop --tokenizer", None),
+        "unknown-tokenizer": ([*new, "--out", "o32", "--tokenizer", "bpe"],
+                              "invalid choice: 'bpe'", "o32"),
+        "neither-run-nor-hf": (["generate", "--model", "emptydir"],
+                               "emptydir: neither a minilora run directory", None),
+        "export-full-run-as-peft": (["export", "--model", "base", "--out", "o33", "--format",
+                                     "peft"], "is a full run, with no adapter", "o33"),
+        "export-lora-run-as-hf": (["export", "--model", "lora", "--out", "o34", "--format", "hf"],
+                                  "is a LoRA run; write its adapter with --format peft", "o34"),
+        "bench-json-nowhere": (["bench", "--json", "nowhere/x.json"],
+                               "--json nowhere/x.json: the directory nowhere does not exist",
+                               None),
         "resume-another-base": (["train", "--out", "other/lora", "--resume"],
-                                "has changed since the run started", None),
+                                "weights fingerprint differs", None),
         "resume-nothing": (["train", "--out", "o11", "--resume"], "no checkpoint to resume from",
                            "o11"),
         "resume-with-settings": (["train", "--out", "lora", "--resume", "--lr", "1"],
@@ -323,7 +485,8 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
         "out-holds-a-run": ([*new[:-2], "--max-iters", "2", "--out", "base"],
                             "already holds a run", None),
         "architecture-with-init-from": ([*lora, "--out", "o24", "--n-layer", "3"],
-                                        "fixes the architecture; drop --n-layer", "o24"),
+                                        "fixes the architecture (and the vocabulary); drop "
+                                        "--n-layer", "o24"),
         "no-data": (["train", "--out", "o25"], "--data", "o25"),
         "merge-a-full-run": (["merge", "--model", "base", "--out", "o26"], "not a LoRA run",
                              "o26"),
@@ -366,6 +529,15 @@ def mistakes(work) -> dict[str, subprocess.CompletedProcess]:
     return {k: f.result() for k, f in futures.items()}
 
 
+def _no_benchmark(*args, **kwargs):
+    raise AssertionError("the benchmark ran: a mistake must be found before it starts")
+
+
+def _block_benchmark(monkeypatch) -> None:
+    """A test of ``minilora bench`` that gets past its checks fails at once, timing nothing."""
+    monkeypatch.setattr(importlib.import_module("minilora.bench.report"), "run", _no_benchmark)
+
+
 def _in_this_process(args: list[str], capsys) -> tuple[int, str, str]:
     try:
         code = cli.main(args)
@@ -384,6 +556,7 @@ def test_a_mistake_is_one_line_exit_code_2_and_nothing_half_written(case, mistak
         code, stdout, stderr = r.returncode, r.stdout, r.stderr
     else:
         monkeypatch.chdir(work)
+        _block_benchmark(monkeypatch)
         code, stdout, stderr = _in_this_process(args, capsys)
     assert code == 2, (stdout, stderr)
     assert "Traceback" not in stderr

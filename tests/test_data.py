@@ -57,6 +57,20 @@ def test_unknown_character_is_a_data_error_naming_it_and_its_position():
         tok.encode("abcz")
 
 
+def test_every_unknown_character_is_reported_at_once_with_what_to_do():
+    tok = CharTokenizer.from_text("abc ")
+    text = "abc é ñ ß ü " + "é" * 39 + " ø æ å ç ð þ"
+    with pytest.raises(DataError) as e:
+        tok.encode(text)
+    message = str(e.value)
+    assert message.startswith("CharTokenizer: the text holds 10 characters not in the "
+                              "vocabulary of 4 characters: 'é' (U+00E9, first at position 4, "
+                              "40 times), 'ñ' (U+00F1, at position 6), 'ß' (U+00DF, at position 8)")
+    assert "and 2 more" in message and "'ð'" not in message  # eight shown, in order of position
+    assert message.endswith("remove or replace them, or use a model whose tokenizer reads any "
+                            "text (a ByteTokenizer: --tokenizer byte when pretraining)")
+
+
 def test_decoding_an_id_outside_the_vocabulary_is_a_data_error():
     with pytest.raises(DataError, match="id 7 at position 1"):
         CharTokenizer("ab").decode([0, 7])

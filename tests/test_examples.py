@@ -50,3 +50,16 @@ def test_example_runs_at_small_size(name, tmp_path):
         assert text in done.stdout, f"{name}: {text!r} not in its output:\n{done.stdout[-3000:]}"
     for file in files:
         assert (tmp_path / file).is_file(), f"{name} did not write {file}"
+
+
+def test_finetune_gpt_without_out_leaves_nothing_behind(tmp_path):
+    """Its adapter goes to a temporary directory, removed at the end (issue 15)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "MINILORA_EXAMPLE_SMALL": "1", "OPENBLAS_NUM_THREADS": "1",
+           "TMPDIR": str(scratch)}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "finetune_gpt.py"), "--small"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "now removed" in done.stdout
+    assert list(scratch.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]

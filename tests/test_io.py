@@ -206,11 +206,25 @@ def test_arbitrary_bytes_are_refused_with_file_format_error(tmp_path, junk):
         load_tensors(write(tmp_path, junk))
 
 
+def test_a_big_endian_array_is_stored_little_endian_with_its_values(tmp_path):
+    values = np.arange(6, dtype=">f4").reshape(2, 3)
+    save_tensors(tmp_path / "be.safetensors", {"w": values, "n": np.array(7, dtype=">i8")})
+    loaded = load_tensors(tmp_path / "be.safetensors")
+    np.testing.assert_array_equal(loaded["w"], values)
+    assert loaded["w"].dtype == np.dtype("<f4") and loaded["n"] == 7
+
+
 # ---- npz --------------------------------------------------------------------------------------
 def test_npz_loads_without_pickle(tmp_path):
     np.savez(tmp_path / "a.npz", w=np.ones((2, 2), np.float32), n=np.int64(3))
     loaded = load_tensors(tmp_path / "a.npz")
     assert loaded["w"].dtype == np.float32 and int(loaded["n"]) == 3
+
+
+def test_a_missing_npz_is_refused_like_a_missing_safetensors_file(tmp_path):
+    for name in ("nope.npz", "nope.safetensors"):
+        with pytest.raises(FileFormatError, match=f"{name}.*does not exist"):
+            load_tensors(tmp_path / name)
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):
@@ -323,6 +337,32 @@ def test_generator_state_survives_json_and_continues_bit_identically():
 def test_a_damaged_generator_state_is_a_file_format_error(state):
     with pytest.raises(FileFormatError, match=r"rng\.json"):
         restore_generator(state, "run/rng.json")
+
+
+def _pcg64_state(**changes) -> dict:
+    state = generator_state(np.random.default_rng(0))
+    for key, value in changes.items():
+        if key in ("state", "inc"):
+            state["state"][key] = value
+        else:
+            state[key] = value
+    return state
+
+
+@pytest.mark.parametrize("changes", [
+    {"state": 2**128}, {"inc": -1}, {"has_uint32": 2}, {"uinteger": 2**32}, {"uinteger": -1},
+], ids=lambda c: ", ".join(f"{k}={v}" for k, v in c.items()))
+def test_a_generator_state_out_of_range_is_refused_by_its_own_check(changes):
+    with pytest.raises(FileFormatError, match=r"run/rng\.json: damaged PCG64 state \(a field "
+                                              r"missing, unknown or out of range\)"):
+        restore_generator(_pcg64_state(**changes), "run/rng.json")
+
+
+@pytest.mark.parametrize("changes", [
+    {"state": 0}, {"state": 2**128 - 1}, {"inc": 0}, {"has_uint32": 1, "uinteger": 2**32 - 1},
+], ids=lambda c: ", ".join(f"{k}={v}" for k, v in c.items()))
+def test_a_generator_state_at_the_edges_of_its_range_loads(changes):
+    assert isinstance(restore_generator(_pcg64_state(**changes)), np.random.Generator)
 
 
 # ---- the run lock -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -166,6 +167,61 @@ def test_frozen_parameters_are_bit_identical_and_have_no_state(make):
     assert not any(k.startswith("frozen.") for k in opt.state_dict()["arrays"])
 
 
+OPTIMIZERS = [
+    lambda ps: AdamW(ps, lr=0.1, weight_decay=0.5),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.5),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9),
+]
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_read_only_and_strided_parameters_step_like_any_other(make):
+    """A parameter whose array is read-only (loaded from a file's buffer) or a strided view (a
+    transpose) takes the same steps as a plain one: the optimizer updates its own copy."""
+    rng = np.random.default_rng(2)
+    values, grads = rng.standard_normal((3, 4)), rng.standard_normal((3, 3, 4))
+    read_only = values.copy()
+    read_only.flags.writeable = False
+    params = {"plain": Parameter(values.copy()), "read_only": Parameter(read_only),
+              "strided": Parameter(np.ascontiguousarray(values.T).T)}
+    assert not params["strided"].data.flags.c_contiguous
+    opt = make(list(params.items()))
+    for g in grads:
+        for p in params.values():
+            p.grad = g.copy()
+        opt.step()
+    for name in ("read_only", "strided"):
+        np.testing.assert_array_equal(params[name].data, params["plain"].data, err_msg=name)
+    assert not np.array_equal(params["plain"].data, values)
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_a_step_never_writes_into_the_gradient(make):
+    """The gradient is the caller's (clipping and logging read it): momentum buffers and the
+    update are the optimizer's own arrays, step after step."""
+    p = Parameter(np.ones((2, 3)))
+    p.grad = np.arange(6.0).reshape(2, 3)
+    opt = make([("p", p)])
+    for _ in range(3):
+        opt.step()
+        np.testing.assert_array_equal(p.grad, np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS, ids=["adamw", "sgd-decay", "sgd"])
+def test_a_float64_gradient_on_a_float32_parameter_is_cast_first(make):
+    """The step is the float32 step, bit for bit: the gradient is cast before any arithmetic."""
+    rng = np.random.default_rng(3)
+    values, grads = rng.standard_normal((2, 5)).astype(np.float32), rng.standard_normal((2, 2, 5))
+    wide, narrow = Parameter(values.copy()), Parameter(values.copy())
+    opt_wide, opt_narrow = make([("p", wide)]), make([("p", narrow)])
+    for g in grads:
+        wide.grad, narrow.grad = g.copy(), g.astype(np.float32)
+        opt_wide.step()
+        opt_narrow.step()
+    assert wide.dtype == np.float32
+    np.testing.assert_array_equal(wide.data, narrow.data)
+
+
 def test_parameter_without_grad_is_skipped_that_step():
     a, b = Parameter(np.ones(2, np.float32)), Parameter(np.ones(2, np.float32))
     opt = AdamW([a, b], lr=0.1, weight_decay=0.5)
@@ -300,19 +356,46 @@ def damaged(state, how):
     return {"meta": meta, "arrays": arrays}
 
 
-@pytest.mark.parametrize("how", ["type", "shape", "dtype", "missing", "unknown", "nan",
-                                 "negative_v", "step", "lr", "groups"])
+# what each damage is called in the error, after "AdamW.load_state_dict: "
+DAMAGE_MESSAGES = {
+    "type": "expected format 'minilora.optim/1' of type 'AdamW', got 'minilora.optim/1' of "
+            "type 'SGD'",
+    "shape": "array 'w.exp_avg' must be (3, 4) float32, got ((4, 3), 'float32')",
+    "dtype": "array 'w.exp_avg' must be (3, 4) float32, got ((3, 4), 'float64')",
+    "missing": "parameter 'b' lacks state arrays ['exp_avg_sq']",
+    "unknown": "state for unknown parameter 'nope'",
+    "nan": "array 'w.exp_avg' holds non-finite or invalid values",
+    "negative_v": "array 'w.exp_avg_sq' holds non-finite or invalid values",
+    "step": "step of 'w' must be a positive integer, got '2'",
+    "lr": "group 0: lr must be",
+    "groups": "expected 1 parameter groups, got 0",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE_MESSAGES))
 def test_load_state_dict_refuses_a_mismatch_and_changes_nothing(how):
     named = make_params()
     state = run(lambda ps: AdamW(ps, lr=0.1), named, 2).state_dict()
     opt = run(lambda ps: AdamW(ps, lr=0.1), make_params(), 1)
     before = opt.state_dict()
-    with pytest.raises(StateDictError):
+    message = re.escape(f"AdamW.load_state_dict: {DAMAGE_MESSAGES[how]}")
+    with pytest.raises(StateDictError, match=f"^{message}"):
         opt.load_state_dict(damaged(state, how))
     after = opt.state_dict()
     assert after["meta"] == before["meta"]
     for k in before["arrays"]:
         np.testing.assert_array_equal(after["arrays"][k], before["arrays"][k])
+
+
+def test_sgd_needs_its_momentum_buffer_only_with_momentum():
+    with_momentum = run(lambda ps: SGD(ps, lr=0.1, momentum=0.9), make_params(), 2).state_dict()
+    del with_momentum["arrays"]["w.momentum_buffer"]
+    with pytest.raises(StateDictError, match=re.escape(
+            "SGD.load_state_dict: parameter 'w' lacks state arrays ['momentum_buffer']")):
+        SGD(make_params(), lr=0.1, momentum=0.9).load_state_dict(with_momentum)
+    plain = run(lambda ps: SGD(ps, lr=0.1), make_params(), 2).state_dict()
+    assert plain["arrays"] == {}
+    SGD(make_params(), lr=0.1).load_state_dict(plain)  # nothing to lack
 
 
 def test_load_state_dict_refuses_state_for_a_frozen_parameter():

@@ -202,6 +202,18 @@ def test_shape_dtype_ndim_and_size_are_the_arrays():
     assert (x.shape, x.dtype, x.ndim, x.size, len(x)) == ((2, 3), np.float32, 2, 6, 2)
 
 
+def test_pytorch_habits_work_on_tensors_and_parameters():
+    """numel(), shape, dtype, item(), detach(): what a PyTorch user reaches for first."""
+    from minilora.nn import Parameter
+
+    for x in (Tensor(np.zeros((2, 3), np.float32)), Parameter(np.zeros((2, 3), np.float32))):
+        assert x.numel() == 6 and type(x.numel()) is int
+        assert x.shape == (2, 3) and x.dtype == np.float32
+        d = x.detach()
+        assert d.data is x.data and not d.requires_grad and d.is_leaf
+    assert Parameter(np.array([1.5])).item() == 1.5
+
+
 def test_T_reverses_the_axes_and_carries_the_gradient():
     x = leaf(2, 3, 4)
     y = x.T

@@ -73,11 +73,23 @@ class CharTokenizer:
         ids[inside] = self._table[codes[inside]]
         bad = np.flatnonzero(ids < 0)
         if bad.size:
-            i = int(bad[0])
-            raise DataError(f"CharTokenizer: character {text[i]!r} (U+{ord(text[i]):04X}) at "
-                            f"position {i} is not in the vocabulary of {self.vocab_size} "
-                            f"characters")
+            raise DataError(self._unknown(codes, bad))
         return ids
+
+    def _unknown(self, codes: np.ndarray, bad: np.ndarray, shown: int = 8) -> str:
+        """Every character outside the vocabulary at once (the first ``shown`` with where each
+        first appears and how often), and what to do about them."""
+        found, first, counts = np.unique(codes[bad], return_index=True, return_counts=True)
+        order = np.argsort(first)  # as they appear in the text
+        parts = [f"{chr(found[k])!r} (U+{found[k]:04X}, "
+                 + (f"first at position {bad[first[k]]}, {counts[k]} times)" if counts[k] > 1
+                    else f"at position {bad[first[k]]})") for k in order[:shown]]
+        more = f" and {len(found) - shown} more" if len(found) > shown else ""
+        which = "a character" if len(found) == 1 else f"{len(found)} characters"
+        return (f"CharTokenizer: the text holds {which} not in the vocabulary of "
+                f"{self.vocab_size} characters: {', '.join(parts)}{more}; remove or replace "
+                f"them, or use a model whose tokenizer reads any text (a ByteTokenizer: "
+                f"--tokenizer byte when pretraining)")
 
     def decode(self, ids) -> str:
         """ids (n,) -> text of n characters."""

@@ -108,8 +108,8 @@ class LoRAConfig:
         The default, ``("c_attn",)``, is PEFT's default for GPT-2.
     init_lora_weights: ``"kaiming"`` (PEFT's default, which PEFT spells ``True``: A ~
         Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"``
-        (A ~ N(0, 1/r), PEFT's reading of the paper); B = 0 in both, so a fresh adapter changes
-        nothing. ``True`` is read as ``"kaiming"``.
+        (A ~ N(0, (1/r)^2), standard deviation 1/r, PEFT's reading of the paper); B = 0 in both,
+        so a fresh adapter changes nothing. ``True`` is read as ``"kaiming"``.
     bias: which biases train, loralib's meanings: ``"none"``, ``"all"`` (every bias in the model),
         ``"lora_only"`` (the biases of adapted layers). Trained biases are saved with the adapter.
     modules_to_save: modules (same name rule) trained in full and saved with the adapter.

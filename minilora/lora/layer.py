@@ -18,6 +18,8 @@ order, so W comes back bit for bit.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from minilora import ops
@@ -164,12 +166,18 @@ class LoRALayer(Module):
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """W <- W + ΔW for each adapter named (default: the active ones) that this layer holds
-        and has not merged; the forward pass then skips their paths. A disabled layer refuses."""
+        and has not merged; the forward pass then skips their paths. Merging a merged adapter
+        changes nothing and warns, as PEFT does; a disabled layer refuses."""
         if self._disabled:
             raise ConfigError(f"{type(self).__name__}.merge: the adapters are disabled; enable "
                               "them before merging")
-        names = self.active_adapters if adapter_names is None else adapter_names
-        for name in [n for n in names if n in self.adapters and n not in self.merged_adapters]:
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
+                 if n in self.adapters]
+        if names and all(n in self.merged_adapters for n in names):
+            what = "the adapter is" if len(names) == 1 else f"the adapters {names} are"
+            warnings.warn(f"{type(self).__name__}.merge: {what} already merged, nothing to do",
+                          stacklevel=2)  # as PEFT does
+        for name in [n for n in names if n not in self.merged_adapters]:
             arrays = [p.data for p in self.adapter_parameters(name)]
             merged = self.weight.data.copy()
             for rows, block in self.adapters[name].delta_blocks(*arrays):

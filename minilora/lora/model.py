@@ -26,7 +26,7 @@ from minilora.configs import choice
 from minilora.errors import ConfigError, TargetModuleError
 from minilora.lora.config import BIAS_MODES, LoRAConfig
 from minilora.lora.layer import DEFAULT, LoRAEmbedding, LoRALayer, LoRALinear
-from minilora.lora.plan import Target, named_lora_layers, plan, weight_owners
+from minilora.lora.plan import Target, named_lora_layers, names_text, plan, weight_owners
 from minilora.nn import Embedding, Linear, Module, Parameter, make_rng
 
 __all__ = [
@@ -276,15 +276,30 @@ def _warn_if_tied(model: Module, layers: list[tuple[str, LoRALayer]], names, wha
                           "there (PEFT does the same)", UserWarning, stacklevel=3)
 
 
+def _to_merge(layers: list[tuple[str, LoRALayer]], names, what: str) -> list[tuple[str, LoRALayer]]:
+    """The layers with something to merge; one warning naming those whose adapters named are all
+    merged already (PEFT warns too: "All adapters are already merged, nothing to do")."""
+    def pending(layer):
+        return [n for n in (layer.active_adapters if names is None else names)
+                if n in layer.adapters and n not in layer.merged_adapters]
+
+    done = [n for n, layer in layers if layer.merged and not pending(layer)]
+    if done:
+        rest = "nothing to do" if len(done) == len(layers) else "merging the rest"
+        warnings.warn(f"{what}: the adapters of {names_text(done)} are already merged; {rest}",
+                      stacklevel=3)
+    return [(n, layer) for n, layer in layers if pending(layer)]
+
+
 def merge_adapter(model: Module, adapter_names: list[str] | None = None) -> Module:
     """Merge the adapters named (default: the active ones) into every layer that holds them, in
     place, as PEFT's ``merge_adapter``; the layers stay LoRA layers and ``unmerge_adapter``
-    undoes it exactly."""
+    undoes it exactly. Layers already merged are left as they are, with a warning naming them."""
     names = None if adapter_names is None else _adapter_names(model, adapter_names,
                                                               "merge_adapter")
     layers = _mergeable_layers(model, "merge_adapter")
     _warn_if_tied(model, layers, names, "merge_adapter")
-    for _, layer in layers:
+    for _, layer in _to_merge(layers, names, "merge_adapter"):
         layer.merge(names)
     return model
 
@@ -299,13 +314,15 @@ def unmerge_adapter(model: Module) -> Module:
 def merge_and_unload(model: Module, adapter_names: list[str] | None = None) -> Module:
     """Merge the adapters named (default: the active ones) into the weights and put plain layers
     back, dropping every adapter: the model costs what the base costs at inference. Parameters
-    keep their ``requires_grad``. Returns the model."""
+    keep their ``requires_grad``. Layers already merged keep their weights, with a warning naming
+    them. Returns the model."""
     names = None if adapter_names is None else _adapter_names(model, adapter_names,
                                                               "merge_and_unload")
     layers = _mergeable_layers(model, "merge_and_unload")
     _warn_if_tied(model, layers, names, "merge_and_unload")
-    for name, layer in layers:
+    for _, layer in _to_merge(layers, names, "merge_and_unload"):
         layer.merge(names)
+    for name, layer in layers:
         model = _put_back_plain_layer(model, name, layer)
     return _forget_adapters(model)
 

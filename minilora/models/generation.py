@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from minilora.configs import non_negative_int, positive_int
-from minilora.errors import ConfigError, ShapeError
+from minilora.errors import ConfigError, NonFiniteError, ShapeError
 from minilora.nn import make_rng
 from minilora.tensor import Tensor, no_grad
 
@@ -45,7 +45,7 @@ class KVCache:
 @no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              rng: np.random.Generator | int | None = None, stop_token: int | None = None,
-             window: int | None = None) -> np.ndarray:
+             window: int | None = None, streamer=None) -> np.ndarray:
     """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
     temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
@@ -54,6 +54,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     costs one position, its keys and values added to the model's cache, until the sequence fills
     the window. From there the window slides and each step reads the last ``window`` tokens
     afresh (their positions moved). Runs in eval mode and restores the previous mode after.
+    streamer: as in ``transformers``, an object whose ``put(ids)`` is called with the prompt
+    (B, T), then with each new token (B,), and whose ``end()`` is called once the sequence is
+    done (:class:`TextStreamer` prints the text as it comes).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or temperature < 0:
@@ -68,19 +71,28 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     was_training = model.training
     model.eval()
     try:
-        return _extend(model, idx, max_new_tokens, temperature, top_k, rng, stop_token, window)
+        if streamer is not None:
+            streamer.put(idx)
+        out = _extend(model, idx, max_new_tokens, temperature, top_k, rng, stop_token, window,
+                      streamer)
+        if streamer is not None:
+            streamer.end()
+        return out
     finally:
         model.train(was_training)
 
 
 def _extend(model, idx: np.ndarray, max_new_tokens: int, temperature: float, top_k: int | None,
-            rng: np.random.Generator, stop_token: int | None, window: int | None) -> np.ndarray:
+            rng: np.random.Generator, stop_token: int | None, window: int | None,
+            streamer=None) -> np.ndarray:
     prompt = idx.shape[1]
     cache: KVCache | None = model.new_cache()
     feed = idx if window is None else idx[:, -window:]  # what the next forward pass reads
     for _ in range(max_new_tokens):
         nxt = next_token(model.next_logits(feed, cache), temperature, top_k, rng)  # (B,)
         idx = np.concatenate([idx, nxt[:, None]], axis=1)
+        if streamer is not None:
+            streamer.put(nxt)
         if stop_token is not None and (idx[:, prompt:] == stop_token).any(axis=1).all():
             break
         if cache is not None and (window is None or cache.length < window):
@@ -90,11 +102,62 @@ def _extend(model, idx: np.ndarray, max_new_tokens: int, temperature: float, top
     return idx
 
 
+class TextStreamer:
+    """Prints the text of a generation as it comes, as ``transformers``' ``TextStreamer``: pass it
+    as ``generate(..., streamer=...)``. One sequence (batch size 1).
+
+    tokenizer: decodes the ids; skip_prompt: print only the new text; file: where (default
+    stdout), flushed at every token. A token that ends inside a character (a byte of a
+    multi-byte UTF-8 character, with byte-level tokenizers) waits for the rest of it. ``text``
+    holds everything printed so far, so a caller stopped by Ctrl-C still has it.
+    """
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, file=None):
+        self.tokenizer, self.skip_prompt, self.file = tokenizer, skip_prompt, file
+        self.text = ""
+        self._ids: list[int] = []
+        self._prompt = True  # the first put() is the prompt
+
+    def put(self, value) -> None:
+        ids = np.asarray(value)
+        if ids.ndim == 2:
+            if ids.shape[0] != 1:
+                raise ShapeError(f"TextStreamer: one sequence at a time, got a batch of "
+                                 f"{ids.shape[0]}")
+            ids = ids[0]
+        if self._prompt and self.skip_prompt:
+            self._prompt = False
+            return
+        self._prompt = False
+        self._ids += ids.reshape(-1).tolist()
+        text = self.tokenizer.decode(np.asarray(self._ids, dtype=np.int64))
+        if not text.endswith("\ufffd"):  # a character may still be incomplete: wait for it
+            self._write(text)
+
+    def end(self) -> None:
+        """Print what is still held back (even an incomplete character) and a newline."""
+        if self._ids:
+            self._write(self.tokenizer.decode(np.asarray(self._ids, dtype=np.int64)))
+        self._print("\n")
+        self.text, self._ids, self._prompt = "", [], True
+
+    def _write(self, text: str) -> None:
+        # decoding a sequence extends the decoding of its beginning (characters, bytes, BPE)
+        self._print(text[len(self.text):])
+        self.text = text
+
+    def _print(self, text: str) -> None:
+        print(text, end="", flush=True, file=self.file)
+
+
 def next_token(logits: np.ndarray, temperature: float, top_k: int | None,
                rng: np.random.Generator) -> np.ndarray:
     """One token per row of ``logits`` (B, V): the most likely at temperature 0, else sampled
     from softmax(logits / temperature) over the ``top_k`` most likely (all if None)."""
     logits = logits.astype(np.float64)
+    if not np.isfinite(logits).all():  # no token to pick: say so, not numpy's "contain NaN"
+        raise NonFiniteError("generate: the next token's logits hold NaN or infinity (the "
+                             "model's numbers overflow)")
     if temperature == 0:
         return logits.argmax(axis=-1)
     logits = logits / temperature

@@ -211,6 +211,16 @@ class GPT(nn.Module):
         return {"target_modules": tuple(modules),
                 "target_slices": {"c_attn": qkv} if qkv else None}
 
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """The number of parameters, as nanoGPT counts them: every parameter once (the tied
+        ``lm_head`` / ``transformer.wte`` weight once), less the position embeddings
+        ``transformer.wpe`` (block_size, C) when ``non_embedding`` (the default). The token
+        embeddings stay in: through the tie they are the output layer's weights too. LoRA's
+        ``A`` and ``B`` count like any parameter; ``num_parameters()`` counts all, wpe included."""
+        n = self.num_parameters()
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
     def get_output_embeddings(self) -> nn.Linear:
         """The output layer (``lm_head``), as ``transformers`` names it: what PEFT's
         ``target_modules="all-linear"`` leaves out."""
@@ -271,7 +281,7 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
-                 stop_token: int | None = None) -> np.ndarray:
+                 stop_token: int | None = None, streamer=None) -> np.ndarray:
         """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
@@ -279,7 +289,8 @@ class GPT(nn.Module):
         The prompt is read once; each new token then costs one position, its keys and values
         added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
         slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
-        Builds no graph; runs in eval mode and restores the previous mode after.
+        Builds no graph; runs in eval mode and restores the previous mode after. streamer: as
+        ``transformers``' (:class:`~minilora.models.generation.TextStreamer` prints as it goes).
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
-                        window=self.config.block_size)
+                        window=self.config.block_size, streamer=streamer)

@@ -2,8 +2,6 @@
 
 from minilora.train.checkpoint import (
     Checkpoint,
-    LoadedRun,
-    load_run,
     model_fingerprint,
     read_checkpoint,
     write_checkpoint,
@@ -11,6 +9,7 @@ from minilora.train.checkpoint import (
 from minilora.train.config import TrainConfig
 from minilora.train.loop import TrainResult, estimate_loss, train
 from minilora.train.rundir import RunDir
+from minilora.train.sources import LoadedRun, load_run
 
 __all__ = ["Checkpoint", "LoadedRun", "RunDir", "TrainConfig", "TrainResult", "estimate_loss",
            "load_run", "model_fingerprint", "read_checkpoint", "train", "write_checkpoint"]

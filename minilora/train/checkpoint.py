@@ -19,7 +19,6 @@ see ``RunDir`` and docs/reliability.md.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -30,12 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from minilora import io
-from minilora.data import tokenizer_from_dict
+from minilora.data import Tokenizer
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import (
     LoRAConfig,
-    apply_lora,
-    load_lora_state_dict,
     lora_state_dict,
     matches_target,
 )
@@ -44,6 +41,7 @@ from minilora.models import GPT, GPTConfig
 from minilora.nn import Parameter
 from minilora.optim import SGD, AdamW
 from minilora.train.config import TrainConfig
+from minilora.train.tokenizer_file import read_tokenizer
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -112,6 +110,7 @@ class Checkpoint:
     model_config: GPTConfig | None = None
     lora_config: LoRAConfig | None = None
     train_config: TrainConfig | None = None
+    tokenizer: Tokenizer | None = None
 
 
 def _config(cls, d, path: Path, what: str):
@@ -129,8 +128,10 @@ def _check_patterns(path: Path, config: LoRAConfig) -> None:
                               "exponential time to match)")
 
 
-def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None]:
-    """Every JSON fact, by type and by meaning; returns the configs they describe."""
+def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None,
+                                           Tokenizer | None]:
+    """Every JSON fact, by type and by meaning; returns the configs and the tokenizer they
+    describe (a BPE tokenizer is read from the file beside the checkpoint)."""
     try:
         io.check_schema(meta, _META_SCHEMA, "metadata")
     except ConfigError as e:
@@ -151,9 +152,9 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
     train_config = None
     if "train_config" in meta:
         train_config = _config(TrainConfig, meta["train_config"], path, "train_config")
-    tokenizer = meta.get("tokenizer")
+    tokenizer = read_tokenizer(meta.get("tokenizer"), path.parent, path)
     if tokenizer is not None:
-        vocab = tokenizer_from_dict(tokenizer, source=str(path)).vocab_size
+        vocab = tokenizer.vocab_size
         if vocab != model_config.vocab_size:
             raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, the model "
                                   f"{model_config.vocab_size}")
@@ -171,7 +172,7 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
         missing = [k for k in _RUN_FACTS if k not in meta]
         raise FileFormatError(f"{path}: holds {present} but not {missing}: a training checkpoint "
                               "needs all of them")
-    return model_config, lora_config, train_config
+    return model_config, lora_config, train_config, tokenizer
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -186,10 +187,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
     """The checked checkpoint and, for a full model, a model of its architecture that the weights
     were checked against (not loaded into it yet). An adapter is checked against its base by
-    :func:`load_run` and against the model it resumes by :meth:`RunDir.restore`."""
+    :func:`minilora.train.load_run` and against the model it resumes by :meth:`RunDir.restore`."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
+    elif path.is_file() and path.suffix != ".safetensors":  # not the file internals of a text
+        raise FileFormatError(f"{path}: a file, not a run directory (a minilora run directory "
+                              f"holds {CHECKPOINT})")
     if not path.exists():
         raise FileFormatError(f"{path}: no checkpoint here (is this a minilora run directory?)")
     tensors = io.load_tensors(path)
@@ -203,7 +207,7 @@ def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
         raise FileFormatError(f"{path}: metadata JSON nested too deeply") from None
     except ValueError as e:
         raise FileFormatError(f"{path}: metadata is not valid JSON: {e}") from None
-    model_config, lora_config, train_config = _check_meta(path, meta)
+    model_config, lora_config, train_config, tokenizer = _check_meta(path, meta)
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
     if len(weights) + len(optim) != len(tensors):
@@ -228,7 +232,8 @@ def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
         _check_adapter(path, lora_config, weights)
     if "optimizer" in meta:
         _check_optimizer(path, meta["optimizer"], weights, optim)
-    return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config), model
+    return Checkpoint(path, weights, optim, meta, model_config, lora_config, train_config,
+                      tokenizer), model
 
 
 def size_mismatch(config: GPTConfig, weights: dict) -> str | None:
@@ -321,16 +326,6 @@ def _check_optimizer(path: Path, meta, weights: dict, arrays: dict) -> None:
         raise FileFormatError(f"{path}: optimizer state: {e}") from None
 
 
-@dataclass
-class LoadedRun:
-    """A model rebuilt from a run directory, with its tokenizer (as a dict) and facts."""
-
-    model: GPT
-    tokenizer: dict | None
-    meta: dict
-    base_dir: Path | None = None
-
-
 def check_weights(path: Path, weights: dict, model) -> None:
     """The weights must be exactly the names, shapes and dtypes ``model`` trains."""
     trained = lora_state_dict(model) if is_lora(model) else dict(model.named_parameters())
@@ -338,46 +333,9 @@ def check_weights(path: Path, weights: dict, model) -> None:
                      {f"model.{k}": (v.shape, v.dtype) for k, v in trained.items()})
 
 
-def _read_model(path: str | Path) -> tuple[Checkpoint, GPT | None]:
+def read_model(path: str | Path) -> tuple[Checkpoint, GPT | None]:
     """The checked checkpoint and, for a full model, the model holding its weights."""
     ckpt, model = _read(path)
     if model is not None:
         model.load_state_dict(ckpt.weights)  # checked by _read: cannot fail
     return ckpt, model
-
-
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """The model a run directory holds: a full model, or its base with the adapter applied.
-
-    A LoRA run's base is found where the checkpoint says (relative to the run directory if the
-    path is relative); it must be a full model with the architecture and the exact weights (by
-    fingerprint) the adapter was trained on.
-    """
-    ckpt, model = _read_model(run_dir)
-    meta = ckpt.meta
-    base_dir = None
-    if meta["kind"] == "lora":
-        base_dir = (ckpt.path.parent / meta["base"]["path"]).resolve()
-        if not (base_dir / CHECKPOINT).is_file():
-            raise FileFormatError(f"{ckpt.path}: the adapter's base model {base_dir} is missing")
-        base, model = _read_model(base_dir)
-        if base.meta["kind"] != "full":
-            raise FileFormatError(f"{ckpt.path}: its base {base_dir} is a LoRA run, not a model")
-        # dropout is a training setting, not architecture: a LoRA run may train with its own
-        if dataclasses.replace(base.model_config, dropout=ckpt.model_config.dropout) \
-                != ckpt.model_config:
-            raise FileFormatError(f"{ckpt.path}: the base in {base_dir} has a different "
-                                  f"architecture than the adapter was made for")
-        if model_fingerprint(model) != meta["base"]["sha256"]:
-            raise FileFormatError(f"{ckpt.path}: the base in {base_dir} is not the model this "
-                                  "adapter was trained on (weights fingerprint differs)")
-        try:
-            apply_lora(model, ckpt.lora_config, rng=0)
-        except MiniLoRAError as e:
-            raise FileFormatError(f"{ckpt.path}: its lora_config does not fit the base: {e}") \
-                from None
-        check_weights(ckpt.path, ckpt.weights, model)
-        load_lora_state_dict(model, ckpt.weights)
-    model.eval()
-    return LoadedRun(model, meta.get("tokenizer"), meta, base_dir)
-

@@ -72,6 +72,15 @@ class TrainConfig:
         decay = self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
         return max(decay, self.warmup_iters)
 
+    def extended_to(self, max_iters: int) -> TrainConfig:
+        """This run, ending at ``max_iters`` instead: the learning-rate schedule keeps its end
+        (``lr_decay_iters``), so the steps already taken are the ones it took, and any beyond
+        the old end run at ``min_lr``, as in nanoGPT. A run resumed so equals, bit for bit, one
+        that had ``max_iters`` and this ``lr_decay_iters`` from the start."""
+        if max_iters == self.max_iters:
+            return self
+        return dataclasses.replace(self, max_iters=max_iters, lr_decay_iters=self.decay_iters)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

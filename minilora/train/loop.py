@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from minilora import io
 from minilora.errors import ConfigError, NonFiniteError
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
@@ -78,7 +79,7 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
           resume: bool = False, quiet: bool = False, run_info: dict | None = None,
           extra_eval: Callable[[object], dict] | None = None,
           on_eval: Callable[[dict], None] | None = None,
-          threads: int | None = None) -> TrainResult:
+          threads: int | None = None, run_files: dict[str, bytes] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a :class:`TrainResult`.
 
     out_dir: where ``metrics.jsonl`` and ``checkpoint.safetensors`` go (nothing is written if None).
@@ -88,10 +89,12 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     extra_eval: called with the model at each evaluation; its numbers join the metrics record.
     on_eval: called with each metrics record once it is saved (the CLI prints it).
     threads: how many threads the engine uses (default: all CPUs); see ``runtime.step_threading``.
+    run_files: files (name -> bytes) a new run writes once into ``out_dir`` before its first
+        checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
     with step_threading(largest_product(model, config.batch_size * model.config.block_size),
                         threads):
-        training = _Training(model, data, config, out_dir, resume, run_info)
+        training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
 
@@ -106,7 +109,7 @@ class _Training:
     """One run of the loop: what it trains with, and what it has done so far."""
 
     def __init__(self, model, data, config: TrainConfig, out_dir, resume: bool,
-                 run_info: dict | None):
+                 run_info: dict | None, run_files: dict[str, bytes] | None = None):
         data.check_block_size(model.config.block_size)
         if resume and out_dir is None:
             raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
@@ -123,6 +126,7 @@ class _Training:
         self.eval_rng = np.random.default_rng([config.seed, 1])  # never shifts training batches
         self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
+        self.run_files = run_files or {}
         self.tokens_per_step = config.batch_size * model.config.block_size
         self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
         self.step_times: list[float] = []
@@ -169,6 +173,8 @@ class _Training:
                 self.history = self.run_dir.metrics_until(self.start, meta.get("last_eval"))
             else:
                 self.run_dir.start_fresh()
+                for name, data in self.run_files.items():
+                    io.write_atomic_bytes(self.run_dir.path / name, data)
         if not self.resume:  # dropout masks follow the run's seed, not the model's history
             fresh = np.random.default_rng([self.config.seed, 2])
             self.model.rng.bit_generator.state = fresh.bit_generator.state

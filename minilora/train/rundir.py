@@ -115,9 +115,13 @@ class RunDir:
         if "train_config" not in meta:
             raise FileFormatError(f"{path}: not a training checkpoint (no train_config, "
                                   "optimizer state or iteration): nothing to resume")
-        if meta["train_config"] != config.to_dict():
+        saved = ckpt.train_config
+        if config not in (saved, saved.extended_to(config.max_iters)):
             raise FileFormatError(f"{path}: made with other training settings "
                                   f"({meta['train_config']}); resume with the same ones")
+        if config.max_iters < meta["iter"]:
+            raise ConfigError(f"--max-iters {config.max_iters}: the run in {self.path} is at "
+                              f"iteration {meta['iter']} already")
         if meta["model_config"] != model.config.to_dict() or meta["kind"] != (
                 "lora" if is_lora(model) else "full"):
             raise FileFormatError(f"{path}: a checkpoint of another model ({meta['kind']}, "

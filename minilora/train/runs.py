@@ -16,19 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.data import load_dataset, tokenizer_from_dict
+from minilora.data import Tokenizer, load_dataset
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
-from minilora.train.checkpoint import (
-    CHECKPOINT,
-    load_run,
-    model_fingerprint,
-    read_checkpoint,
-)
+from minilora.train.checkpoint import CHECKPOINT, read_checkpoint
 from minilora.train.config import TrainConfig
 from minilora.train.loop import TrainResult, train
 from minilora.train.rundir import RunDir
+from minilora.train.sources import base_reference, open_base, read_full_model
+from minilora.train.tokenizer_file import tokenizer_entry
 
 DATA_SEED = 0  # built-in corpora (and their held-out prompts) are always generated from seed 0
 
@@ -78,37 +75,38 @@ def describe_model(model) -> str:
 
 
 def pretrain(data: str | os.PathLike, out_dir, model_config: dict, config: TrainConfig, *,
-             quiet: bool = False, threads: int | None = None, extra_eval=None,
-             on_eval: Callable[[dict], None] | None = None, log: Log | None = None
-             ) -> TrainResult:
+             tokenizer: Tokenizer | None = None, quiet: bool = False, threads: int | None = None,
+             extra_eval=None, on_eval: Callable[[dict], None] | None = None,
+             log: Log | None = None) -> TrainResult:
     """Train a new GPT on ``data``. ``model_config``: GPTConfig fields but ``vocab_size``, which the
-    tokenizer gives (the built-in alphabet, or the characters of the file).
+    tokenizer gives: ``tokenizer`` if given (a ByteTokenizer reads any text later), else the
+    built-in alphabet or the characters of the file.
 
     log: called once, before training, with a line saying what is trained on what.
     """
     out = _fresh_dir(out_dir)
-    dataset = load_dataset(data, seed=DATA_SEED)
+    dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
     cfg = GPTConfig(**{**model_config, "vocab_size": dataset.tokenizer.vocab_size})
     dataset.check_block_size(cfg.block_size)
     model = GPT(cfg, seed=config.seed)
-    info = {"tokenizer": dataset.tokenizer.to_dict(),
-            "data": {"source": _source(data), "seed": DATA_SEED}}
+    entry, files = tokenizer_entry(dataset.tokenizer)
+    info = {"tokenizer": entry, "data": {"source": _source(data), "seed": DATA_SEED}}
     if log is not None:
         log(f"pretraining a new GPT ({describe_model(model)}) on {_describe_data(dataset)}: "
             f"{_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
-                 extra_eval=extra_eval, on_eval=on_eval)
+                 extra_eval=extra_eval, on_eval=on_eval, run_files=files)
 
 
-def load_base(base_dir) -> tuple:
-    """(model, tokenizer) of a full model run, to fine-tune from."""
-    base = load_run(base_dir)
-    if base.meta["kind"] != "full":
-        raise ConfigError(f"--init-from {base_dir}: it is a LoRA run; merge it first "
-                          f"(minilora merge --model {base_dir} --out DIR)")
-    if base.tokenizer is None:
-        raise FileFormatError(f"{base_dir}: the checkpoint holds no tokenizer")
-    return base.model, tokenizer_from_dict(base.tokenizer, source=str(Path(base_dir) / CHECKPOINT))
+def load_base(base_dir, dropout: float | None = None) -> tuple:
+    """(model, tokenizer) of a full model to fine-tune: a full run, or a Hugging Face model
+    directory with its tokenizer (``dropout``: replaces the directory's rates)."""
+    model, tokenizer = read_full_model(base_dir, "--init-from", dropout=dropout)
+    if tokenizer is None:
+        raise FileFormatError(f"--init-from {base_dir}: it holds no tokenizer to read the data "
+                              "with (a Hugging Face directory: tokenizer.json, or vocab.json and "
+                              "merges.txt)")
+    return model, tokenizer
 
 
 def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
@@ -122,17 +120,17 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
     fingerprint of its weights. The adapter's ``A`` is drawn from ``config.seed``.
     """
     out = _fresh_dir(out_dir)
-    model, tokenizer = load_base(base_dir)
+    model, tokenizer = load_base(base_dir, dropout)
     dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
     dataset.check_block_size(model.config.block_size)
     if dropout is not None:
         _set_dropout(model, dropout)
-    info = {"tokenizer": tokenizer.to_dict(), "data": {"source": _source(data), "seed": DATA_SEED},
+    entry, files = tokenizer_entry(tokenizer)
+    info = {"tokenizer": entry, "data": {"source": _source(data), "seed": DATA_SEED},
             "init_from": str(Path(base_dir).resolve())}
     model.train()
     if lora is not None:
-        info["base"] = {"path": os.path.relpath(Path(base_dir).resolve(), out.resolve()),
-                        "sha256": model_fingerprint(model)}
+        info["base"] = base_reference(base_dir, out, model)
         # A is drawn from the run's seed; the adapters' dropout masks share model.rng, which the
         # loop seeds and checkpoints, so that a resumed run draws the same masks
         model.rng.bit_generator.state = np.random.default_rng([config.seed, 3]).bit_generator.state
@@ -143,7 +141,7 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
         log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
             f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
-                 extra_eval=extra_eval, on_eval=on_eval)
+                 extra_eval=extra_eval, on_eval=on_eval, run_files=files)
 
 
 def _describe_targets(lora) -> str:
@@ -164,31 +162,34 @@ def _set_dropout(model: GPT, p: float) -> None:
             m.p = float(p)
 
 
-def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
-           extra_eval=None, on_eval: Callable[[dict], None] | None = None,
-           log: Log | None = None) -> TrainResult:
-    """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with."""
+def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = False,
+           threads: int | None = None, extra_eval=None,
+           on_eval: Callable[[dict], None] | None = None, log: Log | None = None) -> TrainResult:
+    """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with.
+
+    max_iters: where the run ends now (a finished run is extended, as in nanoGPT; see
+        :meth:`TrainConfig.extended_to`). base: where a LoRA run's base is now, if it moved
+        (the run records the new place from its next checkpoint on).
+    """
     out = Path(out_dir)
     RunDir(out).check_free()  # before loading anything
     if not (out / CHECKPOINT).exists():
         raise ConfigError(f"--resume: {out} holds no checkpoint to resume from")
     ckpt = read_checkpoint(out)
     meta = ckpt.meta
-    if ckpt.train_config is None or "data" not in meta or meta.get("tokenizer") is None:
+    if ckpt.train_config is None or "data" not in meta or ckpt.tokenizer is None:
         raise FileFormatError(f"{out / CHECKPOINT}: cannot resume from it: it holds no training "
                               "state (a merged model?)")
     config, model_config = ckpt.train_config, ckpt.model_config
-    tokenizer = tokenizer_from_dict(meta["tokenizer"], source=str(out / CHECKPOINT))
+    if max_iters is not None:
+        if max_iters < meta["iter"]:
+            raise ConfigError(f"--max-iters {max_iters}: the run in {out} is at iteration "
+                              f"{meta['iter']} already")
+        config = config.extended_to(max_iters)
     info = {k: meta[k] for k in ("tokenizer", "data", "init_from", "base") if k in meta}
     if meta["kind"] == "lora":
-        base_dir = (out / meta["base"]["path"]).resolve()
-        if not (base_dir / CHECKPOINT).is_file():
-            raise FileFormatError(f"{out / CHECKPOINT}: the adapter's base model {base_dir} is "
-                                  "missing")
-        model, _ = load_base(base_dir)
-        if model_fingerprint(model) != meta["base"]["sha256"]:
-            raise FileFormatError(f"{out / CHECKPOINT}: its base {base_dir} has changed since "
-                                  "the run started")
+        model, base_dir = open_base(ckpt, base)
+        info["base"] = base_reference(base_dir, out, model)
         model.config = model_config
         try:
             # A and B come from the checkpoint; the dropout masks share model.rng (restored)
@@ -196,13 +197,18 @@ def resume(out_dir, *, quiet: bool = False, threads: int | None = None,
         except MiniLoRAError as e:
             raise FileFormatError(f"{out / CHECKPOINT}: its lora_config does not fit its base: "
                                   f"{e}") from None
+    elif base is not None:
+        raise ConfigError(f"--base {base}: {out} is a full run, it has no base")
     else:
         model = GPT(model_config, seed=config.seed)
     _set_dropout(model, model_config.dropout)
-    dataset = load_dataset(meta["data"]["source"], tokenizer=tokenizer, seed=DATA_SEED)
+    dataset = load_dataset(meta["data"]["source"], tokenizer=ckpt.tokenizer, seed=DATA_SEED)
     model.train()
     if log is not None:
-        log(f"resuming {out} at iteration {meta['iter']} of {config.max_iters} "
+        ends = "" if config.max_iters == ckpt.train_config.max_iters else \
+            f" (extended from {ckpt.train_config.max_iters}; lr {config.min_lr:g} after " \
+            f"iteration {config.decay_iters})"
+        log(f"resuming {out} at iteration {meta['iter']} of {config.max_iters}{ends} "
             f"({describe_model(model)}) on {_describe_data(dataset)}")
     return train(model, dataset, config, out, resume=True, quiet=quiet, run_info=info,
                  threads=threads, extra_eval=extra_eval, on_eval=on_eval)

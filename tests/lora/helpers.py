@@ -25,7 +25,8 @@ from minilora.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 #     |computed - exact| <= (n + 2) * eps(dtype) * M        elementwise,
 #
 # eps(float32) = 2**-23 = 1.19e-7 and eps(float64) = 2**-52 = 2.22e-16: the bound is rigorous, not
-# tuned, and a real mistake (a flipped sign, a missing s = alpha / r) is O(M), millions of eps away.
+# tuned, and a real mistake (a flipped sign, a missing s = alpha / r) is O(M), 1 / ((n + 2) eps)
+# times the bound: about 8e4 for a float32 sum of 100 terms.
 EPS = {np.dtype(np.float32): float(np.finfo(np.float32).eps),
        np.dtype(np.float64): float(np.finfo(np.float64).eps)}
 DTYPES = (np.float32, np.float64)

@@ -49,6 +49,8 @@ BAD_FIELDS = [  # (field, value, what the message shows: the value's repr unless
     ("rank_pattern", {"c_attn": 0}, "rank_pattern['c_attn'] must be a positive integer, got 0"),
     ("rank_pattern", {"c_attn": 2.0}, "got 2.0"), ("rank_pattern", ["c_attn"]),
     ("rank_pattern", {"(": 4}, "key '(' is not a valid regular expression"),
+    ("rank_pattern", {3: 4}, "keys must be non-empty strings, got 3"),
+    ("alpha_pattern", {"": 4}, "keys must be non-empty strings, got ''"),
     ("alpha_pattern", {"c_attn": -1}, "alpha_pattern['c_attn'] must be a finite number > 0"),
 ]
 
@@ -170,6 +172,11 @@ def test_a_pattern_matching_no_adapted_module_is_an_error():
     assert "rank_pattern key 'c_attn' matches none of the adapted modules" in msg
     msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], alpha_pattern={"h.7.*": 2}))
     assert "alpha_pattern key 'h.7.*'" in msg
+    # a key naming a parent module, or a prefix of a name, names no adapted module either
+    msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], rank_pattern={"h.0": 2}))
+    assert "rank_pattern key 'h.0' matches none of the adapted modules" in msg
+    msg = apply_fails(ToyGPT(), LoRAConfig(target_modules=["c_fc"], rank_pattern={r"h\.0\.ml": 2}))
+    assert "rank_pattern key 'h\\\\.0\\\\.ml' matches none" in msg
 
 
 def test_modules_to_save_must_exist_and_not_be_adapted():
@@ -203,6 +210,21 @@ def test_an_adapter_of_another_rank_is_refused_naming_module_and_ranks():
     msg = load_fails(adapter(r=8), ShapeError, r=4)
     assert "'transformer.h.0.attn.c_attn.lora_A' has shape (8, 4)" in msg
     assert "expects (4, 4)" in msg and "an adapter of rank 8, not 4" in msg
+
+
+def test_a_b_of_another_rank_is_named_as_such():
+    state = adapter(r=4)
+    state["transformer.h.0.attn.c_attn.lora_B"] = np.zeros((12, 2))  # B: (out, r) of rank 2
+    msg = load_fails(state, ShapeError, r=4)
+    assert "'transformer.h.0.attn.c_attn.lora_B' has shape (12, 2)" in msg
+    assert "expects (12, 4) (layer r=4, in=4, out=12): an adapter of rank 2, not 4" in msg
+
+
+def test_a_missing_name_alone_is_refused():
+    state = adapter()
+    del state["transformer.h.1.attn.c_attn.lora_B"]
+    msg = load_fails(state, StateDictError)
+    assert "missing keys ['transformer.h.1.attn.c_attn.lora_B']; unexpected keys []" in msg
 
 
 def test_an_adapter_for_other_shapes_is_refused():

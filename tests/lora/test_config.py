@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from minilora.lora import LoRAConfig, matches_target
+from minilora.lora.config import matches_pattern
 
 
 def test_defaults_are_pefts():
@@ -50,6 +52,26 @@ def test_to_dict_is_json_and_from_dict_gives_the_same_config():
 
 def test_from_dict_fills_missing_fields_with_defaults():
     assert LoRAConfig.from_dict({"r": 2}) == LoRAConfig(r=2)
+
+
+@pytest.mark.parametrize(("name", "pattern", "matches"), [
+    ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_attn", True),
+    ("transformer.h.0.attn.c_attn", "h.0.attn.c_attn", True),       # a dotted suffix
+    ("transformer.h.0.attn.c_attn", r"h\.0\..*", True),             # a regex over the suffix
+    ("transformer.h.0.attn.c_attn", "h.0", False),                  # a parent module's name
+    ("transformer.h.10.attn.c_attn", r"h\.1", False),                # a prefix: h.1 is not h.10
+    ("transformer.h.1.attn.c_attn", "c_att", False),                # part of the last name
+    ("transformer.h.1.attn.c_attn", "n.h.1.attn.c_attn", False),    # a suffix, but not dotted
+])
+def test_a_pattern_names_the_whole_module_not_a_parent_or_a_prefix(name, pattern, matches):
+    """PEFT matches ``(.*\\.)?(key)$``: the key must reach the end of the name."""
+    assert matches_pattern(name, pattern) is matches
+
+
+def test_an_integer_alpha_stays_an_integer_as_peft_writes_it():
+    config = LoRAConfig(r=8, lora_alpha=16)
+    assert type(config.lora_alpha) is int and config.to_dict()["lora_alpha"] == 16
+    assert type(LoRAConfig(lora_alpha=np.int64(16)).lora_alpha) is int
 
 
 def test_first_matching_pattern_wins_as_in_peft():

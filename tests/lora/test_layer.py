@@ -41,7 +41,19 @@ def test_kaiming_init_is_uniform_within_one_over_sqrt_in_and_b_is_zero():
 def test_gaussian_init_has_std_one_over_r_and_b_is_zero():
     layer = LoRALinear(Linear(2000, 3, rng=0), 4, 4, init_lora_weights="gaussian", rng=1)
     assert abs(layer.lora_A.data.std() - 1 / 4) < 0.01  # PEFT: normal_(A, std=1/r)
+    assert abs(layer.lora_A.data.mean()) < 0.01  # centred: 8000 draws put the mean within 0.003
     assert not layer.lora_B.data.any()
+
+
+def test_dropout_keeps_float32_and_the_repr_says_what_the_layer_is():
+    layer = LoRALinear(Linear(4, 3, dtype="float32", rng=0), r=2, lora_alpha=4, lora_dropout=0.5,
+                       rng=1)
+    x = Tensor(np.ones((5, 4), np.float32), requires_grad=True)
+    y = layer(x)
+    y.backward(np.ones(y.shape, np.float32))
+    assert y.dtype == x.grad.dtype == layer.lora_A.grad.dtype == np.float32
+    assert repr(layer) == ("LoRALinear(in_features=4, out_features=3, bias=True, r=2, "
+                           "lora_alpha=4, scaling=2, lora_dropout=0.5, merged=False)")
 
 
 def test_same_seed_gives_bit_identical_initial_adapters():

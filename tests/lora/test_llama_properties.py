@@ -28,11 +28,18 @@ VOCAB = 11
 
 # Merged and unmerged compute the same function in a different order: W + s B A rounded once,
 # against x W^T and s (x A^T) B^T rounded apart. These models' logits are below ~1 and pass
-# through ~20 products and norms; measured over 40 seeds of 2 layers with all seven adapted, the
-# largest difference was 6.6e-7 in float32 and 2.4e-15 in float64. A merge that is wrong (no s,
-# B A transposed) is off by ~0.1.
+# through ~20 products and norms, so the float32 bound is relative to the logits' largest entry:
+# over 159 drawn float32 models the largest difference was 3.5e-6 of it (6.9e-7 absolute), and
+# one drawn model reached 1.0e-5 absolute; float64's largest was 2.4e-15. A merge that is wrong
+# (no s, B A transposed) is off by ~0.1 of the logits' scale.
 MERGE_TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12),
-             np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5)}
+             np.dtype(np.float32): dict(rtol=1e-5, atol=1e-4)}  # atol: times the logits' scale
+
+
+def assert_same_logits(got, want, dtype) -> None:
+    tol = MERGE_TOL[np.dtype(dtype)]
+    scale = max(1e-3, float(np.abs(want).max())) if np.dtype(dtype) == np.float32 else 1.0
+    np.testing.assert_allclose(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 @st.composite
@@ -94,13 +101,12 @@ def test_merged_output_equals_unmerged_output(case):
     unmerged = model(idx)[0].data
     merge_adapter(model)
     merged = model(idx)[0].data
-    tol = MERGE_TOL[np.dtype(config.dtype)]
-    np.testing.assert_allclose(merged, unmerged, **tol)
+    assert_same_logits(merged, unmerged, config.dtype)
     unmerge_adapter(model)
-    np.testing.assert_allclose(model(idx)[0].data, unmerged, **tol)
+    assert_same_logits(model(idx)[0].data, unmerged, config.dtype)
     plain = merge_and_unload(model)
     assert not list(named_lora_layers(plain))
-    np.testing.assert_allclose(plain(idx)[0].data, unmerged, **tol)
+    assert_same_logits(plain(idx)[0].data, unmerged, config.dtype)
 
 
 @PROPERTY

@@ -3,7 +3,9 @@ base-plus-adapter round trip a LoRA run's checkpoint makes."""
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -51,6 +53,43 @@ def trained(model, seed=0):
 def test_targets_follow_peft_name_rule(targets, expected):
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=targets))
     assert adapted_names(model) == ["transformer." + n for n in expected]
+
+
+def test_an_unmatched_target_is_an_error_where_peft_drops_it():
+    """Against PEFT itself, on Hugging Face's GPT-2: ``c_proj`` names attn.c_proj and mlp.c_proj
+    in both; an entry matching nothing is dropped by PEFT, without a warning, when another entry
+    matches, and is an error in minilora; when no entry matches, both raise."""
+    for name in ("torch", "transformers", "peft"):
+        pytest.importorskip(name, reason=f'{name}: pip install -e ".[parity]"')
+    import peft
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0))
+
+    def peft_adapted(targets: list[str]) -> list[str]:
+        config = peft.LoraConfig(r=2, target_modules=targets, fan_in_fan_out=True)  # Conv1D
+        model = peft.get_peft_model(copy.deepcopy(hf), config)
+        return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer))
+
+    def ours(targets: list[str]) -> list[str]:
+        gpt = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), seed=0)
+        return sorted(adapted_names(apply_lora(gpt, LoRAConfig(target_modules=targets))))
+
+    assert ours(["c_attn", "c_proj"]) == peft_adapted(["c_attn", "c_proj"])
+    assert len(peft_adapted(["c_proj"])) == 4  # attn.c_proj and mlp.c_proj in each block
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert peft_adapted(["c_attn", "c_prjo"]) == peft_adapted(["c_attn"])
+    assert not [w for w in caught if "c_prjo" in str(w.message)]
+    with pytest.raises(TargetModuleError, match="entry 'c_prjo' matches no module"):
+        ours(["c_attn", "c_prjo"])
+    with pytest.raises(ValueError, match=r"Target modules .*c_prjo.* not found in the base model"):
+        peft_adapted(["c_prjo"])
+    with pytest.raises(TargetModuleError, match="entry 'c_prjo' matches no module"):
+        ours(["c_prjo"])
 
 
 def test_adapting_keeps_every_base_name_and_its_order():
@@ -115,6 +154,21 @@ def test_bias_lora_only_also_trains_the_adapted_layers_biases():
     model = apply_lora(ToyGPT(n_layer=1), LoRAConfig(target_modules=["c_fc"], bias="lora_only"))
     layer = "transformer.h.0.mlp.c_fc."
     assert trainable(model) == {layer + p for p in ("lora_A", "lora_B", "bias")}
+    assert set(lora_state_dict(model)) == trainable(model)  # the other biases stay in the base
+
+
+def test_freezing_drops_the_gradients_the_base_held():
+    """A gradient left from a backward pass on the base must not survive on a frozen parameter:
+    ``clip_grad_norm(model.parameters())`` or an optimizer over them would read it."""
+    model = ToyGPT()
+    idx, _ = tokens(0)
+    model(idx).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    apply_lora(model, LoRAConfig(target_modules=["c_fc"], bias="lora_only"))
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert len(frozen) > 10
+    assert [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None] \
+        == []
 
 
 def test_bias_all_trains_every_bias_layer_norms_included():
@@ -127,10 +181,11 @@ def test_bias_all_trains_every_bias_layer_norms_included():
 
 
 def test_modules_to_save_train_in_full_and_are_saved_with_the_adapter():
-    config = LoRAConfig(target_modules=["c_fc"], modules_to_save=["ln_f"])
+    config = LoRAConfig(target_modules=["c_fc"], modules_to_save=["ln_f", "ln_1"])
     model = apply_lora(ToyGPT(n_layer=1), config)
-    expected = {"transformer.ln_f.weight", "transformer.ln_f.bias",
-                "transformer.h.0.mlp.c_fc.lora_A", "transformer.h.0.mlp.c_fc.lora_B"}
+    expected = {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.ln_1.weight",
+                "transformer.h.0.ln_1.bias", "transformer.h.0.mlp.c_fc.lora_A",
+                "transformer.h.0.mlp.c_fc.lora_B"}
     assert trainable(model) == expected and set(lora_state_dict(model)) == expected
 
 
@@ -150,6 +205,20 @@ def test_an_adapted_eval_model_stays_in_eval_mode():
     model = apply_lora(ToyGPT(n_layer=1).eval(), LoRAConfig(target_modules=["c_fc"],
                                                             lora_dropout=0.5))
     assert not any(m.training for m in model.modules())
+
+
+def test_a_float64_adapter_loads_into_a_float32_model_as_float32():
+    model = apply_lora(ToyGPT(dtype=np.float32), LoRAConfig(target_modules=["c_fc"]), rng=0)
+    adapter = {k: v.astype(np.float64) + 1 for k, v in lora_state_dict(model).items()}
+    load_lora_state_dict(model, adapter)
+    for name, value in lora_state_dict(model).items():
+        assert value.dtype == np.float32, name
+        np.testing.assert_array_equal(value, adapter[name].astype(np.float32))
+
+
+def test_a_bare_lora_linear_saves_its_arrays_under_their_own_names():
+    layer = LoRALinear(Linear(4, 3, rng=0), r=2, lora_alpha=2, rng=0)
+    assert list(lora_state_dict(layer)) == ["lora_A", "lora_B"]
 
 
 # ---- merging and unloading ---------------------------------------------------------------------
@@ -181,6 +250,20 @@ def test_unload_gives_back_the_base_model_exactly():
     np.testing.assert_array_equal(plain(idx).data, base)
 
 
+def test_unload_of_a_merged_model_unmerges_first():
+    idx, _ = tokens(1)
+    base = ToyGPT()
+    weights = {n: p.data.copy() for n, p in base.named_parameters()}
+    model = merge_adapter(trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]))))
+    model.eval()
+    plain = unload(model)
+    assert not adapted_names(plain)
+    assert plain.get_submodule("transformer.h.0.mlp.c_fc").training is False  # the mode is kept
+    for name, p in plain.named_parameters():  # W + s B A - s B A: W up to float64 round-off
+        np.testing.assert_allclose(p.data, weights[name], rtol=0, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(plain(idx).data, base(idx).data, rtol=1e-12, atol=1e-12)
+
+
 def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
     model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=0))
     idx, _ = tokens(2)
@@ -191,6 +274,37 @@ def test_merge_adapter_and_unmerge_adapter_switch_every_layer():
     unmerge_adapter(model)
     assert not any(layer.merged for _, layer in named_lora_layers(model))
     np.testing.assert_allclose(model(idx).data, before, rtol=1e-12, atol=1e-12)
+
+
+def test_merging_a_merged_adapter_changes_nothing_and_warns_naming_the_layers():
+    """As PEFT ("All adapters are already merged, nothing to do"): a warning, the weights kept."""
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc", "c_attn"]), rng=0))
+    layers = dict(named_lora_layers(model))
+    fc, attn = "transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn"
+    layers[fc].merge()
+    weights = {n: lay.weight.data.copy() for n, lay in layers.items()}
+    with pytest.warns(UserWarning, match=r"merge_adapter: the adapters of c_fc \(full names: "
+                                         r"transformer\.h\.0\.mlp\.c_fc\) are already merged; "
+                                         "merging the rest"):
+        merge_adapter(model)
+    np.testing.assert_array_equal(layers[fc].weight.data, weights[fc])
+    assert not np.array_equal(layers[attn].weight.data, weights[attn])
+    merged = {n: lay.weight.data.copy() for n, lay in layers.items()}
+    with pytest.warns(UserWarning, match="merge_and_unload: .* are already merged; nothing to do"):
+        plain = merge_and_unload(model)
+    for name, weight in merged.items():
+        np.testing.assert_array_equal(plain.get_submodule(name).weight.data, weight)
+    with pytest.warns(UserWarning, match="LoRALinear.merge: the adapter is already merged"):
+        layer = LoRALinear(Linear(3, 2, rng=0), r=1, lora_alpha=1)
+        layer.merge()
+        layer.merge()
+
+
+def test_merging_an_unmerged_adapter_does_not_warn():
+    model = trained(apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_fc"]), rng=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge_and_unload(model)
 
 
 def test_disable_adapter_restores_the_adapters_even_after_an_exception():

@@ -10,6 +10,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import scipy.linalg
 from hypothesis import given
 from hypothesis import strategies as st
@@ -104,7 +105,8 @@ def test_merging_or_unmerging_twice_changes_nothing(spec):
     layer = spec.build()
     layer.merge()
     once = layer.weight.data.copy()
-    layer.merge()
+    with pytest.warns(UserWarning, match="already merged"):  # as PEFT: nothing to do, said
+        layer.merge()
     np.testing.assert_array_equal(layer.weight.data, once)
     layer.unmerge()
     back = layer.weight.data.copy()
@@ -268,14 +270,34 @@ def test_full_rank_lora_represents_any_delta_w(in_f, out_f, alpha, dtype, seed):
     assert_within_rounding(layer.weight.data, W + delta, np.abs(W) + magnitude, r + 3, dtype)
 
 
-def test_rank_below_min_cannot_represent_a_full_rank_delta_w():
-    """The converse, so the claim above is not vacuous: the best rank-r product (truncated SVD,
-    Eckart-Young) still misses a full-rank ΔW by its (r+1)-th singular value."""
-    delta = np.random.default_rng(0).normal(0, 1, (6, 5))
-    U, sigma, Vt = np.linalg.svd(delta, full_matrices=False)
-    for r in range(1, 5):
-        best = (U[:, :r] * sigma[:r]) @ Vt[:r]  # = B A with B = U_r Σ_r, A = V_r^T
-        assert np.linalg.norm(delta - best, 2) >= sigma[r] * (1 - 1e-12) > 0.1
+@PROPERTY
+@given(in_f=st.integers(2, 9), out_f=st.integers(2, 9), alpha=st.integers(1, 32),
+       data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_rank_below_min_cannot_represent_a_full_rank_delta_w(in_f, out_f, alpha, data, seed):
+    """The converse, so the claim above is not vacuous. Below full rank the closest adapter is the
+    truncated SVD (Eckart-Young-Mirsky): through a merged layer it misses W + ΔW by sigma_{r+1} in
+    the spectral norm and by sqrt(sigma_{r+1}^2 + ... + sigma_min^2) in the Frobenius norm, which
+    is larger whenever two or more singular values are left out; another rank-r adapter (a random
+    A and the best B for it) misses by at least as much in both."""
+    rng = np.random.default_rng(seed)
+    r = data.draw(st.integers(1, min(in_f, out_f) - 1), label="r")
+    layer = LoRALinear(Linear(in_f, out_f, dtype="float64", rng=rng), r, alpha, rng=rng)
+    W, s = layer.weight.data.copy(), layer.scaling
+    delta = rng.normal(0, 1, (out_f, in_f))  # full rank almost surely
+    U, sigma, Vt = scipy.linalg.svd(delta, full_matrices=False)
+    spectral, frobenius = sigma[r], math.sqrt(np.sum(sigma[r:] ** 2))
+    layer.lora_B.data, layer.lora_A.data = U[:, :r] * sigma[:r] / s, Vt[:r].copy()
+    layer.merge()
+    miss = W + delta - layer.weight.data
+    assert np.linalg.norm(miss, 2) == pytest.approx(spectral, rel=1e-9)
+    assert np.linalg.norm(miss) == pytest.approx(frobenius, rel=1e-9)
+    if len(sigma) - r >= 2:
+        assert frobenius > spectral * (1 + 1e-6)  # the two norms' answers differ
+    A = rng.normal(0, 1, (r, in_f))
+    B = scipy.linalg.lstsq(A.T, delta.T)[0].T / s  # the best B for this A
+    other = delta - s * B @ A
+    assert np.linalg.norm(other, 2) >= spectral * (1 - 1e-9)
+    assert np.linalg.norm(other) >= frobenius * (1 - 1e-9)
 
 
 # ---- 8. disable_adapter ------------------------------------------------------------------------

@@ -146,3 +146,13 @@ def test_greedy_completions_stop_once_every_prompt_has_said_the_stop(tokenizer):
     stopped = greedy_completions(model, tokenizer, ["\nab", "\ncd"], 12, stop=full[0][2])
     assert all(f.startswith(s) for f, s in zip(full, stopped, strict=True))
     assert all(full[0][2] in s for s in stopped) and len(stopped[0]) < 12
+
+
+def test_logits_that_overflow_are_a_nonfinite_error_not_numpys():
+    from minilora.errors import NonFiniteError
+    from minilora.models.generation import next_token
+
+    logits = np.array([[0.0, np.nan, 1.0]])
+    for temperature in (0, 1.0):
+        with pytest.raises(NonFiniteError, match="logits hold NaN or infinity"):
+            next_token(logits, temperature, None, np.random.default_rng(0))

@@ -40,6 +40,23 @@ def test_parameter_names_are_gpt2s():
     assert "lm_head.weight" not in names  # tied to wte: listed once
 
 
+def _gpt2_count(V, T, L, C):
+    """GPT-2's parameters by hand: embeddings, per block 12 C^2 + 13 C (two LayerNorms, c_attn,
+    attn.c_proj, c_fc, mlp.c_proj, with biases), the final LayerNorm; lm_head is tied to wte."""
+    return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+
+
+def test_get_num_params_counts_as_nanogpt_without_the_position_embeddings():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8))
+    total = _gpt2_count(11, 8, 2, 8)
+    assert model.get_num_params(non_embedding=False) == model.num_parameters() == total
+    assert model.get_num_params() == total - 8 * 8  # wpe (block_size, C) left out
+    # nanoGPT prints "number of parameters: 123.65M" for GPT-2 small (124M with wpe)
+    assert _gpt2_count(50257, 1024, 12, 768) - 1024 * 768 == 123_653_376
+    apply_lora(model, LoRAConfig(r=2, target_modules=["c_attn"]))
+    assert model.get_num_params() == total - 64 + 2 * 2 * (8 + 24)  # A and B count too
+
+
 def test_lm_head_is_tied_to_token_embedding():
     model = tiny()
     assert model.lm_head.weight is model.transformer.wte.weight

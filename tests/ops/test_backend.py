@@ -63,6 +63,26 @@ def test_split_products_equal_numpy_matmul(shapes, threads, with_bias, seed):
     np.testing.assert_allclose(got_t, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(("shape_a", "shape_b", "split"), [
+    ((3, 40, 16), (3, 16, 24), True),   # a stack of products: blocks of whole matrices
+    ((24, 16), (16, 40), True),         # wider than tall: blocks of columns, each its part of bias
+    ((40, 16), (16, 24), True),         # taller than wide: blocks of rows
+    ((40, 16), (16, 24), False),        # inside parallel() but below the split threshold
+], ids=["stack", "columns", "rows", "unsplit"])
+def test_every_split_path_adds_the_bias(shape_a, shape_b, split):
+    """Each way a product can be cut adds the bias itself (Hypothesis may not draw all four
+    with a bias): a block that forgets it is off by the bias, far beyond round-off. And float32
+    stays float32."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(shape_a).astype(np.float32)
+    b = rng.standard_normal(shape_b).astype(np.float32)
+    bias = rng.uniform(1, 2, shape_b[-1]).astype(np.float32)
+    with runtime.parallel(2), (_split_everything() if split else contextlib.nullcontext()):
+        got = backend.mm(a, b, bias)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.matmul(a, b) + bias, rtol=RTOL, atol=ATOL)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shapes=product_shapes(), transposed=st.booleans(), seed=st.integers(0, 2**16))
 def test_split_products_give_the_same_bits_on_any_number_of_threads(shapes, transposed, seed):

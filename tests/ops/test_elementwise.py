@@ -159,3 +159,32 @@ def test_astype_gradient_comes_back_in_the_input_dtype(a):
 def test_astype_through_a_wider_float_gradient_matches_finite_differences(a):
     """float64 -> longdouble -> float64 loses nothing, so finite differences can see it."""
     gradcheck(lambda x: ops.astype(ops.astype(x, np.longdouble) * 3.0, np.float64), a)
+
+
+# ---- what mutation testing found unchecked ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mul", "div", "pow"])  # add and sub pass g on: no product
+@pytest.mark.parametrize("frozen", [0, 1], ids=["a-frozen", "b-frozen"])
+def test_the_vjp_returns_none_for_a_frozen_operand(name, frozen):
+    """Checked on the VJP itself: the engine would drop a frozen operand's gradient anyway, so
+    through .grad a VJP that computes it (a wasted product) looks the same."""
+    operands = [Tensor(np.full(3, 1.5), requires_grad=True),
+                Tensor(np.full(3, 2.0), requires_grad=True)]
+    operands[frozen] = Tensor(operands[frozen].data)
+    grads = getattr(ops, name)(*operands).grad_fn.backward(np.ones(3))
+    assert grads[frozen] is None and grads[1 - frozen] is not None
+
+
+def test_clip_with_one_limit_and_its_gradient_at_the_limits():
+    x = Tensor(np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), requires_grad=True)
+    np.testing.assert_array_equal(ops.clip(x, None, 1.0).data, [-2.0, -1.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(ops.clip(x, -1.0, None).data, [-1.0, -1.0, 0.0, 1.0, 2.0])
+    ops.clip(x, -1.0, 1.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, [0.0, 1.0, 1.0, 1.0, 0.0])  # at a limit: 1, as torch
+
+
+def test_astype_sends_the_gradient_back_in_the_source_dtype():
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    y = ops.astype(x, np.float64)
+    assert y.dtype == np.float64
+    assert y.grad_fn.backward(np.ones(3))[0].dtype == np.float32

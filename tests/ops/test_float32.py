@@ -6,6 +6,8 @@ computed in float64 (twice the memory and time).
 """
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +166,14 @@ def test_a_float32_graph_backward_gives_float32_gradients_everywhere():
     loss.backward()
     assert loss.dtype == np.float32
     assert x.grad.dtype == w.grad.dtype == h.grad.dtype == np.float32
+
+
+def test_the_promotion_rule_the_docs_teach_holds_on_every_numpy_pyproject_allows():
+    """docs/engine.md: a Python float keeps float32 float32, an np.float64 scalar does not. That
+    is NumPy 2's rule (NEP 50); NumPy 1 kept float32 for both, so pyproject requires NumPy 2."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    floor = re.search(r'"numpy>=(\d+)', pyproject)
+    assert floor and int(floor.group(1)) >= 2, "pyproject must require numpy>=2 (NEP 50)"
+    x = np.ones(3, dtype=np.float32)
+    assert (x * 2.0).dtype == np.float32 and (x + 1).dtype == np.float32
+    assert (x * np.float64(2.0)).dtype == np.float64

@@ -7,6 +7,7 @@ twice, once on each implementation (the ``impl`` fixture swaps ``ops.X`` for ``o
 """
 
 import math
+import warnings
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import Tensor, ops
+from minilora import ConfigError, Tensor, ops
 from tests.gradcheck import F32_TOL, FAST, assert_same_function, gradcheck, randn, shapes
 
 
@@ -318,6 +319,14 @@ def test_dropout_with_the_same_seed_gives_the_same_mask():
     assert not np.array_equal(first, other)
 
 
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_dropout_probability_outside_zero_to_one_is_an_error(p):
+    """p = 1 would divide by zero in the 1/(1-p) scaling (PyTorch returns zeros there; minilora
+    refuses it, as a rate that trains nothing is a mistake)."""
+    with pytest.raises(ConfigError, match=f"dropout.p must be a number in \\[0, 1\\), got {p}"):
+        ops.dropout(Tensor(np.ones(3)), p, np.random.default_rng(0))
+
+
 @pytest.mark.parametrize("p, training", [(0.0, True), (0.5, False)], ids=["p=0", "eval"])
 def test_dropout_is_the_identity_when_off(p, training):
     x = Tensor(np.arange(6.0))
@@ -444,3 +453,58 @@ def test_lora_linear_with_a_frozen_weight_never_forms_dw(mm_calls, impl):
     assert (r, in_f) in backward_outputs or (in_f, r) in backward_outputs  # dA, or dA^T
     assert (out_f, r) in backward_outputs or (r, out_f) in backward_outputs  # dB, or dB^T
     assert w.grad is None
+
+
+# ---- what mutation testing found unchecked ------------------------------------------------------
+
+def test_gelu_at_exactly_zero_and_far_below_it():
+    """GELU'(0) = 1/2 (the backward reads s = y / x, so x = 0 is its own case), and a very
+    negative input gives 0 with no overflow warning, in float32 as in float64."""
+    for dtype in (np.float32, np.float64):
+        x = Tensor(np.array([0.0, -1000.0, 1.0], dtype=dtype), requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = ops.gelu(x)
+            y.backward(np.ones(3, dtype=dtype))
+        np.testing.assert_array_equal(y.data[:2], [0.0, 0.0])
+        k = math.sqrt(2 / math.pi)  # GELU'(1) from its formula
+        t = math.tanh(k * (1 + 0.044715))
+        want = 0.5 * (1 + t) + 0.5 * (1 - t * t) * k * (1 + 3 * 0.044715)
+        np.testing.assert_allclose(x.grad, [0.5, 0.0, want], rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_rows_of_very_different_scale_stay_finite(causal):
+    """Each row of scores is shifted by its own maximum: a row of scores near 1e4 beside one near
+    0 must not underflow the second (a shift by the global maximum would give 0 / 0)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 130, 8)) for _ in range(3))  # > 2 row blocks
+    q[0, 0] *= 3000.0  # head 0: scores of thousands; head 1: ordinary ones
+    want = attention_composed(*(Tensor(a) for a in (q, k, v)), causal, 1 / math.sqrt(8)).data
+    # float32 scores of ~1e4 carry round-off of ~1e-3 into the exponent, so into the weights
+    for dtype, tol in ((np.float64, {"rtol": 1e-10, "atol": 1e-12}),
+                       (np.float32, {"rtol": 1e-3, "atol": 1e-3})):
+        got = ops.scaled_dot_product_attention(*(Tensor(a.astype(dtype)) for a in (q, k, v)),
+                                               causal=causal).data
+        assert got.dtype == dtype and np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, **tol)
+
+
+def test_attention_computes_no_product_for_a_frozen_input(mm_calls):
+    """dK and dV need two products of their own: with k and v frozen the kernel must not run
+    them (the equation, ops.reference, is written for reading and computes all three)."""
+    from minilora.ops.backend.attention import scaled_dot_product_attention as kernel
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 16, 4)) for _ in range(3))
+
+    def products_of_backward(trainable):
+        t = [Tensor(a, requires_grad=i in trainable) for i, a in enumerate((q, k, v))]
+        out = kernel(*t, causal=True)
+        before = len(mm_calls)
+        out.backward(np.ones_like(out.data))
+        return len(mm_calls) - before
+
+    every, only_q, only_v = products_of_backward({0, 1, 2}), products_of_backward({0}), \
+        products_of_backward({2})
+    assert only_q < every and only_v < every and only_v < only_q
