@@ -207,7 +207,8 @@ class LoRALayer(Module):
         self._disabled = not enabled
 
     def _adapters_repr(self) -> str:
-        parts = [f"{n}: r={a.r}, lora_alpha={a.lora_alpha}, scaling={a.scaling:g}" + (
+        parts = [f"{n}: r={a.r}, lora_alpha={a.lora_alpha}, scaling={a.scaling:g}, "
+                 f"lora_dropout={a.lora_dropout}" + (
             f", slices={'/'.join(a.names)}" if isinstance(a, SlicedAdapter) else "")
             for n, a in self.adapters.items()]
         return f"adapters={{{'; '.join(parts)}}}, active={self.active_adapters}, " \

@@ -130,7 +130,8 @@ def test_the_combination_is_a_new_inactive_frozen_adapter_of_scaling_1():
     add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "mix", combination_type="svd")
     config = model.peft_config["mix"]
     assert (config.r, config.lora_alpha, config.target_modules) == (3, 3, ("c_attn", "c_fc"))
-    assert model.active_adapters == ["default"] and get_nb_trainable_parameters(model)[0] == trainable
+    assert model.active_adapters == ["default"]
+    assert get_nb_trainable_parameters(model)[0] == trainable
     assert all(layer.adapters["mix"].scaling == 1.0 for _, layer in named_lora_layers(model))
 
 
