@@ -15,16 +15,23 @@ from minilora.errors import (
 from minilora.hf import from_pretrained, load_adapter, save_adapter
 from minilora.lora import (
     LoRAConfig,
+    LoRAEmbedding,
     LoRALinear,
+    add_adapter,
+    add_weighted_adapter,
     apply_lora,
+    delete_adapter,
     disable_adapter,
     disable_adapters,
     load_lora_state_dict,
     lora_state_dict,
     mark_only_lora_as_trainable,
+    merge_adapter,
     merge_and_unload,
     print_trainable_parameters,
+    set_adapter,
     unload,
+    unmerge_adapter,
 )
 from minilora.models import GPT, GPTConfig, LlamaConfig, LlamaForCausalLM
 from minilora.runtime import parallel, tune_malloc
@@ -34,9 +41,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GPT", "ConfigError", "DataError", "FileFormatError", "GPTConfig", "GradError", "LlamaConfig",
-    "LlamaForCausalLM", "LoRAConfig", "LoRALinear", "MiniLoRAError", "NonFiniteError",
-    "RunLockedError", "ShapeError", "StateDictError", "TargetModuleError", "Tensor", "apply_lora",
+    "LlamaForCausalLM", "LoRAConfig", "LoRAEmbedding", "LoRALinear", "MiniLoRAError",
+    "NonFiniteError", "RunLockedError", "ShapeError", "StateDictError", "TargetModuleError",
+    "Tensor", "add_adapter", "add_weighted_adapter", "apply_lora", "delete_adapter",
     "disable_adapter", "disable_adapters", "from_pretrained", "is_grad_enabled", "load_adapter",
-    "load_lora_state_dict", "lora_state_dict", "mark_only_lora_as_trainable", "merge_and_unload",
-    "no_grad", "parallel", "print_trainable_parameters", "save_adapter", "tune_malloc", "unload",
+    "load_lora_state_dict", "lora_state_dict", "mark_only_lora_as_trainable", "merge_adapter",
+    "merge_and_unload", "no_grad", "parallel", "print_trainable_parameters", "save_adapter",
+    "set_adapter", "tune_malloc", "unload", "unmerge_adapter",
 ]

@@ -218,12 +218,16 @@ def _add_lora_flags(p) -> None:
     g.add_argument("--lora-dropout", type=_number, metavar="P",
                    help="dropout on the adapter's input (default: 0)")
     g.add_argument("--target-modules", metavar="NAMES",
-                   help="comma-separated module names, each matching every Linear whose "
-                        "dotted name ends in it, as in PEFT (default: c_attn,c_proj, where "
-                        "c_proj is both attn.c_proj and mlp.c_proj; also c_fc, or full names "
-                        "such as transformer.h.0.attn.c_attn); a name matching nothing is an "
-                        "error")
+                   help="comma-separated module names, each matching every Linear or "
+                        "Embedding whose dotted name ends in it, as in PEFT (default: "
+                        "c_attn,c_proj, where c_proj is both attn.c_proj and mlp.c_proj; also "
+                        "c_fc, wte for the token embedding, or full names such as "
+                        "transformer.h.0.attn.c_attn); a name matching nothing is an error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    g.add_argument("--lora-targets", metavar="ROLES",
+                   help="the LoRA paper's weights to adapt, by role: q, k, v (slices of c_attn, "
+                        "each its own adapter), o (attn.c_proj), mlp (c_fc, mlp.c_proj) or all; "
+                        "q,v is the paper's choice. With --target-modules, both are adapted")
 
 
 def _add_common(p) -> None:

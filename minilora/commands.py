@@ -33,11 +33,27 @@ from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
-_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets")
 # a config field the command line sets, and the flag that sets it
 _FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
             **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
-            **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r"}
+            **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r",
+            ("LoRAConfig", "target_slices"): "lora_targets",
+            ("GPT", "lora_targets"): "lora_targets"}
+
+
+def _lora_targets(args) -> dict:
+    """target_modules (and target_slices) from --target-modules and --lora-targets."""
+    from minilora.models import GPT
+
+    names = args.target_modules or ("" if args.lora_targets else "c_attn,c_proj")
+    targets = tuple(t.strip() for t in names.split(",") if t.strip())
+    if not args.lora_targets:
+        return {"target_modules": targets}
+    roles = GPT.lora_targets(args.lora_targets)
+    modules = roles["target_modules"] + tuple(t for t in targets
+                                              if t not in roles["target_modules"])
+    return {**roles, "target_modules": modules}
 
 
 def _given(args, names) -> dict:
@@ -140,13 +156,11 @@ def _new_run_settings(args):
                                   _flag(n) for n in _given(args, (*_MODEL_FLAGS, "no_bias",
                                                                   "tokenizer"))))
         elif args.lora_r is not None:
-            targets = [t.strip() for t in (args.target_modules or "c_attn,c_proj").split(",")]
             lora = LoRAConfig(
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
                 lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                target_modules=tuple(t for t in targets if t),
-                use_rslora=args.use_rslora)
+                use_rslora=args.use_rslora, **_lora_targets(args))
         if args.dropout is not None:
             GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
     return config, model, lora
@@ -355,6 +369,7 @@ _MERGE_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 
 def cmd_merge(args) -> int:
     from minilora.lora import merge_and_unload, named_lora_layers
+    from minilora.lora.model import tied_lora_layers
     from minilora.models import GPT
     from minilora.tensor import no_grad
 
@@ -372,6 +387,12 @@ def cmd_merge(args) -> int:
     marker = CHECKPOINT if fmt == "run" else "config.json"
     if (out / marker).exists():  # before the merge, which costs time
         raise ConfigError(f"merge: {out} already holds a model ({marker}); choose another --out")
+    tied = tied_lora_layers(model)
+    if tied:
+        raise ConfigError(f"merge: the adapter on {sorted(tied)} is on a weight tied to "
+                          f"{sorted({o for others in tied.values() for o in others})}: merged, it "
+                          "would change those too, so the merged model would not be the adapted "
+                          "one (PEFT merges it that way); keep this adapter unmerged")
     probe = np.random.default_rng(0).integers(0, model.config.vocab_size,
                                               (4, _block_size(model, "merge")))
     with no_grad():

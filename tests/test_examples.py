@@ -29,6 +29,8 @@ CASES = {
                                ["subspace/subspace_similarity.png",
                                 "subspace/subspace_similarity.json"]),
     "merge_no_latency.py": ([], ["max |merged - adapted|", "merged/base"], []),
+    "target_budget.py": (["--out", "budget"], ["| {q, v} | 18 |", "one budget, as in Table 5"],
+                         ["budget/target_budget.md", "budget/target_budget.json"]),
 }
 
 

@@ -1,4 +1,5 @@
-"""LoRA: the config, the adapted Linear layer, applying it to a model by name, and undoing it."""
+"""LoRA: the config, the adapted layers (Linear, Embedding, slices of a fused projection), adapters
+by name, applying them to a model, combining and undoing them."""
 
 from minilora.lora.accounting import (
     LoRALayerCount,
@@ -7,20 +8,26 @@ from minilora.lora.accounting import (
     print_trainable_parameters,
     trainable_parameters_report,
 )
+from minilora.lora.adapters import EmbeddingAdapter, LinearAdapter, SlicedAdapter
+from minilora.lora.combine import add_weighted_adapter
 from minilora.lora.config import LoRAConfig, lora_scaling, matches_target
-from minilora.lora.layer import LoRALinear
+from minilora.lora.layer import DEFAULT, LoRAEmbedding, LoRALayer, LoRALinear, parameter_name
 from minilora.lora.model import (
+    active_adapters,
+    add_adapter,
     apply_lora,
+    delete_adapter,
     disable_adapter,
     disable_adapters,
     mark_only_lora_as_trainable,
     merge_adapter,
     merge_and_unload,
-    named_lora_layers,
     plan_lora,
+    set_adapter,
     unload,
     unmerge_adapter,
 )
+from minilora.lora.plan import named_lora_layers
 from minilora.lora.state import load_lora_state_dict, lora_state_dict
 
 
@@ -35,10 +42,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LoRAConfig", "LoRALayerCount", "LoRALinear", "apply_lora", "disable_adapter",
+    "DEFAULT", "EmbeddingAdapter", "LinearAdapter", "LoRAConfig", "LoRAEmbedding",
+    "LoRALayer", "LoRALayerCount", "LoRALinear", "SlicedAdapter", "active_adapters",
+    "add_adapter", "add_weighted_adapter", "apply_lora", "delete_adapter", "disable_adapter",
     "disable_adapters", "get_nb_trainable_parameters", "load_adapter", "load_lora_state_dict",
     "lora_parameter_counts", "lora_scaling", "lora_state_dict", "mark_only_lora_as_trainable",
-    "matches_target", "merge_adapter", "merge_and_unload", "named_lora_layers", "plan_lora",
-    "print_trainable_parameters", "save_adapter", "trainable_parameters_report", "unload",
-    "unmerge_adapter",
+    "matches_target", "merge_adapter", "merge_and_unload", "named_lora_layers", "parameter_name",
+    "plan_lora", "print_trainable_parameters", "save_adapter", "set_adapter",
+    "trainable_parameters_report", "unload", "unmerge_adapter",
 ]

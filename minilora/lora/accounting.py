@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from minilora.configs import positive_int
-from minilora.lora.model import named_lora_layers
+from minilora.lora.plan import named_lora_layers
+from minilora.lora.state import adapter_names
 from minilora.nn import Module
 
 
@@ -24,10 +25,14 @@ class LoRALayerCount:
     in_features: int
     out_features: int
     r: int
+    slice_rows: tuple[int, ...] = ()  # an adapter on slices of a fused output: their widths
+    adapter_name: str = "default"
 
     def __post_init__(self) -> None:
         for field in ("in_features", "out_features", "r"):
             positive_int("LoRALayerCount", field, getattr(self, field))
+        for width in self.slice_rows:
+            positive_int("LoRALayerCount", "slice_rows", width)
 
     @property
     def weight_params(self) -> int:
@@ -36,7 +41,10 @@ class LoRALayerCount:
 
     @property
     def lora_params(self) -> int:
-        """r * (in + out): the entries of A (r, in) and B (out, r)."""
+        """r * (in + out): the entries of A (r, in) and B (out, r); on slices of widths w_i, the
+        sum of r * (in + w_i), an adapter per slice."""
+        if self.slice_rows:
+            return sum(self.r * (self.in_features + w) for w in self.slice_rows)
         return self.r * (self.in_features + self.out_features)
 
     @property
@@ -50,11 +58,16 @@ class LoRALayerCount:
                 f"({self.fraction})")
 
 
-def lora_parameter_counts(model: Module) -> list[LoRALayerCount]:
-    """One ``LoRALayerCount`` per LoRA layer of ``model``, in module order. Their ``lora_params``
-    add up to the adapter's size, ``Σ r (in + out)``."""
-    return [LoRALayerCount(name, layer.in_features, layer.out_features, layer.r)
-            for name, layer in named_lora_layers(model)]
+def lora_parameter_counts(model: Module, adapter_name: str | list[str] | None = None
+                          ) -> list[LoRALayerCount]:
+    """One ``LoRALayerCount`` per LoRA layer of ``model`` and adapter named (default: the active
+    ones), in module order. Their ``lora_params`` add up to the adapter's size,
+    ``Σ r (in + out)``. An Embedding counts ``in`` as its vocabulary and ``out`` as its width."""
+    names = adapter_names(model, adapter_name)
+    return [LoRALayerCount(name, layer.in_features, layer.out_features, adapter.r,
+                           adapter.counted_rows(layer.out_features), adapter_name=n)
+            for name, layer in named_lora_layers(model)
+            for n, adapter in layer.adapters.items() if n in names]
 
 
 def get_nb_trainable_parameters(model: Module) -> tuple[int, int]:

@@ -123,6 +123,12 @@ class LoRAConfig:
         ``lm_head`` is ``transformer.wte``). minilora trains a module in place, so the tie always
         holds; a config that names a tied module must say so with True (PEFT would otherwise train
         an untied copy, other numbers), or ``apply_lora`` refuses it.
+    target_slices: {module name: slice names} adapting only those slices of a fused projection's
+        output, each with its own rank-r adapter: ``{"c_attn": ["q", "v"]}`` adapts GPT-2's query
+        and value and leaves the key alone, as the LoRA paper does (loralib's ``MergedLinear``).
+        Keys follow ``target_modules``' list rule and name adapted modules; the slice names are
+        the model's (``GPT.fused_projections``). Not a PEFT field: a PEFT file holds such an
+        adapter as a full one of rank k r (docs/adapters.md).
     """
 
     r: int = 8
@@ -138,6 +144,7 @@ class LoRAConfig:
     task_type: str | None = None
     fan_in_fan_out: bool = False
     ensure_weight_tying: bool = False
+    target_slices: dict[str, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
@@ -167,6 +174,7 @@ class LoRAConfig:
                 owner, "task_type", self.task_type, TASK_TYPES),
             "fan_in_fan_out": flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
             "ensure_weight_tying": flag(owner, "ensure_weight_tying", self.ensure_weight_tying),
+            "target_slices": _slices_dict(owner, self.target_slices),
         }
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
@@ -179,12 +187,20 @@ class LoRAConfig:
         alpha = next((v for k, v in alphas if matches_pattern(name, k)), self.lora_alpha)
         return r, alpha
 
+    def slices_for(self, name: str) -> tuple[str, ...] | None:
+        """The slices ``target_slices`` adapts in the module ``name`` (the first key that
+        matches it), or None: the whole module."""
+        return next((v for k, v in (self.target_slices or {}).items()
+                     if matches_target(name, k)), None)
+
     def to_dict(self) -> dict:
         """A JSON-ready dict (lists, not tuples); ``LoRAConfig.from_dict(c.to_dict()) == c``."""
         d = dataclasses.asdict(self)
         for name in ("target_modules", "modules_to_save"):
             if isinstance(d[name], tuple):
                 d[name] = list(d[name])
+        if d["target_slices"] is not None:
+            d["target_slices"] = {k: list(v) for k, v in d["target_slices"].items()}
         return d
 
     @classmethod
@@ -207,6 +223,27 @@ class LoRAConfig:
         from minilora.lora.peft_config import peft_dict
 
         return peft_dict(self)
+
+
+def _slices_dict(owner: str, value) -> dict[str, tuple[str, ...]] | None:
+    """{module name: distinct slice names}, each list non-empty; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{field_name(owner, 'target_slices')} must be a non-empty mapping of "
+                          f"module name -> slice names (e.g. {{'c_attn': ['q', 'v']}}), got "
+                          f"{value!r:.80}")
+    out = {}
+    for key, names in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{field_name(owner, 'target_slices')} keys must be non-empty "
+                              f"module names, got {key!r}")
+        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names \
+                or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names):
+            raise ConfigError(f"{field_name(owner, 'target_slices')}[{key!r}] must be a non-empty "
+                              f"list of distinct slice names, got {names!r:.80}")
+        out[key] = tuple(names)
+    return out
 
 
 def _init_method(owner: str, value) -> str:

@@ -1,7 +1,8 @@
 """PEFT's ``LoraConfig``, field by field, and minilora's ``LoRAConfig`` read from and written as it.
 
 Every field of PEFT 0.21's ``LoraConfig`` falls in one of three groups (the tests hold the groups
-equal to PEFT's own list of fields and defaults):
+equal to PEFT's own list of fields and defaults; ``MINILORA_ONLY`` lists the one ``LoRAConfig``
+field PEFT lacks):
 
 - ``MAPPED``: a ``LoRAConfig`` field of the same name and meaning;
 - ``DESCRIPTIVE``: facts about the file or PEFT's runtime (its version, the base model's name,
@@ -29,6 +30,10 @@ MAPPED = {
     "init_lora_weights": True, "bias": "none", "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "task_type": None, "fan_in_fan_out": False, "ensure_weight_tying": False,
 }
+
+# LoRAConfig fields PEFT does not have: a PEFT file holds what they describe in PEFT's own terms
+# (target_slices: an adapter on slices of a fused output is written as a full one of rank k r)
+MINILORA_ONLY = ("target_slices",)
 
 # name -> (PEFT's default, the JSON types it may hold): facts that change no number
 DESCRIPTIVE = {

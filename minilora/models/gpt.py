@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -156,6 +157,14 @@ class GPT(nn.Module):
     seed: fixes the initial weights and the dropout masks (one Generator, ``model.rng``).
     """
 
+    # c_attn's output is the query, key and value, n_embd rows each: the slices a LoRA config's
+    # target_slices may name (read by minilora.lora)
+    fused_projections: ClassVar[dict[str, tuple[str, ...]]] = {"c_attn": ("q", "k", "v")}
+    # the LoRA paper's W_q, W_k, W_v, W_o, and the MLP, as GPT-2's modules (see lora_targets)
+    LORA_ROLES: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
+        "mlp": ("mlp.c_fc", "mlp.c_proj")}
+
     def __init__(self, config: GPTConfig, seed: int | np.random.Generator | None = 0):
         super().__init__()
         self.config = config
@@ -180,6 +189,28 @@ class GPT(nn.Module):
         from minilora.hf import save_pretrained
 
         save_pretrained(self, path)
+
+    @classmethod
+    def lora_targets(cls, roles: str) -> dict:
+        """The ``LoRAConfig`` fields that adapt the LoRA paper's matrices: ``roles`` is a comma
+        list of q, k, v (slices of c_attn, each its own adapter), o (attn.c_proj), mlp (c_fc and
+        mlp.c_proj) or all. ``"q,v"`` -> ``target_modules=("c_attn",)``,
+        ``target_slices={"c_attn": ("q", "v")}``, the paper's usual choice."""
+        names = [r.strip() for r in str(roles).split(",") if r.strip()]
+        names = ["q", "k", "v", "o", "mlp"] if names == ["all"] else names
+        unknown = [r for r in names if r not in cls.LORA_ROLES]
+        if not names or unknown or len(set(names)) < len(names):
+            raise ConfigError(f"{field_name('GPT', 'lora_targets')}: expected distinct roles from "
+                              f"{', '.join(cls.LORA_ROLES)} or all, got {roles!r}")
+        modules = []
+        for role in names:
+            found = cls.LORA_ROLES[role]
+            modules += [m for m in ((found,) if isinstance(found, str) else found)
+                        if m not in modules]
+        qkv = tuple(r for r in cls.fused_projections["c_attn"] if r in names)
+        return {"target_modules": tuple(modules),
+                "target_slices": {"c_attn": qkv} if qkv else None}
+
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """The number of parameters, as nanoGPT counts them: every parameter once (the tied

@@ -80,18 +80,35 @@ class Embedding(Module):
         weight = make_rng(rng).standard_normal((num_embeddings, embedding_dim))
         self.weight = Parameter(weight.astype(dtype))
 
+    @classmethod
+    def from_weight(cls, weight: Parameter) -> Embedding:
+        """An Embedding around an existing (vocab, dim) Parameter, shared, not copied: how
+        unloading a LoRA embedding puts the plain layer back. No random initialisation runs."""
+        if not isinstance(weight, Parameter) or weight.ndim != 2:
+            raise ShapeError("Embedding.from_weight: expected a (vocab, dim) Parameter")
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer.num_embeddings, layer.embedding_dim = weight.shape
+        layer.weight = weight
+        return layer
+
     def forward(self, idx) -> Tensor:
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise ShapeError(f"Embedding: indices must be integers, got dtype {idx.dtype}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_embeddings):
-            bad = idx.min() if idx.min() < 0 else idx.max()
-            raise ShapeError(f"Embedding({self.num_embeddings}, {self.embedding_dim}): index {bad} "
-                             f"is outside [0, {self.num_embeddings})")
+        check_indices(idx, self.num_embeddings, self.embedding_dim)
         return ops.getitem(self.weight, idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+def check_indices(idx: np.ndarray, num_embeddings: int, embedding_dim: int) -> None:
+    """A ShapeError unless ``idx`` holds integers in [0, num_embeddings)."""
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise ShapeError(f"Embedding: indices must be integers, got dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_embeddings):
+        bad = idx.min() if idx.min() < 0 else idx.max()
+        raise ShapeError(f"Embedding({num_embeddings}, {embedding_dim}): index {bad} "
+                         f"is outside [0, {num_embeddings})")
 
 
 class LayerNorm(Module):

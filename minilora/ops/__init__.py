@@ -7,7 +7,9 @@ twice: as their equations in ``softmax``, ``normalization``, ``activation``, ``a
 ``lora_linear``, ``rms_norm``, ``rotary``, ``swiglu`` and ``grouped_attention`` (gathered in
 :mod:`minilora.ops.reference`), and as the fast kernels of :mod:`minilora.ops.backend`, behind the
 same signatures. The names exported here are the kernels, which the engine runs;
-``tests/ops/test_kernels.py`` holds each equal to its equation.
+``tests/ops/test_kernels.py`` holds each equal to its equation. The paths of the other adapters
+(``lora_slices``: an adapter on slices of a fused projection, or one of several on a layer;
+``lora_embedding``: LoRA on an embedding) are their equations alone: no hot path needs more.
 """
 
 from minilora.ops import reference
@@ -38,6 +40,8 @@ from minilora.ops.elementwise import (
     tanh,
     where,
 )
+from minilora.ops.lora_embedding import lora_embedding
+from minilora.ops.lora_linear import lora_slices
 from minilora.ops.matmul import linear, matmul
 from minilora.ops.reduce import max, mean, sum
 from minilora.ops.shape import concatenate, getitem, reshape, split, stack, swapaxes, transpose
@@ -47,8 +51,8 @@ from minilora.ops.swiglu import silu
 __all__ = [
     "add", "astype", "causal_self_attention", "clip", "concatenate", "cross_entropy", "div",
     "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention", "layer_norm",
-    "linear", "log", "log_softmax", "lora_linear", "masked_fill", "matmul", "max", "mean", "mul",
-    "neg", "pow", "reference", "relu", "reshape", "rms_norm", "rotary_embedding",
-    "scaled_dot_product_attention", "silu", "softmax", "split", "sqrt", "stack", "sub", "sum",
-    "swapaxes", "swiglu", "tanh", "transpose", "where",
+    "linear", "log", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "masked_fill",
+    "matmul", "max", "mean", "mul", "neg", "pow", "reference", "relu", "reshape", "rms_norm",
+    "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "split", "sqrt",
+    "stack", "sub", "sum", "swapaxes", "swiglu", "tanh", "transpose", "where",
 ]

@@ -57,3 +57,59 @@ def check_lora_linear(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor)
             f"lora_linear: x {x.shape}, W {weight.shape}, A {lora_A.shape}, B {lora_B.shape} "
             f"do not fit (expected x (..., {in_f}), A (r, {in_f}), B ({out_f}, r))"
         )
+
+
+def lora_slices(x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                slices: tuple[tuple[int, int], ...], out_features: int,
+                dropout_mask: np.ndarray | None = None) -> Tensor:
+    """The low-rank path alone, written into row slices of the output: (..., out).
+
+    x: (..., in); A: (k r, in) = [A_1; ...; A_k]; B: (k w, r) = [B_1; ...; B_k]; ``slices``: k
+    pairs (lo, hi), hi - lo = w, apart, inside [0, out) (loralib's ``MergedLinear`` layout).
+    y[..., lo_i:hi_i] = s (d(x) A_i^T) B_i^T, and 0 outside the slices: an adapter on q and v of
+    a fused q, k, v projection. A full adapter is the case k = 1, slices = ((0, out),).
+    With G = dL/dy, G_i = G[..., lo_i:hi_i], h_i = d(x) A_i^T and u = [G_1 B_1, ..., G_k B_k]:
+    dB_i = s G_i^T h_i,  dA = s u^T d(x) (row block i is s (G_i B_i)^T d(x)),  dx = s d(u A).
+    """
+    check_lora_slices(x, lora_A, lora_B, slices, out_features)
+    s, A, B, k = float(scaling), lora_A.data, lora_B.data, len(slices)
+    r, w = A.shape[0] // k, B.shape[0] // k
+    mask = None if dropout_mask is None else np.asarray(dropout_mask, dtype=x.dtype)
+    xd = x.data if mask is None else x.data * mask        # d(x): (..., in)
+    h = xd @ A.T                                          # (..., k r)
+    y = np.zeros((*x.shape[:-1], out_features), dtype=np.result_type(xd, A, B))
+    for i, (lo, hi) in enumerate(slices):
+        y[..., lo:hi] = s * (h[..., i * r:(i + 1) * r] @ B[i * w:(i + 1) * w].T)
+    need_x = x.requires_grad
+
+    def backward(g):                                      # g: (..., out)
+        u = np.concatenate([g[..., lo:hi] @ B[i * w:(i + 1) * w]
+                            for i, (lo, hi) in enumerate(slices)], axis=-1)  # (..., k r)
+        gx = None
+        if need_x:
+            du = s * (u @ A)                              # (..., in), through d too
+            gx = du if mask is None else du * mask
+        gA = s * _rows(u).T @ _rows(xd)                   # (k r, in)
+        gB = np.concatenate([s * _rows(g[..., lo:hi]).T @ _rows(h[..., i * r:(i + 1) * r])
+                             for i, (lo, hi) in enumerate(slices)], axis=0)  # (k w, r)
+        return [gx, gA, gB]
+
+    return Tensor.from_op(y, (x, lora_A, lora_B), backward)
+
+
+def check_lora_slices(x: Tensor, lora_A: Tensor, lora_B: Tensor,
+                      slices: tuple[tuple[int, int], ...], out_features: int) -> None:
+    """A ShapeError unless A: (k r, in), B: (k w, r) and the k slices are w wide, apart and
+    inside [0, out)."""
+    k = len(slices)
+    widths = {hi - lo for lo, hi in slices}
+    ordered = sorted(slices)
+    fits = (k > 0 and lora_A.ndim == 2 and lora_B.ndim == 2 and x.shape[-1] == lora_A.shape[1]
+            and lora_A.shape[0] % k == 0 and lora_B.shape[0] % k == 0
+            and lora_B.shape[1] == lora_A.shape[0] // k and widths == {lora_B.shape[0] // k}
+            and ordered[0][0] >= 0 and ordered[-1][1] <= out_features
+            and all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:], strict=False)))
+    if not fits:
+        raise ShapeError(f"lora_slices: x {x.shape}, A {lora_A.shape}, B {lora_B.shape}, slices "
+                         f"{slices} of {out_features} outputs do not fit (expected A (k r, in), "
+                         "B (k w, r) and k slices w wide, apart, inside the outputs)")

@@ -9,7 +9,8 @@ Softmax, log-softmax and SiLU have no kernel: no hot path calls them.
 from minilora.ops.activation import gelu
 from minilora.ops.attention import causal_self_attention, scaled_dot_product_attention
 from minilora.ops.grouped_attention import grouped_query_attention
-from minilora.ops.lora_linear import lora_linear
+from minilora.ops.lora_embedding import lora_embedding
+from minilora.ops.lora_linear import lora_linear, lora_slices
 from minilora.ops.normalization import layer_norm
 from minilora.ops.rms_norm import rms_norm
 from minilora.ops.rotary import rotary_embedding
@@ -17,5 +18,5 @@ from minilora.ops.softmax import cross_entropy, log_softmax, softmax
 from minilora.ops.swiglu import silu, swiglu
 
 __all__ = ["causal_self_attention", "cross_entropy", "gelu", "grouped_query_attention",
-           "layer_norm", "log_softmax", "lora_linear", "rms_norm", "rotary_embedding",
-           "scaled_dot_product_attention", "silu", "softmax", "swiglu"]
+           "layer_norm", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "rms_norm",
+           "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "swiglu"]

@@ -80,7 +80,12 @@ def _trained_weights(model) -> dict[str, np.ndarray]:
 
 
 def write_checkpoint(path: str | Path, model, info: dict, optimizer=None) -> None:
-    """Save ``model``'s trained weights, ``optimizer``'s state (if any) and ``info``, atomically."""
+    """Save ``model``'s trained weights, ``optimizer``'s state (if any) and ``info``, atomically.
+    A LoRA run's checkpoint holds its one adapter, the default (save others with save_adapter)."""
+    if is_lora(model) and model.__dict__.get("active_adapters", ["default"]) != ["default"]:
+        raise ConfigError(f"write_checkpoint: a run's checkpoint holds the default adapter; the "
+                          f"active adapters are {model.active_adapters} (set_adapter(model, "
+                          "'default'), or save_adapter for the others)")
     tensors = {f"model.{k}": v for k, v in _trained_weights(model).items()}
     meta = {"format": FORMAT, "kind": "lora" if is_lora(model) else "full",
             "model_config": model.config.to_dict(), **info}
@@ -258,8 +263,9 @@ def _check_size(path: Path, config: GPTConfig, weights: dict) -> None:
 
 def _check_adapter(path: Path, config: LoRAConfig, weights: dict) -> None:
     """What an adapter must say without its base: its layers are the ones lora_config targets, and
-    each has a 2-D lora_A (r, in) and lora_B (out, r), with the rank lora_config gives it."""
-    layers = sorted({n.rpartition(".")[0] for n in weights if n.endswith((".lora_A", ".lora_B"))})
+    each has a 2-D lora_A (r, in) and lora_B (out, r) (an Embedding's lora_embedding_A and _B),
+    with the rank lora_config gives it (k r on k slices of a fused output)."""
+    layers = sorted({n.rpartition(".")[0] for n in weights if n.endswith(_KINDS)})
     targets = config.target_modules
     if targets == ALL_LINEAR:  # which layers are Linear only the base can say; it is checked then
         odd, unused = [], []
@@ -274,18 +280,23 @@ def _check_adapter(path: Path, config: LoRAConfig, weights: dict) -> None:
                               f"lora_config.target_modules {targets!r}")
     for name in weights:
         layer, _, kind = name.rpartition(".")
-        if kind not in ("lora_A", "lora_B"):
+        if "." + kind not in _KINDS:
             continue
-        a, b = weights.get(f"{layer}.lora_A"), weights.get(f"{layer}.lora_B")
+        prefix = "lora_embedding_" if kind.startswith("lora_embedding_") else "lora_"
+        a, b = weights.get(f"{layer}.{prefix}A"), weights.get(f"{layer}.{prefix}B")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2:
-            raise FileFormatError(f"{path}: layer {layer!r} needs a 2-D lora_A and lora_B, the "
-                                  f"file holds {[None if x is None else x.shape for x in (a, b)]}")
+            held = [None if x is None else x.shape for x in (a, b)]
+            raise FileFormatError(f"{path}: layer {layer!r} needs a 2-D {prefix}A and {prefix}B, "
+                                  f"the file holds {held}")
         r = config.rank_and_alpha(layer)[0]
-        if a.shape[0] != r or b.shape[1] != r:
-            raise FileFormatError(f"{path}: layer {layer!r} has lora_A {a.shape} and lora_B "
-                                  f"{b.shape}; lora_config says rank {r}")
+        slices = len(config.slices_for(layer) or ()) or 1
+        if a.shape[0] != slices * r or b.shape[1] != r:
+            raise FileFormatError(f"{path}: layer {layer!r} has {prefix}A {a.shape} and {prefix}B "
+                                  f"{b.shape}; lora_config says rank {r}"
+                                  + (f" on {slices} slices" if slices > 1 else ""))
 
 
+_KINDS = (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B")
 _OPTIMIZERS = {"AdamW": AdamW, "SGD": SGD}
 _OPTIM_SCHEMA = {"type": str, "param_groups": [{"params": [str]}]}
 

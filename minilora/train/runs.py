@@ -137,12 +137,20 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
         apply_lora(model, lora, rng=model.rng)
     if log is not None:
         how = "in full" if lora is None else (
-            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on "
-            f"{', '.join(lora.target_modules)}")
+            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on {_describe_targets(lora)}")
         log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
             f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
                  extra_eval=extra_eval, on_eval=on_eval, run_files=files)
+
+
+def _describe_targets(lora) -> str:
+    """``c_attn[q, v], c_proj``: the target modules, and the slices adapted of a fused one."""
+    if isinstance(lora.target_modules, str):
+        return lora.target_modules
+    slices = lora.target_slices or {}
+    return ", ".join(f"{t}[{', '.join(slices[t])}]" if t in slices else t
+                     for t in lora.target_modules)
 
 
 def _set_dropout(model: GPT, p: float) -> None:

@@ -75,9 +75,9 @@ def adapted(model: GPT, config: LoRAConfig, seed=0) -> GPT:
     dropped B, bias or saved module changes the logits."""
     apply_lora(model, config, rng=seed)
     rng = np.random.default_rng(seed + 7)
-    for _, layer in named_lora_layers(model):
-        b = rng.standard_normal(layer.lora_B.shape) * 0.2
-        layer.lora_B.data = b.astype(model.config.dtype)
+    for _, layer in named_lora_layers(model):  # the factor that starts at 0 (an Embedding's A)
+        zero = layer.lora_B if hasattr(layer, "lora_B") else layer.lora_embedding_A
+        zero.data = (rng.standard_normal(zero.shape) * 0.2).astype(model.config.dtype)
     for _, p in model.named_parameters():
         if p.requires_grad:
             p.data = (p.data + rng.standard_normal(p.shape) * 0.05).astype(p.dtype)

@@ -14,6 +14,7 @@ from minilora import ConfigError, FileFormatError, MiniLoRAError, TargetModuleEr
 from minilora.lora import LoRAConfig, apply_lora, lora_state_dict, named_lora_layers
 from minilora.lora.peft_config import MAPPED, peft_dict
 from tests.hf.helpers import adapted, random_gpt, tokens
+from tests.lora.helpers import assert_unchanged, snapshot
 
 CONFIGS = {
     "c_attn": LoRAConfig(r=2, lora_alpha=4),
@@ -224,10 +225,12 @@ def test_a_pickled_adapter_is_refused(tmp_path):
         hf.load_adapter(random_gpt(), tmp_path / "a")
 
 
-def test_an_adapted_model_cannot_take_a_second_adapter(one):
+def test_a_second_adapter_under_a_taken_name_is_an_error(one):
     model, directory, _ = one
-    with pytest.raises(FileFormatError, match="already a LoRALinear"):
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="already has an adapter named 'default'"):
         hf.load_adapter(model, directory)
+    assert_unchanged(model, before)
 
 
 def test_save_adapter_needs_an_adapter(tmp_path):
@@ -287,3 +290,51 @@ def test_the_docs_table_lists_every_peft_field():
         expected = "supported" if name in MAPPED else "read, not kept" if name in DESCRIPTIVE \
             else "refused unless default" if name in REFUSED else "not in the file"
         assert status.startswith(expected), (name, status)
+
+
+# ---- several adapters ------------------------------------------------------------------------
+
+def second_adapter(tmp_path):
+    """A model with a default adapter, and another adapter's files (c_attn and wte) to load."""
+    other = adapted(random_gpt("float64"), LoRAConfig(r=3, target_modules=["c_attn", "wte"]))
+    hf.save_adapter(other, tmp_path / "b")
+    first = adapted(random_gpt("float64"), LoRAConfig(r=2, target_modules=["c_fc"]))
+    return first, tmp_path / "b"
+
+
+def test_a_second_adapter_loads_beside_the_first_inactive_and_round_trips(tmp_path):
+    model, directory = second_adapter(tmp_path)
+    idx = tokens()
+    before = model(idx)[0].data.copy()
+    hf.load_adapter(model, directory, adapter_name="b")
+    assert model.active_adapters == ["default"] and list(model.peft_config) == ["default", "b"]
+    np.testing.assert_array_equal(model(idx)[0].data, before)  # inactive: changes nothing
+    hf.save_adapter(model, tmp_path / "both")
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "b"]
+    def read(folder):
+        return safetensors.numpy.load((folder / "adapter_model.safetensors").read_bytes())
+
+    saved, loaded = read(tmp_path / "both" / "b"), read(directory)  # bit for bit, same keys
+    assert saved.keys() == loaded.keys()
+    assert all(np.array_equal(saved[k], loaded[k]) for k in saved)
+
+
+@pytest.mark.parametrize("damage", ["nan", "targets"])
+def test_a_bad_second_adapter_leaves_the_model_as_it_was(tmp_path, damage):
+    model, directory = second_adapter(tmp_path)
+    weights = directory / "adapter_model.safetensors"
+    if damage == "nan":  # found only when the weights load: after the adapter was added
+        tensors = safetensors.numpy.load(weights.read_bytes())
+        key = next(k for k in tensors if k.endswith("lora_embedding_B"))
+        tensors[key] = np.full_like(tensors[key], np.nan)
+        weights.write_bytes(safetensors.numpy.save(tensors))
+    else:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        (directory / "adapter_config.json").write_text(json.dumps(
+            {**config, "target_modules": ["c_attn", "nothing"]}))
+    before = snapshot(model)
+    with pytest.raises(FileFormatError):
+        hf.load_adapter(model, directory, adapter_name="b")
+    assert_unchanged(model, before)
+    assert list(model.peft_config) == ["default"]

@@ -203,7 +203,14 @@ def test_merging_in_minilora_equals_peft_merge_and_unload(base, tmp_path, name):
 def test_the_peft_field_table_is_peft_0_21s():
     """Every LoraConfig field is mapped, descriptive or refused, with PEFT's own default; the
     JSON minilora writes has exactly the fields PEFT's save_pretrained writes."""
-    from minilora.lora.peft_config import DESCRIPTIVE, MAPPED, PEFT_VERSION, REFUSED, peft_dict
+    from minilora.lora.peft_config import (
+        DESCRIPTIVE,
+        MAPPED,
+        MINILORA_ONLY,
+        PEFT_VERSION,
+        REFUSED,
+        peft_dict,
+    )
 
     assert peft.__version__ == PEFT_VERSION
     defaults = peft.LoraConfig()
@@ -214,7 +221,8 @@ def test_the_peft_field_table_is_peft_0_21s():
         value = getattr(defaults, name)
         assert (value.value if hasattr(value, "value") else value) == default, name
     assert not set(MAPPED) & set(REFUSED) and not set(MAPPED) & set(DESCRIPTIVE)
-    assert set(LoRAConfig.__dataclass_fields__) == set(MAPPED)
+    assert set(LoRAConfig.__dataclass_fields__) == set(MAPPED) | set(MINILORA_ONLY)
+    assert not set(MINILORA_ONLY) & fields
     written = defaults.to_dict()
     written.pop("runtime_config", None)
     assert set(peft_dict(LoRAConfig())) == set(written)

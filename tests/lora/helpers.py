@@ -114,9 +114,9 @@ class Attn(Module):
         self.c_attn = Linear(c, 3 * c, dtype=dtype, rng=rng)
         self.c_proj = Linear(c, c, dtype=dtype, rng=rng)
 
-    def forward(self, x: Tensor) -> Tensor:  # not attention: just the two projections in a row
-        c = x.shape[-1]
-        return self.c_proj(ops.tanh(self.c_attn(x))[..., :c])
+    def forward(self, x: Tensor) -> Tensor:  # not attention: the two projections, q, k, v used
+        q, k, v = ops.split(self.c_attn(x), 3, axis=-1)
+        return self.c_proj(ops.tanh(q) * k + v)
 
 
 class MLP(Module):
@@ -153,7 +153,9 @@ class Transformer(Module):
 class ToyGPT(Module):
     """transformer.wte, transformer.h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
     mlp.c_proj}, transformer.ln_f, lm_head tied to wte: GPT-2's names on a model of a few lines.
-    idx: (B, T) integers -> logits (B, T, vocab)."""
+    idx: (B, T) integers -> logits (B, T, vocab). c_attn's output is q, k, v, as GPT-2's."""
+
+    fused_projections = {"c_attn": ("q", "k", "v")}  # noqa: RUF012 (read, never changed)
 
     def __init__(self, vocab: int = 7, c: int = 4, n_layer: int = 2, dtype=np.float64,
                  seed: int = 0):
@@ -196,3 +198,30 @@ def assert_unchanged(model: Module, before: dict) -> None:
     for name, value in before["state"].items():
         np.testing.assert_array_equal(after["state"][name], value, err_msg=name)
         assert after["state"][name].dtype == value.dtype, name
+
+
+# ---- several adapters ------------------------------------------------------------------------
+
+# Logits of a whole float64 model computed two ways (merged weights, or paths added): each is a
+# few dozen sums of <= 4c products in another order, amplified a little by the LayerNorms; 1e-9
+# relative sits far above that round-off (~1e-14) and far below a dropped or doubled adapter.
+MODEL_TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def train_every_adapter(model: Module, seed: int, scale: float = 0.5) -> Module:
+    """Stand in for training: every adapter's zero-initialised factor (a Linear's B, an
+    Embedding's A) gets random values, so every adapter changes the output."""
+    from minilora.lora import LoRAEmbedding, named_lora_layers
+
+    rng = np.random.default_rng(seed)
+    for _, layer in named_lora_layers(model):
+        for name in layer.adapters:
+            a, b = layer.adapter_parameters(name)
+            p = a if isinstance(layer, LoRAEmbedding) else b
+            p.data = rng.normal(0.0, scale, p.shape).astype(p.dtype)
+    return model
+
+
+def frozen_arrays(model: Module) -> dict[str, np.ndarray]:
+    """A copy of every parameter that does not require a gradient, by name."""
+    return {n: p.data.copy() for n, p in model.named_parameters() if not p.requires_grad}

@@ -52,8 +52,9 @@ def test_dropout_keeps_float32_and_the_repr_says_what_the_layer_is():
     y = layer(x)
     y.backward(np.ones(y.shape, np.float32))
     assert y.dtype == x.grad.dtype == layer.lora_A.grad.dtype == np.float32
-    assert repr(layer) == ("LoRALinear(in_features=4, out_features=3, bias=True, r=2, "
-                           "lora_alpha=4, scaling=2, lora_dropout=0.5, merged=False)")
+    assert repr(layer) == ("LoRALinear(in_features=4, out_features=3, bias=True, adapters={"
+                           "default: r=2, lora_alpha=4, scaling=2, lora_dropout=0.5}, "
+                           "active=['default'], merged=[])")
 
 
 def test_same_seed_gives_bit_identical_initial_adapters():
@@ -136,5 +137,5 @@ def test_layer_accepts_a_plain_array_and_leading_axes():
 
 def test_repr_shows_rank_alpha_and_scaling():
     text = repr(LoRALinear(Linear(3, 2, rng=0), r=4, lora_alpha=8))
-    for part in ("r=4", "lora_alpha=8", "scaling=2", "merged=False"):
+    for part in ("r=4", "lora_alpha=8", "scaling=2", "merged=[]"):
         assert part in text

@@ -113,6 +113,11 @@ CASES = [
     ("lora_linear", "numpy float64 scaling (rsLoRA) and float64 mask",
      lambda: ops.lora_linear(f32(3, 4), f32(5, 4), f32(5), f32(2, 4), f32(5, 2), 16 / np.sqrt(2),
                              (RNG.random((3, 4)) > 0.5) * 2.0)),
+    ("lora_slices", "numpy float64 scaling and float64 mask",
+     lambda: ops.lora_slices(f32(3, 4), f32(4, 4), f32(6, 2), np.float64(0.5), ((0, 3), (6, 9)),
+                             9, (RNG.random((3, 4)) > 0.5) * 2.0)),
+    ("lora_embedding", "numpy float64 scaling",
+     lambda: ops.lora_embedding(np.array([[0, 2, 2]]), f32(2, 5), f32(4, 2), np.float64(2.0))),
 ]
 
 
