@@ -12,6 +12,7 @@ out, its scaling doubled, squared, missing, rsLoRA for plain): one that fits is 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -142,9 +143,12 @@ def _forward(ref: Reference, ids: np.ndarray, factors: dict[str, float] | None =
     layers = dict(named_lora_layers(ref.model))
     with contextlib.ExitStack() as undo, no_grad():
         for name, f in (factors or {}).items():
-            layer = layers[name]
-            undo.callback(setattr, layer, "scaling", layer.scaling)
-            layer.scaling = layer.scaling * f
+            held = layers[name].adapters
+            for a in layers[name].active_adapters:
+                undo.callback(held.__setitem__, a, held[a])
+                held[a] = copy.copy(held[a])
+                # the mistakes include f <= 0, which a config refuses: set past its check
+                object.__setattr__(held[a], "lora_alpha", held[a].lora_alpha * f)
         return ref.model(ids)[0].data
 
 

@@ -55,11 +55,12 @@ def test_the_base_models_logits_are_the_adapter_left_out(files, tmp_path):
 def test_a_fault_in_one_layer_is_wrong_without_a_global_diagnosis(files, tmp_path):
     _, base, adapter, model = files
     layer = next(named_lora_layers(model))[1]
-    layer.scaling *= 3
+    kept = layer.lora_B.data
+    layer.lora_B.data = kept * 3  # that layer's delta tripled, as a tripled scaling would
     try:
         np.save(tmp_path / "l.npy", _logits(model))
     finally:
-        layer.scaling /= 3
+        layer.lora_B.data = kept
     np.save(tmp_path / "ids.npy", IDS)
     report = check_logits(base, adapter, tmp_path / "l.npy", tmp_path / "ids.npy")
     assert report.exit_code == 1 and report.summary["diagnosis"] == ""
