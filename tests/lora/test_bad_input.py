@@ -44,6 +44,7 @@ BAD_FIELDS = [  # (field, value, what the message shows: the value's repr unless
     ("fan_in_fan_out", "yes"), ("ensure_weight_tying", 1),
     ("use_rslora", "yes"), ("use_rslora", 1),
     ("target_modules", []), ("target_modules", ""), ("target_modules", [""]),
+    ("target_modules", None),
     ("target_modules", 5), ("target_modules", ["c_attn", 3]), ("target_modules", "c_attn("),
     ("modules_to_save", "ln_f"), ("modules_to_save", []),
     ("rank_pattern", {"c_attn": 0}, "rank_pattern['c_attn'] must be a positive integer, got 0"),

@@ -108,3 +108,16 @@ def test_slow_patterns_names_each_regex_a_file_may_not_hold():
     assert slow_patterns(slow) == [("target_modules", "(.*)*z"), ("rank_pattern key", "a" * 201),
                                    ("alpha_pattern key", repeats + ".*"),
                                    ("alpha_pattern key", "(h.0)+")]
+
+
+def test_numpy_scalars_become_python_values_so_the_config_writes_as_json():
+    c = LoRAConfig(r=np.int64(4), lora_alpha=np.float64(8.5), lora_dropout=np.float64(0.1),
+                   use_rslora=np.bool_(True), fan_in_fan_out=np.bool_(False),
+                   ensure_weight_tying=np.bool_(False))
+    assert type(c.r) is int and type(c.lora_alpha) is float and type(c.lora_dropout) is float
+    assert c.use_rslora is True and c.fan_in_fan_out is False and c.ensure_weight_tying is False
+    assert json.loads(json.dumps(c.to_dict()))["r"] == 4
+
+
+def test_all_linear_is_read_in_any_case_as_peft_does():
+    assert LoRAConfig(target_modules="All-Linear").target_modules == "all-linear"
