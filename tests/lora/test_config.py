@@ -117,6 +117,10 @@ def test_numpy_scalars_become_python_values_so_the_config_writes_as_json():
     assert type(c.r) is int and type(c.lora_alpha) is float and type(c.lora_dropout) is float
     assert c.use_rslora is True and c.fan_in_fan_out is False and c.ensure_weight_tying is False
     assert json.loads(json.dumps(c.to_dict()))["r"] == 4
+    c = LoRAConfig(rank_pattern={"c_attn": np.int64(2)}, alpha_pattern={"c_fc": np.float64(0.5)},
+                   target_slices={"c_attn": ["q", "v"]})
+    assert type(c.rank_pattern["c_attn"]) is int and type(c.alpha_pattern["c_fc"]) is float
+    assert c.target_slices == {"c_attn": ("q", "v")}  # lists become tuples, as target_modules
 
 
 def test_all_linear_is_read_in_any_case_as_peft_does():
