@@ -84,6 +84,6 @@ def build(cfg: BenchConfig, lora: bool, seed: int = 0):
 
 def train_step(model, opt, x, y) -> None:
     opt.zero_grad()
-    _, loss = model(x, y)
+    _, loss = model(x, y, skip_logits=True)
     loss.backward()
     opt.step()

@@ -239,14 +239,28 @@ class GPT(nn.Module):
             elif name.endswith(".bias") and ".ln_" not in name:
                 p.data = np.zeros(p.shape, dtype)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, skip_logits: bool = False):
         """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored).
 
         Returns (logits (B, T, V), mean cross-entropy over the targets), as nanoGPT does; the loss
-        is None without targets, so ``logits, _ = model(idx)`` always works."""
-        logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
+        is None without targets, so ``logits, _ = model(idx)`` always works.
+
+        skip_logits: with targets, return (None, loss) and never form the (B, T, V) logits: the
+        final layer norm, ``lm_head`` and the loss run as one op in row chunks
+        (``ops.lm_head_cross_entropy``), which is what training calls. Off by default, so that
+        ``logits, loss = model(idx, targets)`` gives the logits, as in nanoGPT."""
+        x = self._residual(idx)  # (B, T, C)
+        tr = self.transformer
+        if skip_logits and targets is not None:
+            if type(self.lm_head) is nn.Linear and self.lm_head.bias is None \
+                    and type(tr.ln_f) is nn.LayerNorm:
+                return None, ops.lm_head_cross_entropy(x, tr.ln_f.weight, tr.ln_f.bias,
+                                                       self.lm_head.weight, targets,
+                                                       tr.ln_f.eps, ignore_index=-1)
+            # an adapted lm_head computes its logits its own way: the loss from them, as below
+        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
-        return logits, loss
+        return (None if skip_logits and targets is not None else logits), loss
 
     def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
         """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the

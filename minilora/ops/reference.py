@@ -9,6 +9,7 @@ Softmax, log-softmax and SiLU have no kernel: no hot path calls them.
 from minilora.ops.activation import gelu
 from minilora.ops.attention import causal_self_attention, scaled_dot_product_attention
 from minilora.ops.grouped_attention import grouped_query_attention
+from minilora.ops.lm_head import lm_head_cross_entropy
 from minilora.ops.lora_embedding import lora_embedding
 from minilora.ops.lora_linear import lora_linear, lora_slices
 from minilora.ops.normalization import layer_norm
@@ -18,5 +19,6 @@ from minilora.ops.softmax import cross_entropy, log_softmax, softmax
 from minilora.ops.swiglu import silu, swiglu
 
 __all__ = ["causal_self_attention", "cross_entropy", "gelu", "grouped_query_attention",
-           "layer_norm", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "rms_norm",
-           "rotary_embedding", "scaled_dot_product_attention", "silu", "softmax", "swiglu"]
+           "layer_norm", "lm_head_cross_entropy", "log_softmax", "lora_embedding", "lora_linear",
+           "lora_slices", "rms_norm", "rotary_embedding", "scaled_dot_product_attention", "silu",
+           "softmax", "swiglu"]

@@ -216,7 +216,7 @@ class _Training:
         self.optimizer.set_lr(self.schedule(it))
         x, y = self.data.get_batch("train", config.batch_size, model.config.block_size,
                                    self.batch_rng)
-        _, loss = model(x, y)
+        _, loss = model(x, y, skip_logits=True)
         loss_value = loss.item()
         finite_loss = math.isfinite(loss_value)
         if finite_loss or config.on_nonfinite == "raise":
