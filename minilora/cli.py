@@ -206,6 +206,9 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, "
+                        "a slower step, the same gradients")
     _add_lora_flags(p)
     _add_common(p)
 

@@ -29,7 +29,7 @@ from minilora.configs import (
 from minilora.errors import ConfigError, ShapeError
 from minilora.models.generation import KVCache, LayerCache, generate
 from minilora.ops.attention import merge_heads, split_heads
-from minilora.tensor import Tensor, no_grad
+from minilora.tensor import Tensor, is_grad_enabled, no_grad
 
 
 @dataclass
@@ -165,6 +165,8 @@ class GPT(nn.Module):
         "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
         "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
+    gradient_checkpointing = False  # see gradient_checkpointing_enable
+
     def __init__(self, config: GPTConfig, seed: int | np.random.Generator | None = 0):
         super().__init__()
         self.config = config
@@ -174,6 +176,20 @@ class GPT(nn.Module):
                                  rng=self.rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self._init_weights(self.rng)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``transformers``' name): a block's input is all a training step keeps of it, for the
+        cost of a second forward pass of the blocks. The gradients are the same, bit for bit
+        (dropout's masks are drawn again from the same generator states)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
 
     @classmethod
     def from_pretrained(cls, path, dtype: str = "float32", dropout: float | None = None) -> GPT:
@@ -276,8 +292,12 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(start, end)))  # (B, T, C)
+        checkpointed = self.gradient_checkpointing and cache is None and is_grad_enabled()
         for i, block in enumerate(tr.h):
-            x = block(x, None if cache is None else cache.layers[i])
+            if checkpointed:
+                x = nn.checkpoint_module(block, x)
+            else:
+                x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = end
         return x

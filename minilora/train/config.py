@@ -9,6 +9,7 @@ from minilora.configs import (
     choice,
     config_from_dict,
     field_name,
+    flag,
     non_negative_int,
     non_negative_number,
     other_field,
@@ -40,6 +41,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    activation_checkpointing: bool = False  # recompute each block in backward (same gradients)
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -65,6 +67,8 @@ class TrainConfig:
                                   f"got {decay}")
             self.lr_decay_iters = decay
         self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        self.activation_checkpointing = flag(owner, "activation_checkpointing",
+                                             self.activation_checkpointing)
 
     @property
     def decay_iters(self) -> int:

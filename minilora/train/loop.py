@@ -10,6 +10,7 @@ of the three random generators (batches, evaluation batches, dropout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -93,7 +94,7 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
         checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
     with step_threading(largest_product(model, config.batch_size * model.config.block_size),
-                        threads):
+                        threads), _checkpointing(model, config.activation_checkpointing):
         training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
@@ -252,3 +253,20 @@ class _Training:
                            val_loss=self.last["val"], elapsed_s=self.elapsed, ms_per_step=ms,
                            tokens_per_s=self.tokens_per_step / (ms / 1000) if self.step_times
                            else math.nan, skipped_steps=self.skipped, history=self.history)
+
+
+@contextlib.contextmanager
+def _checkpointing(model, enabled: bool):
+    """The run with the model's activation checkpointing on, if ``enabled``; as it was after."""
+    if not enabled:
+        yield
+        return
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"TrainConfig.activation_checkpointing: {type(model).__name__} has no "
+                          "gradient_checkpointing_enable(); train it without")
+    was = model.gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = was
