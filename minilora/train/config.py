@@ -24,7 +24,11 @@ _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 @dataclass
 class TrainConfig:
     """Defaults are nanoGPT's for tiny Shakespeare on a CPU (config/train_shakespeare_char.py with
-    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``."""
+    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``.
+
+    block_size: the length of the training (and evaluation) sequences; None means the model's
+    own (a GPT's ``block_size``). A Llama has none (rotary positions have no end), so its runs
+    set it."""
 
     batch_size: int = 12
     max_iters: int = 2000
@@ -40,6 +44,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -64,6 +69,8 @@ class TrainConfig:
                                   f"{other_field(owner, 'warmup_iters')} ({self.warmup_iters}), "
                                   f"got {decay}")
             self.lr_decay_iters = decay
+        if self.block_size is not None:
+            self.block_size = positive_int(owner, "block_size", self.block_size)
         self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
 
     @property
