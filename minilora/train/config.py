@@ -13,6 +13,7 @@ from minilora.configs import (
     non_negative_number,
     other_field,
     positive_int,
+    positive_number,
 )
 from minilora.errors import ConfigError
 
@@ -24,7 +25,9 @@ _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 @dataclass
 class TrainConfig:
     """Defaults are nanoGPT's for tiny Shakespeare on a CPU (config/train_shakespeare_char.py with
-    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``."""
+    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``.
+    ``loraplus_lr_ratio``: LoRA+ (``minilora.lora.loraplus``): PEFT's four groups, B and the 1-D
+    parameters at ``lr * loraplus_lr_ratio``, ``weight_decay`` as PEFT's loraplus_weight_decay."""
 
     batch_size: int = 12
     max_iters: int = 2000
@@ -40,6 +43,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    loraplus_lr_ratio: float | None = None  # LoRA+: B at lr * ratio (PEFT's groups); None: off
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -65,6 +69,9 @@ class TrainConfig:
                                   f"got {decay}")
             self.lr_decay_iters = decay
         self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        if self.loraplus_lr_ratio is not None:
+            self.loraplus_lr_ratio = positive_number(owner, "loraplus_lr_ratio",
+                                                     self.loraplus_lr_ratio)
 
     @property
     def decay_iters(self) -> int:
