@@ -208,6 +208,9 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    g.add_argument("--loraplus-lr-ratio", type=_number, metavar="RATIO",
+                   help="LoRA+: lora_B (and 1-D parameters) at --lr times RATIO, PEFT's groups "
+                        "(e.g. 16; default: off)")
     _add_lora_flags(p)
     _add_common(p)
 
@@ -233,6 +236,9 @@ def _add_lora_flags(p) -> None:
                         "q,v is the paper's choice (on a Llama: q_proj, k_proj, v_proj, o_proj, "
                         "mlp: gate_proj, up_proj, down_proj). With --target-modules, both are "
                         "adapted")
+    g.add_argument("--init-lora-weights", metavar="INIT",
+                   help="kaiming (default), gaussian, or pissa / olora: A and B from the SVD / "
+                        "QR of W, W replaced by the residual W - s B A (PEFT's)")
 
 
 def _add_common(p) -> None:

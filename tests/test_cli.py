@@ -145,6 +145,20 @@ def test_train_lora_r_saves_only_the_adapter_beside_a_reference_to_its_base(work
     assert len(ckpt.meta["base"]["sha256"]) == 64
 
 
+def test_train_pissa_with_loraplus_keeps_both_in_the_run(work, capsys):
+    """--init-lora-weights pissa and --loraplus-lr-ratio reach the configs the run keeps."""
+    code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                     str(work / "base"), "--out", str(work / "pissa"),
+                                     "--lora-r", "2", "--init-lora-weights", "pissa",
+                                     "--loraplus-lr-ratio", "8", *FINETUNE, "--quiet"], capsys)
+    assert code == 0, err
+    ckpt = read_checkpoint(work / "pissa")
+    assert ckpt.meta["lora_config"]["init_lora_weights"] == "pissa"
+    assert ckpt.meta["train_config"]["loraplus_lr_ratio"] == 8
+    groups = ckpt.meta["optimizer"]["param_groups"]
+    assert [g["lr"] / groups[0]["lr"] for g in groups if g["params"]] == [1.0, 8.0]
+
+
 def test_merge_writes_a_plain_model_whose_logits_match(work):
     out = work.outputs["merge"]
     assert out.startswith(f"merged lora into {Path('merged') / CHECKPOINT}: a plain model")
@@ -475,6 +489,10 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
                                      "--lora-r needs --init-from", "o12"),
         "lora-flag-without-lora-r": ([*new, "--out", "o13", "--lora-alpha", "8"],
                                      "need --lora-r", "o13"),
+        "pissa-niter": ([*lora, "--out", "o40", "--init-lora-weights", "pissa_niter_4"],
+                        "--init-lora-weights='pissa_niter_4' (PEFT's randomized SVD", "o40"),
+        "loraplus-ratio-zero": ([*lora, "--out", "o41", "--loraplus-lr-ratio", "0"],
+                                "--loraplus-lr-ratio must be a finite number > 0", "o41"),
         "negative-lr": ([*new, "--out", "o14", "--lr", "-1"], "--lr must be", "o14"),
         "zero-lr": ([*new, "--out", "o15", "--lr", "0"], "--lr must be > 0", "o15"),
         "non-numeric-lr": ([*new, "--out", "o16", "--lr", "fast"], "expected a number, got 'fast'",

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from minilora import io
 from minilora.errors import ConfigError, NonFiniteError
+from minilora.lora.loraplus import create_loraplus_optimizer
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
 from minilora.train import architecture
@@ -121,8 +122,13 @@ class _Training:
         self.model, self.data, self.config, self.resume = model, data, config, resume
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in self.named]
-        self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
-                               betas=(config.beta1, config.beta2))
+        if config.loraplus_lr_ratio is None:
+            self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
+                                   betas=(config.beta1, config.beta2))
+        else:  # LoRA+: PEFT's groups, B at lr * ratio; the schedule keeps the ratios
+            self.optimizer = create_loraplus_optimizer(
+                model, AdamW, lr=config.lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                loraplus_weight_decay=config.weight_decay, betas=(config.beta1, config.beta2))
         self.schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_iters,
                                        config.decay_iters)
         self.batch_rng = np.random.default_rng(config.seed)
