@@ -230,6 +230,9 @@ def _add_lora_flags(p) -> None:
                         "c_fc, wte for the token embedding, or full names such as "
                         "transformer.h.0.attn.c_attn); a name matching nothing is an error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    g.add_argument("--use-dora", action="store_true",
+                   help="DoRA: also train a magnitude per output row, m / ||W + s B A|| "
+                        "(W + s B A), PEFT's use_dora (Linear layers only)")
     g.add_argument("--lora-targets", metavar="ROLES",
                    help="the LoRA paper's weights to adapt, by role: q, k, v (slices of c_attn, "
                         "each its own adapter), o (attn.c_proj), mlp (c_fc, mlp.c_proj) or all; "

@@ -34,7 +34,7 @@ from minilora.train.checkpoint import CHECKPOINT, METRICS
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
 _LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets",
-               "init_lora_weights")
+               "init_lora_weights", "use_dora")
 # a config field the command line sets, and the flag that sets it
 _FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
             **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
@@ -165,7 +165,7 @@ def _new_run_settings(args):
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
                 lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                use_rslora=args.use_rslora,
+                use_rslora=args.use_rslora, use_dora=args.use_dora,
                 **_lora_targets(args, family or architecture.GPT_ARCH),
                 init_lora_weights=args.init_lora_weights or "kaiming")
         if args.dropout is not None:

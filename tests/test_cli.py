@@ -615,3 +615,28 @@ def test_a_bad_setting_is_named_by_its_flag_where_it_is_checked():
             LoRAConfig(bias="some")  # no flag sets it: its field name
     with pytest.raises(ConfigError, match=r"^GPTConfig\.n_embd \(30\) must be divisible by n_head"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+def test_train_use_dora_trains_and_saves_the_magnitude_and_merges(work, capsys):
+    """--use-dora: the adapter holds lora_magnitude_vector (one per output row), a resume and a
+    merge read it; on an embedding it is a one-line error, exit 2."""
+    out = work / "dora"
+    code, stdout, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                          str(work / "base"), "--out", str(out), "--lora-r", "2",
+                                          "--use-dora", *FINETUNE], capsys)
+    assert code == 0, err
+    assert "with DoRA r=2" in stdout.splitlines()[0]
+    ckpt = read_checkpoint(out)
+    assert ckpt.meta["lora_config"]["use_dora"] is True
+    magnitudes = [n for n in ckpt.weights if n.endswith(".lora_magnitude_vector")]
+    assert magnitudes and all(ckpt.weights[n].ndim == 1 for n in magnitudes)
+    code, stdout, err = _in_this_process(["merge", "--model", str(out), "--out",
+                                          str(work / "dora-merged")], capsys)
+    assert code == 0, err
+    code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                     str(work / "base"), "--out", str(work / "dora-wte"),
+                                     "--lora-r", "2", "--use-dora", "--target-modules", "wte"],
+                                    capsys)
+    assert code == 2 and "DoRA on an Embedding is not implemented" in err and \
+        err.count("\n") == 1
+    assert not (work / "dora-wte").exists()

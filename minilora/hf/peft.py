@@ -3,7 +3,9 @@ files ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` rea
 
 PEFT names a tensor by the module path inside ``PeftModel`` (``base_model.model.`` + the base
 model's name) with the adapter name taken out: ``...c_attn.lora_A.weight`` (r, in),
-``...c_attn.lora_B.weight`` (out, r), an adapted layer's trained bias ``...c_attn.base_layer.bias``,
+``...c_attn.lora_B.weight`` (out, r), DoRA's magnitude ``...c_attn.lora_magnitude_vector`` (out,)
+(PEFT's parameter ``lora_magnitude_vector.<adapter>.weight``, saved without either part), an
+adapted layer's trained bias ``...c_attn.base_layer.bias``,
 any other trained bias or ``modules_to_save`` parameter under its base-model name, in the base
 file's layout (GPT-2's Conv1D weights as (in, out)). Where PEFT and minilora differ:
 
@@ -78,9 +80,10 @@ def peft_saved_modules(model: Module, entries) -> list[str]:
 
 
 # how PEFT keys each kind of adapter parameter: a Linear's A and B are nn.Linear modules (their
-# ``.weight``), an Embedding's are Parameters
+# ``.weight``), an Embedding's are Parameters, DoRA's magnitude is keyed as the Parameter it was
 _PEFT_KEY = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight",
-             "lora_embedding_A": ".lora_embedding_A", "lora_embedding_B": ".lora_embedding_B"}
+             "lora_embedding_A": ".lora_embedding_A", "lora_embedding_B": ".lora_embedding_B",
+             "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
 def _file_key(name: str, lora_layers: set[str]) -> str:
@@ -352,8 +355,8 @@ def _check_tie(path: Path, headers: dict, arch, pairs: dict[str, str]) -> None:
 def _check_lora_shapes(path: Path, wanted: dict, config: LoRAConfig, targets: list,
                        adapter_name: str) -> None:
     """Every adapted layer's A (r, in) and B (out, r) in the file (an Embedding's
-    lora_embedding_A (r, vocab) and lora_embedding_B (dim, r)), with the config's rank: so that
-    applying the config allocates only what the file holds."""
+    lora_embedding_A (r, vocab) and lora_embedding_B (dim, r); DoRA's magnitude (out,)), with the
+    config's rank: so that applying the config allocates only what the file holds."""
     for target in targets:
         name, layer = target.name, target.module
         r = config.rank_and_alpha(name)[0]
@@ -362,7 +365,10 @@ def _check_lora_shapes(path: Path, wanted: dict, config: LoRAConfig, targets: li
                 layer.embedding_dim
         else:
             kinds, in_f, out_f = ("lora_A", "lora_B"), layer.in_features, layer.out_features
-        for kind, shape in zip(kinds, ((r, in_f), (out_f, r)), strict=True):
+        shapes = [(r, in_f), (out_f, r)]
+        if config.use_dora:
+            kinds, shapes = (*kinds, "lora_magnitude_vector"), [*shapes, (out_f,)]
+        for kind, shape in zip(kinds, shapes, strict=True):
             entry = wanted.get(parameter_name(f"{name}.{kind}", adapter_name))
             if entry is None:
                 raise FileFormatError(f"{path}: missing tensor {PREFIX}{name}{_PEFT_KEY[kind]} "

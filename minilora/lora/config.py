@@ -134,6 +134,10 @@ class LoRAConfig:
         Keys follow ``target_modules``' list rule and name adapted modules; the slice names are
         the model's (``GPT.fused_projections``). Not a PEFT field: a PEFT file holds such an
         adapter as a full one of rank k r (docs/adapters.md).
+    use_dora: DoRA (Liu et al., 2024), PEFT's field: each adapted Linear also trains a magnitude
+        m: (out,), PEFT's ``lora_magnitude_vector``, and computes
+        ``m / ||W + s B A||_row * (W + s B A) x + b`` (the norm detached; docs/variants.md).
+        Linear layers only, not with ``target_slices``.
     """
 
     r: int = 8
@@ -150,6 +154,7 @@ class LoRAConfig:
     fan_in_fan_out: bool = False
     ensure_weight_tying: bool = False
     target_slices: dict[str, tuple[str, ...]] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
@@ -180,11 +185,19 @@ class LoRAConfig:
             "fan_in_fan_out": flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
             "ensure_weight_tying": flag(owner, "ensure_weight_tying", self.ensure_weight_tying),
             "target_slices": _slices_dict(owner, self.target_slices),
+            "use_dora": flag(owner, "use_dora", self.use_dora),
         }
         if checked["init_lora_weights"] in RESIDUAL_INITS and checked["target_slices"]:
             raise ConfigError(f"{field_name(owner, 'init_lora_weights')}="
                               f"{checked['init_lora_weights']!r} factors a whole weight; it does "
                               "not combine with target_slices")
+        if checked["use_dora"] and checked["target_slices"]:
+            raise ConfigError(f"{field_name(owner, 'use_dora')}: DoRA on slices of a fused output "
+                              "(target_slices) is not implemented; PEFT has no such adapter")
+        if checked["use_dora"] and checked["init_lora_weights"] in RESIDUAL_INITS:
+            raise ConfigError(f"{field_name(owner, 'use_dora')}: DoRA with "
+                              f"init_lora_weights={checked['init_lora_weights']!r} is not "
+                              "implemented; use one or the other")
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
 

@@ -7,7 +7,7 @@ field PEFT lacks):
 - ``MAPPED``: a ``LoRAConfig`` field of the same name and meaning;
 - ``DESCRIPTIVE``: facts about the file or PEFT's runtime (its version, the base model's name,
   inference mode), which change no number: read, checked for type, not kept;
-- ``REFUSED``: a PEFT feature minilora does not implement (DoRA, ``layers_to_transform``, ...),
+- ``REFUSED``: a PEFT feature minilora does not implement (``layers_to_transform``, ...),
   accepted only at PEFT's default, otherwise a ConfigError naming it.
 
 A field PEFT 0.21 does not know is accepted only when it is empty (None, False, ``{}``, ``[]``),
@@ -30,6 +30,7 @@ MAPPED = {
     "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None, "use_rslora": False,
     "init_lora_weights": True, "bias": "none", "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "task_type": None, "fan_in_fan_out": False, "ensure_weight_tying": False,
+    "use_dora": False,
 }
 
 # LoRAConfig fields PEFT does not have: a PEFT file holds what they describe in PEFT's own terms
@@ -52,7 +53,7 @@ DESCRIPTIVE = {
 REFUSED = {
     "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
     "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
-    "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "monteclora_config": None, "layer_replication": None, "lora_bias": False,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,

@@ -138,7 +138,8 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
         apply_lora(model, lora, rng=model.rng)
     if log is not None:
         how = "in full" if lora is None else (
-            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on {_describe_targets(lora)}")
+            f"with {'DoRA' if lora.use_dora else 'LoRA'} r={lora.r}, alpha {lora.lora_alpha:g} on "
+            f"{_describe_targets(lora)}")
         log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
             f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
