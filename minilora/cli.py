@@ -198,6 +198,10 @@ def _add_train(sub) -> None:
                         f"{d.weight_decay:g})")
     g.add_argument("--grad-clip", type=_number, metavar="NORM",
                    help=f"clip the gradient norm; 0 disables clipping (default: {d.grad_clip:g})")
+    g.add_argument("--grad-accum", type=_positive_int, metavar="N",
+                   dest="gradient_accumulation_steps",
+                   help="add up the gradients of N batches of --batch-size per step: the step "
+                        "of one batch N times larger, at the memory of one (default: 1)")
     g.add_argument("--eval-interval", type=_positive_int, metavar="N",
                    help=f"evaluate and checkpoint every N steps (default: {d.eval_interval})")
     g.add_argument("--eval-iters", type=_positive_int, metavar="N",

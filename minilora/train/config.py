@@ -16,15 +16,19 @@ from minilora.configs import (
 )
 from minilora.errors import ConfigError
 
-_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed")
-_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters")
+_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed",
+         "gradient_accumulation_steps")
+_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "gradient_accumulation_steps")
 _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
 @dataclass
 class TrainConfig:
     """Defaults are nanoGPT's for tiny Shakespeare on a CPU (config/train_shakespeare_char.py with
-    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``."""
+    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``.
+
+    gradient_accumulation_steps: micro-batches of ``batch_size`` per optimizer step (nanoGPT's
+    name): the step is the one a batch that many times larger would take, to round-off."""
 
     batch_size: int = 12
     max_iters: int = 2000
@@ -40,6 +44,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"

@@ -1,7 +1,8 @@
 """The training loop used by the CLI, the demo and the examples.
 
 One iteration ``it`` (0-based) is: set the learning rate from the cosine schedule, draw a batch,
-forward, backward, check the numbers are finite, clip, AdamW step. Every ``eval_interval``
+forward, backward (over ``gradient_accumulation_steps`` micro-batches, their gradients added up),
+check the numbers are finite, clip, AdamW step. Every ``eval_interval``
 iterations and at the end, the mean train and validation loss over ``eval_iters`` batches is
 appended to ``metrics.jsonl`` and a checkpoint is written (atomically), holding everything needed
 to continue bit for bit: the weights that train, the optimizer state, the iteration, and the states
@@ -28,6 +29,8 @@ from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
 from minilora.train.evaluate import estimate_loss
 from minilora.train.rundir import RunDir
+
+IGNORE_INDEX = -1  # a target the loss does not count (the GPT's cross-entropy's ignore_index)
 
 
 @dataclass
@@ -127,7 +130,8 @@ class _Training:
         self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         self.run_files = run_files or {}
-        self.tokens_per_step = config.batch_size * model.config.block_size
+        self.tokens_per_step = (config.batch_size * config.gradient_accumulation_steps
+                                * model.config.block_size)
         self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
         self.step_times: list[float] = []
         self.last = {"train": math.nan, "val": math.nan}
@@ -214,14 +218,18 @@ class _Training:
         config, model = self.config, self.model
         t0 = time.perf_counter()
         self.optimizer.set_lr(self.schedule(it))
-        x, y = self.data.get_batch("train", config.batch_size, model.config.block_size,
-                                   self.batch_rng)
-        _, loss = model(x, y)
-        loss_value = loss.item()
-        finite_loss = math.isfinite(loss_value)
-        if finite_loss or config.on_nonfinite == "raise":
-            loss.backward()  # for a non-finite loss, only to find the parameter it reaches
-        del loss
+        loss_value, finite_loss = 0.0, True
+        for (x, y), weight in self._micro_batches():
+            _, loss = model(x, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                loss_value, finite_loss = value, False
+                if config.on_nonfinite == "raise":
+                    loss.backward()  # only to find the parameter it reaches
+                break
+            loss_value += weight * value
+            loss.backward(weight)  # each backward adds to the gradients
+            del loss
         norm = math.nan
         if finite_loss:
             norm = clip_grad_norm(self.trainable, config.grad_clip) if config.grad_clip > 0 \
@@ -245,6 +253,21 @@ class _Training:
         self.since_eval[0] += self.tokens_per_step
         self.since_eval[1] += dt
         return loss_value, dt
+
+    def _micro_batches(self) -> list[tuple[tuple[np.ndarray, np.ndarray], float]]:
+        """The step's ``gradient_accumulation_steps`` batches, each with its weight in the step's
+        loss: its share of the counted (not ignored) targets. So the weighted sum of the
+        micro-batches' mean losses is the mean over all their targets, the loss of the one batch
+        they make up, also when masks count a different number in each; one batch weighs 1."""
+        config = self.config
+        batches = [self.data.get_batch("train", config.batch_size, self.model.config.block_size,
+                                       self.batch_rng)
+                   for _ in range(config.gradient_accumulation_steps)]
+        counted = [int(np.count_nonzero(y != IGNORE_INDEX)) for _, y in batches]
+        total = sum(counted)
+        if len(batches) == 1 or total == 0:  # nothing counted: the loss says so (NaN)
+            return [(b, 1.0 / len(batches)) for b in batches]
+        return [(b, n / total) for b, n in zip(batches, counted, strict=True) if n]
 
     def _result(self) -> TrainResult:
         ms = 1000 * float(np.median(self.step_times)) if self.step_times else math.nan

@@ -57,7 +57,10 @@ def _describe_data(dataset) -> str:
 
 
 def _describe_schedule(config: TrainConfig) -> str:
-    return (f"{config.max_iters} steps of batch {config.batch_size}, lr {config.lr:g} "
+    accum = config.gradient_accumulation_steps
+    batch = f"{config.batch_size}" if accum == 1 else \
+        f"{config.batch_size} x {accum} accumulated"
+    return (f"{config.max_iters} steps of batch {batch}, lr {config.lr:g} "
             f"-> {config.min_lr:g} (warm-up {min(config.warmup_iters, config.max_iters)}), "
             f"seed {config.seed}")
 
