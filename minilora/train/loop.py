@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minilora import io
+from minilora.data.instruct import IGNORE_INDEX
 from minilora.errors import ConfigError, NonFiniteError
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
@@ -29,8 +30,6 @@ from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
 from minilora.train.evaluate import estimate_loss
 from minilora.train.rundir import RunDir
-
-IGNORE_INDEX = -1  # a target the loss does not count (the GPT's cross-entropy's ignore_index)
 
 
 @dataclass
@@ -130,10 +129,9 @@ class _Training:
         self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         self.run_files = run_files or {}
-        self.tokens_per_step = (config.batch_size * config.gradient_accumulation_steps
-                                * model.config.block_size)
         self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
         self.step_times: list[float] = []
+        self.tokens_done = 0  # the tokens the steps of this session read
         self.last = {"train": math.nan, "val": math.nan}
         self.since_eval = [0, 0.0]  # tokens and seconds of training since the last evaluation
 
@@ -155,10 +153,10 @@ class _Training:
                     self._evaluate(it, extra_eval, on_eval)
                 if it == config.max_iters:
                     break
-                loss, dt = self._step(it)
+                loss, dt, tokens = self._step(it)
                 bar.update(1)
                 if show:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / dt:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
             bar.close()
         finally:
             if self.run_dir is not None:
@@ -213,13 +211,14 @@ class _Training:
         if on_eval is not None:
             on_eval(record)
 
-    def _step(self, it: int) -> tuple[float, float]:
-        """One optimizer step (or a skipped one): (its loss, its seconds)."""
+    def _step(self, it: int) -> tuple[float, float, int]:
+        """One optimizer step (or a skipped one): (its loss, its seconds, the tokens it read)."""
         config, model = self.config, self.model
         t0 = time.perf_counter()
         self.optimizer.set_lr(self.schedule(it))
-        loss_value, finite_loss = 0.0, True
+        loss_value, finite_loss, tokens = 0.0, True, 0
         for (x, y), weight in self._micro_batches():
+            tokens += x.size  # padded instruction batches are shorter than block_size
             _, loss = model(x, y)
             value = loss.item()
             if not math.isfinite(value):
@@ -250,9 +249,10 @@ class _Training:
         dt = time.perf_counter() - t0
         self.step_times.append(dt)
         self.elapsed += dt
-        self.since_eval[0] += self.tokens_per_step
+        self.since_eval[0] += tokens
         self.since_eval[1] += dt
-        return loss_value, dt
+        self.tokens_done += tokens
+        return loss_value, dt, tokens
 
     def _micro_batches(self) -> list[tuple[tuple[np.ndarray, np.ndarray], float]]:
         """The step's ``gradient_accumulation_steps`` batches, each with its weight in the step's
@@ -271,7 +271,8 @@ class _Training:
 
     def _result(self) -> TrainResult:
         ms = 1000 * float(np.median(self.step_times)) if self.step_times else math.nan
+        per_step = self.tokens_done / len(self.step_times) if self.step_times else math.nan
         return TrainResult(iters=self.config.max_iters, train_loss=self.last["train"],
                            val_loss=self.last["val"], elapsed_s=self.elapsed, ms_per_step=ms,
-                           tokens_per_s=self.tokens_per_step / (ms / 1000) if self.step_times
-                           else math.nan, skipped_steps=self.skipped, history=self.history)
+                           tokens_per_s=per_step / (ms / 1000), skipped_steps=self.skipped,
+                           history=self.history)

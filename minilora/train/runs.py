@@ -52,6 +52,8 @@ def _count(n: int) -> str:
 
 
 def _describe_data(dataset) -> str:
+    if hasattr(dataset, "describe"):  # instruction data counts examples, not a text's tokens
+        return dataset.describe()
     return (f"{dataset.name} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens, "
             f"vocabulary {dataset.tokenizer.vocab_size})")
 
