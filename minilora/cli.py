@@ -54,6 +54,9 @@ examples:
   minilora train --data notes.txt --init-from gpt2-dir --out runs/hf --lora-r 8 --max-iters 200
   # a new model whose tokenizer reads any text later (UTF-8 bytes, 256 ids)
   minilora train --data notes.txt --out runs/bytes --tokenizer byte
+  # instruction data: the loss on the completions only; 4 batches of 8 per step
+  minilora train --data examples/majority.jsonl --init-from runs/base --out runs/sft \\
+      --lora-r 4 --max-iters 200 --batch-size 8 --grad-accum 4
   # nanoGPT's CPU run on tiny Shakespeare (the defaults are its settings)
   minilora train --data shakespeare.txt --out runs/shakespeare
 
@@ -151,7 +154,9 @@ def _add_train(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="FILE|builtin:NAME",
                    help="a UTF-8 text file (90/10 train/val split; tokens: see --tokenizer, "
-                        "or the --init-from model's), or a built-in corpus")
+                        "or the --init-from model's), a FILE.jsonl of {\"prompt\": ..., "
+                        "\"completion\": ...} lines (the loss on the completions only), or a "
+                        "built-in corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--init-from", metavar="DIR",
                    help="fine-tune this model: a full run (merge a LoRA run first) or a Hugging "
@@ -200,6 +205,10 @@ def _add_train(sub) -> None:
                         f"{d.weight_decay:g})")
     g.add_argument("--grad-clip", type=_number, metavar="NORM",
                    help=f"clip the gradient norm; 0 disables clipping (default: {d.grad_clip:g})")
+    g.add_argument("--grad-accum", type=_positive_int, metavar="N",
+                   dest="gradient_accumulation_steps",
+                   help="add up the gradients of N batches of --batch-size per step: the step "
+                        "of one batch N times larger, at the memory of one (default: 1)")
     g.add_argument("--eval-interval", type=_positive_int, metavar="N",
                    help=f"evaluate and checkpoint every N steps (default: {d.eval_interval})")
     g.add_argument("--eval-iters", type=_positive_int, metavar="N",
@@ -379,7 +388,8 @@ def _add_eval(sub) -> None:
           minilora eval --model gpt2-dir --adapter adapter-dir --data notes.txt""")
     _add_model_source(p)
     p.add_argument("--data", required=True, metavar="FILE|builtin:NAME",
-                   help="a UTF-8 text file, or a built-in corpus")
+                   help="a UTF-8 text file, a FILE.jsonl of prompt-completion lines (the loss "
+                        "of the completions), or a built-in corpus")
     p.add_argument("--eval-iters", type=_positive_int, default=50, metavar="N",
                    help="(default: 50)")
     p.add_argument("--batch-size", type=_positive_int, default=12, metavar="B",

@@ -41,6 +41,7 @@ _FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
             **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r",
             ("LoRAConfig", "target_slices"): "lora_targets",
             ("GPT", "lora_targets"): "lora_targets"}
+_SHORT_FLAGS = {"gradient_accumulation_steps": "grad_accum"}  # the flags not named as the field
 
 
 def _lora_targets(args, family) -> dict:
@@ -63,7 +64,7 @@ def _given(args, names) -> dict:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + _SHORT_FLAGS.get(name, name).replace("_", "-")
 
 
 def _as_flag(owner: str, field: str) -> str | None:

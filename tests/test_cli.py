@@ -537,6 +537,11 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
                          "unrecognized arguments: --learning-rate", "o27"),
         "demo-out-is-a-file": (["demo", "--quick", "--out", "corpus.txt/x"], "corpus.txt",
                                None),
+        "zero-grad-accum": ([*new, "--out", "o-accum", "--grad-accum", "0"],
+                            "--grad-accum: expected a positive integer, got 0", "o-accum"),
+        "grad-accum-with-resume": (["train", "--out", "full", "--resume", "--grad-accum", "4"],
+                                   "--resume continues with the run's own settings; drop "
+                                   "--grad-accum", None),
     }
 
 

@@ -17,8 +17,9 @@ from minilora.configs import (
 )
 from minilora.errors import ConfigError
 
-_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed")
-_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters")
+_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed",
+         "gradient_accumulation_steps")
+_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "gradient_accumulation_steps")
 _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
@@ -32,7 +33,10 @@ class TrainConfig:
     set it.
 
     ``loraplus_lr_ratio``: LoRA+ (``minilora.lora.loraplus``): PEFT's four groups, B and the 1-D
-    parameters at ``lr * loraplus_lr_ratio``, ``weight_decay`` as PEFT's loraplus_weight_decay."""
+    parameters at ``lr * loraplus_lr_ratio``, ``weight_decay`` as PEFT's loraplus_weight_decay.
+
+    ``gradient_accumulation_steps``: micro-batches of ``batch_size`` per optimizer step (nanoGPT's
+    name): the step is the one a batch that many times larger would take, to round-off."""
 
     batch_size: int = 12
     max_iters: int = 2000
@@ -50,6 +54,7 @@ class TrainConfig:
     on_nonfinite: str = "raise"
     block_size: int | None = None
     loraplus_lr_ratio: float | None = None  # LoRA+: B at lr * ratio (PEFT's groups); None: off
+    gradient_accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"

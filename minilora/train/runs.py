@@ -52,12 +52,17 @@ def _count(n: int) -> str:
 
 
 def _describe_data(dataset) -> str:
+    if hasattr(dataset, "describe"):  # instruction data counts examples, not a text's tokens
+        return dataset.describe()
     return (f"{dataset.name} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens, "
             f"vocabulary {dataset.tokenizer.vocab_size})")
 
 
 def _describe_schedule(config: TrainConfig) -> str:
-    return (f"{config.max_iters} steps of batch {config.batch_size}, lr {config.lr:g} "
+    accum = config.gradient_accumulation_steps
+    batch = f"{config.batch_size}" if accum == 1 else \
+        f"{config.batch_size} x {accum} accumulated"
+    return (f"{config.max_iters} steps of batch {batch}, lr {config.lr:g} "
             f"-> {config.min_lr:g} (warm-up {min(config.warmup_iters, config.max_iters)}), "
             f"seed {config.seed}")
 
