@@ -43,6 +43,7 @@ parser.add_argument("--iters", type=int, default=300, help="fine-tuning steps pe
 parser.add_argument("--pretrain-iters", type=int, default=600, help="steps to pretrain the base")
 parser.add_argument("--lr", type=float, default=5e-3, help="the fine-tuning learning rate")
 parser.add_argument("--r", type=int, default=4, help="the rank of the seven-projection adapter")
+parser.add_argument("--threads", type=int, help="engine threads (default: all CPUs)")
 parser.add_argument("--small", action="store_true", help="a tiny model, few steps (for CI)")
 args = parser.parse_args()
 small = args.small or os.environ.get("MINILORA_EXAMPLE_SMALL", "0") not in ("", "0")
@@ -69,7 +70,8 @@ base = LlamaForCausalLM(base_config, seed=0)
 pretrained = train(base, load_dataset("builtin:world", tokenizer=tokenizer),
                    TrainConfig(max_iters=pretrain_iters, lr=3e-3, min_lr=3e-4,
                                warmup_iters=pretrain_iters // 10, eval_interval=pretrain_iters,
-                               eval_iters=10, seed=0, block_size=block), quiet=True)
+                               eval_iters=10, seed=0, block_size=block), quiet=True,
+                   threads=args.threads)
 print(f"base: val loss {pretrained.val_loss:.3f} on world text, {pretrained.ms_per_step:.0f} "
       "ms/step")
 base_weights = base.state_dict()
@@ -108,7 +110,7 @@ for label, targets, r in TARGETS:
         config = TrainConfig(max_iters=iters, lr=args.lr, min_lr=args.lr / 10,
                              warmup_iters=iters // 10, eval_interval=iters,
                              eval_iters=eval_iters, seed=seed, block_size=block)
-        result = train(model, task_data, config, quiet=True)
+        result = train(model, task_data, config, quiet=True, threads=args.threads)
         accuracy = task_accuracy(model, tokenizer, task_data.task, limit=prompts).accuracy
         runs.append({"targets": label, "r": r, "seed": seed, "params": budget,
                      "val_loss": result.val_loss, "exact_match": accuracy,

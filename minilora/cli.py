@@ -52,6 +52,9 @@ examples:
   minilora train --out runs/lora --resume --base /elsewhere/base
   # fine-tune a Hugging Face GPT-2 directory (its tokenizer reads the data)
   minilora train --data notes.txt --init-from gpt2-dir --out runs/hf --lora-r 8 --max-iters 200
+  # a Llama or Qwen2 directory: LoRA on q_proj, v_proj; the sequence length is the run's
+  minilora train --data notes.txt --init-from llama-dir --out runs/llama --lora-r 8 \\
+      --block-size 128 --max-iters 200
   # a new model whose tokenizer reads any text later (UTF-8 bytes, 256 ids)
   minilora train --data notes.txt --out runs/bytes --tokenizer byte
   # instruction data: the loss on the completions only; 4 batches of 8 per step
