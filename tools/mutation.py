@@ -4,6 +4,7 @@
     nice -n 19 python tools/mutation.py lora optim      # some groups
     nice -n 19 python tools/mutation.py ops --jobs 2    # two workers
     nice -n 19 python tools/mutation.py lora --only minilora/lora/config.py   # one file of a group
+    nice -n 19 python tools/mutation.py lora --fresh    # forget the verdicts: after new tests
 
 mutmut (``pip install mutmut``, 3.x) makes many small changes to the code ("mutants": ``<`` for
 ``<=``, ``+`` for ``-``, a constant changed, an argument dropped, a string altered) and runs, for
@@ -20,8 +21,9 @@ tests written for it, so that a run fits in an afternoon:
 Each group works in its own copy of the tracked files, ``.mutation/<group>/`` (ignored by git),
 so the worktree is never changed (``--only FILE`` mutates one file of the group, in
 ``.mutation/<group>-<file>/``, with the group's tests); a rerun re-copies the sources and mutmut
-reuses the verdicts of the functions that did not change. The script prints each group's counts
-and score, the share of mutants killed, and writes the survivors to
+reuses the verdicts of the functions that did not change; it does not notice new or changed
+tests, so after writing tests for survivors rerun with ``--fresh``. The script prints each
+group's counts and score, the share of mutants killed, and writes the survivors to
 ``.mutation/<group>/survivors.txt``. To read one: ``cd .mutation/<group> && mutmut show <name>``.
 Write a test for each survivor that is a real bug.
 """
@@ -82,9 +84,11 @@ def prepare(group: str, only: str | None = None) -> Path:
     return work
 
 
-def run(group: str, jobs: int, only: str | None = None) -> dict:
+def run(group: str, jobs: int, only: str | None = None, fresh: bool = False) -> dict:
     """mutmut over one group (or one file of it); its counts, score and survivors."""
     work = prepare(group, only)
+    if fresh:  # mutmut keeps a verdict while its function is unchanged, whatever the tests do
+        shutil.rmtree(work / "mutants", ignore_errors=True)
     # the copy must import its own (mutated) minilora, never the worktree's
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MPLBACKEND": "Agg"}
     mutmut = [sys.executable, "-m", "mutmut"]
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once")
     parser.add_argument("--only", metavar="FILE", help="mutate only this file of the one group "
                                                        "named, e.g. minilora/lora/config.py")
+    parser.add_argument("--fresh", action="store_true", help="forget the last run's verdicts "
+                                                             "(after adding or changing tests)")
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
@@ -128,7 +134,8 @@ def main() -> None:
         import mutmut  # noqa: F401
     except ImportError:
         raise SystemExit("tools/mutation.py needs mutmut 3: pip install mutmut") from None
-    rows = [run(group, args.jobs, args.only) for group in (args.groups or list(GROUPS))]
+    rows = [run(group, args.jobs, args.only, args.fresh)
+            for group in (args.groups or list(GROUPS))]
     print("\n| group | mutants | killed | timeout | survived | no tests | score |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
