@@ -28,6 +28,15 @@ from minilora.train import read_checkpoint
 from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+
+
+def _default_sigint():
+    """Give the child Ctrl-C's default meaning: a shell's background job (a test run started
+    with '&', say) ignores SIGINT and a child inherits that, so Python would never raise
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "24",
         "--batch-size", "4", "--eval-iters", "2", "--threads", "1"]
 FINETUNE = ["--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4",
@@ -215,7 +224,7 @@ def test_ctrl_c_then_resume_gives_the_run_that_never_stopped(work):
             "--eval-interval", "10", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", *args, "--out", "stopped"],
                             cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     metrics, deadline = work / "stopped" / METRICS, time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:  # the first checkpoint after 0
         if metrics.exists() and metrics.read_text().count("\n") >= 3:  # iter 10 saved
@@ -334,7 +343,7 @@ def test_generate_streams_tokens_and_keeps_them_on_ctrl_c(work):
     proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", "generate", "--model", "base",
                              "--prompt", "the cat", "--max-new-tokens", "1000000", "--threads",
                              "1"], cwd=work, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     seen, deadline = b"", time.monotonic() + 120
     os.set_blocking(proc.stdout.fileno(), False)
     while proc.poll() is None and time.monotonic() < deadline and len(seen) < 40:

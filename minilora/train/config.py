@@ -26,7 +26,11 @@ _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 class TrainConfig:
     """Defaults are nanoGPT's for tiny Shakespeare on a CPU (config/train_shakespeare_char.py with
     the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``.
-    ``loraplus_lr_ratio``: LoRA+ (``minilora.lora.loraplus``): PEFT's four groups, B and the 1-D
+
+    block_size: the length of the training (and evaluation) sequences; None means the model's
+    own (a GPT's ``block_size``). A Llama has none (rotary positions have no end), so its runs
+    set it.
+    loraplus_lr_ratio: LoRA+ (``minilora.lora.loraplus``): PEFT's four groups, B and the 1-D
     parameters at ``lr * loraplus_lr_ratio``, ``weight_decay`` as PEFT's loraplus_weight_decay."""
 
     batch_size: int = 12
@@ -43,6 +47,7 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    block_size: int | None = None
     loraplus_lr_ratio: float | None = None  # LoRA+: B at lr * ratio (PEFT's groups); None: off
 
     def __post_init__(self) -> None:
@@ -68,6 +73,8 @@ class TrainConfig:
                                   f"{other_field(owner, 'warmup_iters')} ({self.warmup_iters}), "
                                   f"got {decay}")
             self.lr_decay_iters = decay
+        if self.block_size is not None:
+            self.block_size = positive_int(owner, "block_size", self.block_size)
         self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
         if self.loraplus_lr_ratio is not None:
             self.loraplus_lr_ratio = positive_number(owner, "loraplus_lr_ratio",

@@ -25,6 +25,7 @@ from minilora.errors import ConfigError, NonFiniteError
 from minilora.lora.loraplus import create_loraplus_optimizer
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
+from minilora.train import architecture
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
 from minilora.train.evaluate import estimate_loss
@@ -93,8 +94,8 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_files: files (name -> bytes) a new run writes once into ``out_dir`` before its first
         checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
-    with step_threading(largest_product(model, config.batch_size * model.config.block_size),
-                        threads):
+    block = architecture.of_model(model).block_size(model.config, config.block_size)
+    with step_threading(largest_product(model, config.batch_size * block), threads):
         training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
@@ -111,7 +112,9 @@ class _Training:
 
     def __init__(self, model, data, config: TrainConfig, out_dir, resume: bool,
                  run_info: dict | None, run_files: dict[str, bytes] | None = None):
-        data.check_block_size(model.config.block_size)
+        self.block_size = architecture.of_model(model).block_size(model.config,
+                                                                  config.block_size)
+        data.check_block_size(self.block_size)
         if resume and out_dir is None:
             raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
         if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
@@ -133,7 +136,7 @@ class _Training:
         self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         self.run_files = run_files or {}
-        self.tokens_per_step = config.batch_size * model.config.block_size
+        self.tokens_per_step = config.batch_size * self.block_size
         self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
         self.step_times: list[float] = []
         self.last = {"train": math.nan, "val": math.nan}
@@ -192,7 +195,7 @@ class _Training:
         """Measure both losses, append the metrics record, write the checkpoint."""
         config = self.config
         last = estimate_loss(self.model, self.data, config.batch_size, config.eval_iters,
-                             self.eval_rng)
+                             self.eval_rng, self.block_size)
         if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
             raise NonFiniteError(
                 f"training stopped at iteration {it}: the evaluation loss is "
@@ -220,8 +223,7 @@ class _Training:
         config, model = self.config, self.model
         t0 = time.perf_counter()
         self.optimizer.set_lr(self.schedule(it))
-        x, y = self.data.get_batch("train", config.batch_size, model.config.block_size,
-                                   self.batch_rng)
+        x, y = self.data.get_batch("train", config.batch_size, self.block_size, self.batch_rng)
         _, loss = model(x, y)
         loss_value = loss.item()
         finite_loss = math.isfinite(loss_value)
