@@ -235,6 +235,21 @@ def test_peft_021_olora_on_gpt2_builds_lora_a_of_shape_r_out_and_fails(tmp_path)
         model(torch.from_numpy(tokens()))
 
 
+def test_peft_021_olora_on_a_square_gpt2_conv1d_changes_the_output_at_initialisation(tmp_path):
+    """On a square Conv1D (attn.c_proj, 16 x 16) PEFT's shapes fit, and the mistake is silent:
+    W_res + s B A is then the transpose's factorisation added to W's rows, not W, so the logits
+    of the fresh adapter differ from the base's; minilora's are the base's (the test above)."""
+    hf_gpt2("float32").save_pretrained(tmp_path / "base")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    idx = torch.from_numpy(tokens())
+    with torch.no_grad():
+        before = base(idx).logits.numpy()
+        model = peft.get_peft_model(base, peft.LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["attn.c_proj"]))
+        after = model(idx).logits.numpy()
+    assert np.abs(after - before).max() > 1e-2 * np.abs(before).max()
+
+
 # ---- LoRA+ -----------------------------------------------------------------------------------
 
 def peft_groups(model, **kw) -> list[tuple[list[str], float, float]]:
