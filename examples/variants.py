@@ -44,13 +44,16 @@ parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 parser.add_argument("--iters", type=int, default=300, help="fine-tuning steps per run")
 parser.add_argument("--lr", type=float, default=5e-3, help="the fine-tuning learning rate")
 parser.add_argument("--r", type=int, default=4, help="the rank, for every variant")
+parser.add_argument("--prompts", type=int, default=200, help="held-out prompts for exact match")
+parser.add_argument("--width", type=int, default=128, help="the base's n_embd (4 layers)")
+parser.add_argument("--base-iters", type=int, default=600, help="the base's pretraining steps")
 parser.add_argument("--small", action="store_true", help="a tiny model, few steps (for CI)")
 args = parser.parse_args()
 small = args.small or os.environ.get("MINILORA_EXAMPLE_SMALL", "0") not in ("", "0")
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 seeds = [int(s) for s in args.seeds.split(",")]
-iters, prompts, eval_iters, r = args.iters, 200, 40, args.r
+iters, prompts, eval_iters, r = args.iters, args.prompts, 40, args.r
 if small:
     seeds, iters, prompts, eval_iters = [0, 1], 10, 8, 2
 
@@ -64,8 +67,8 @@ if args.base:
     print(f"base: {args.base}, {base.num_parameters():,} parameters")
 else:
     shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32} if small else \
-        {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
-    steps = 40 if small else 600
+        {"n_layer": 4, "n_head": 4, "n_embd": args.width, "block_size": 64}
+    steps = 40 if small else args.base_iters
     print(f"pretraining a base on builtin:world for {steps} steps ...")
     base = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape), seed=0)
     train(base, load_dataset("builtin:world", tokenizer=tokenizer),

@@ -52,21 +52,11 @@ def peft_name(name: str) -> str:
     return re.sub(r"\.(lora_embedding_[AB])\.default$", r".\1", name)
 
 
-def gpt2_pair(tmp_path, init: str, targets=GPT2_TARGETS, r=4, alpha=8):
-    """(PEFT's model, minilora's, same float32 GPT-2, same config with ``init``)."""
-    hf_gpt2("float32").save_pretrained(tmp_path / "base")
-    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    theirs = peft.get_peft_model(base, peft.LoraConfig(
-        r=r, lora_alpha=alpha, init_lora_weights=init, target_modules=targets,
-        task_type="CAUSAL_LM")).eval()
-    ours = GPT.from_pretrained(tmp_path / "base", dtype="float32")
-    apply_lora(ours, LoRAConfig(r=r, lora_alpha=alpha, init_lora_weights=init,
-                                target_modules=targets), rng=0)
-    return theirs, ours.eval()
-
-
-def llama_pair(tmp_path, init: str, targets=LLAMA_TARGETS, r=3, alpha=6):
-    hf_model("llama-untied", torch.float32).save_pretrained(tmp_path / "base")
+def model_pair(tmp_path, kind: str, init: str, r: int, alpha: int, targets):
+    """(PEFT's model, minilora's): the same float32 transformers model (``"gpt2"``: a tiny
+    GPT-2; ``"llama"``: a tiny Llama), the same config with ``init``."""
+    (hf_gpt2("float32") if kind == "gpt2" else hf_model("llama-untied", torch.float32)) \
+        .save_pretrained(tmp_path / "base")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                              dtype=torch.float32)
     theirs = peft.get_peft_model(base, peft.LoraConfig(
@@ -76,6 +66,14 @@ def llama_pair(tmp_path, init: str, targets=LLAMA_TARGETS, r=3, alpha=6):
     apply_lora(ours, LoRAConfig(r=r, lora_alpha=alpha, init_lora_weights=init,
                                 target_modules=targets), rng=0)
     return theirs, ours.eval()
+
+
+def gpt2_pair(tmp_path, init: str):
+    return model_pair(tmp_path, "gpt2", init, 4, 8, GPT2_TARGETS)
+
+
+def llama_pair(tmp_path, init: str):
+    return model_pair(tmp_path, "llama", init, 3, 6, LLAMA_TARGETS)
 
 
 def peft_layers(model) -> dict:
