@@ -45,7 +45,9 @@ parser.add_argument("--iters", type=int, default=300, help="fine-tuning steps pe
 parser.add_argument("--lr", type=float, default=5e-3, help="the fine-tuning learning rate")
 parser.add_argument("--r", type=int, default=4, help="the rank, for every variant")
 parser.add_argument("--prompts", type=int, default=200, help="held-out prompts for exact match")
-parser.add_argument("--width", type=int, default=128, help="the base's n_embd (4 layers)")
+parser.add_argument("--width", type=int, default=128, help="the base's n_embd")
+parser.add_argument("--layers", type=int, default=4, help="the base's n_layer")
+parser.add_argument("--threads", type=int, help="the engine's threads (default: all CPUs)")
 parser.add_argument("--base-iters", type=int, default=600, help="the base's pretraining steps")
 parser.add_argument("--small", action="store_true", help="a tiny model, few steps (for CI)")
 args = parser.parse_args()
@@ -67,13 +69,14 @@ if args.base:
     print(f"base: {args.base}, {base.num_parameters():,} parameters")
 else:
     shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32} if small else \
-        {"n_layer": 4, "n_head": 4, "n_embd": args.width, "block_size": 64}
+        {"n_layer": args.layers, "n_head": 4, "n_embd": args.width, "block_size": 64}
     steps = 40 if small else args.base_iters
     print(f"pretraining a base on builtin:world for {steps} steps ...")
     base = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, **shape), seed=0)
     train(base, load_dataset("builtin:world", tokenizer=tokenizer),
           TrainConfig(max_iters=steps, lr=1e-3, min_lr=1e-4, warmup_iters=steps // 10,
-                      eval_interval=steps, eval_iters=10, seed=0), quiet=True)
+                      eval_interval=steps, eval_iters=10, seed=0), quiet=True,
+          threads=args.threads)
 base_config, base_weights = base.config, base.state_dict()
 
 
@@ -88,7 +91,7 @@ def run(settings: dict, seed: int) -> dict:
     config = TrainConfig(max_iters=iters, lr=args.lr, min_lr=args.lr / 10,
                          warmup_iters=iters // 10, eval_interval=iters, eval_iters=eval_iters,
                          seed=seed, **{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
-    result = train(model, task_data, config, quiet=True)
+    result = train(model, task_data, config, quiet=True, threads=args.threads)
     accuracy = task_accuracy(model, tokenizer, task_data.task, limit=prompts).accuracy
     return {"val_loss": result.val_loss, "exact_match": accuracy,
             "ms_per_step": result.ms_per_step}
