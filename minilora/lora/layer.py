@@ -240,7 +240,8 @@ class LoRALinear(LoRALayer):
         over, not copied, and frozen (``requires_grad=False``, ``grad=None``).
     r, lora_alpha, use_rslora: rank and scaling, ``scaling = lora_alpha / r`` (``/ sqrt(r)``).
     lora_dropout: dropout probability on the adapter's input only; masks come from ``rng``.
-    init_lora_weights: "kaiming" or "gaussian" for ``lora_A`` (r, in); ``lora_B`` (out, r) is 0.
+    init_lora_weights: "kaiming" or "gaussian" for ``lora_A`` (r, in), ``lora_B`` (out, r) 0; or
+        "pissa" / "olora": both from W, and W replaced by the residual (``lora/residual_init.py``).
     rng: a ``numpy.random.Generator`` or a seed, for A's initial values and the dropout masks.
     adapter_name: the first adapter's name, active and trainable.
     slices: (lo, hi) row ranges of a fused output to adapt, each with its own rank-r adapter

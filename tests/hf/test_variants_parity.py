@@ -52,21 +52,11 @@ def peft_name(name: str) -> str:
     return re.sub(r"\.(lora_embedding_[AB])\.default$", r".\1", name)
 
 
-def gpt2_pair(tmp_path, init: str, targets=GPT2_TARGETS, r=4, alpha=8):
-    """(PEFT's model, minilora's, same float32 GPT-2, same config with ``init``)."""
-    hf_gpt2("float32").save_pretrained(tmp_path / "base")
-    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    theirs = peft.get_peft_model(base, peft.LoraConfig(
-        r=r, lora_alpha=alpha, init_lora_weights=init, target_modules=targets,
-        task_type="CAUSAL_LM")).eval()
-    ours = GPT.from_pretrained(tmp_path / "base", dtype="float32")
-    apply_lora(ours, LoRAConfig(r=r, lora_alpha=alpha, init_lora_weights=init,
-                                target_modules=targets), rng=0)
-    return theirs, ours.eval()
-
-
-def llama_pair(tmp_path, init: str, targets=LLAMA_TARGETS, r=3, alpha=6):
-    hf_model("llama-untied", torch.float32).save_pretrained(tmp_path / "base")
+def model_pair(tmp_path, kind: str, init: str, r: int, alpha: int, targets):
+    """(PEFT's model, minilora's): the same float32 transformers model (``"gpt2"``: a tiny
+    GPT-2; ``"llama"``: a tiny Llama), the same config with ``init``."""
+    (hf_gpt2("float32") if kind == "gpt2" else hf_model("llama-untied", torch.float32)) \
+        .save_pretrained(tmp_path / "base")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                              dtype=torch.float32)
     theirs = peft.get_peft_model(base, peft.LoraConfig(
@@ -76,6 +66,14 @@ def llama_pair(tmp_path, init: str, targets=LLAMA_TARGETS, r=3, alpha=6):
     apply_lora(ours, LoRAConfig(r=r, lora_alpha=alpha, init_lora_weights=init,
                                 target_modules=targets), rng=0)
     return theirs, ours.eval()
+
+
+def gpt2_pair(tmp_path, init: str):
+    return model_pair(tmp_path, "gpt2", init, 4, 8, GPT2_TARGETS)
+
+
+def llama_pair(tmp_path, init: str):
+    return model_pair(tmp_path, "llama", init, 3, 6, LLAMA_TARGETS)
 
 
 def peft_layers(model) -> dict:
@@ -233,6 +231,21 @@ def test_peft_021_olora_on_gpt2_builds_lora_a_of_shape_r_out_and_fails(tmp_path)
     assert tuple(layer.lora_A["default"].weight.shape) == (4, 48)  # (r, out): out = 3 * 16
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         model(torch.from_numpy(tokens()))
+
+
+def test_peft_021_olora_on_a_square_gpt2_conv1d_changes_the_output_at_initialisation(tmp_path):
+    """On a square Conv1D (attn.c_proj, 16 x 16) PEFT's shapes fit, and the mistake is silent:
+    W_res + s B A is then the transpose's factorisation added to W's rows, not W, so the logits
+    of the fresh adapter differ from the base's; minilora's are the base's (the test above)."""
+    hf_gpt2("float32").save_pretrained(tmp_path / "base")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    idx = torch.from_numpy(tokens())
+    with torch.no_grad():
+        before = base(idx).logits.numpy()
+        model = peft.get_peft_model(base, peft.LoraConfig(
+            r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["attn.c_proj"]))
+        after = model(idx).logits.numpy()
+    assert np.abs(after - before).max() > 1e-2 * np.abs(before).max()
 
 
 # ---- LoRA+ -----------------------------------------------------------------------------------

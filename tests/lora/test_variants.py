@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from minilora import ConfigError, ops
 from minilora.hf.conversion import convert_to_lora
-from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
+from minilora.lora import LoRAConfig, LoRALinear, add_adapter, apply_lora, lora_scaling
 from minilora.lora.loraplus import GROUPS, create_loraplus_optimizer, loraplus_groups
 from minilora.nn import Linear
 from minilora.optim import SGD, AdamW
@@ -232,3 +232,9 @@ def test_loraplus_takes_any_optimizer_and_refuses_a_bad_ratio():
     assert set(loraplus_groups(model)) == set(GROUPS)
     with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
         create_loraplus_optimizer(model, AdamW, lr=0.1, loraplus_lr_ratio=0)
+
+
+def test_adding_an_adapter_beside_pissa_warns_as_peft_does():
+    model = apply_lora(ToyGPT(c=6), LoRAConfig(r=2, init_lora_weights="pissa"), rng=0)
+    with pytest.warns(UserWarning, match=r"\['default'\] changed the base weights"):
+        add_adapter(model, "other", LoRAConfig(r=2), rng=1)
