@@ -315,3 +315,18 @@ def test_with_dropout_the_base_sees_x_and_the_correction_sees_the_dropped_x():
     xd = x * mask
     wanted = x @ W.T + b + (c - 1) * (xd @ W.T) + c * layer.scaling * (xd @ A.T @ B.T)
     np.testing.assert_allclose(y, wanted, **LAYER_TOL)
+
+
+def test_the_conformance_check_refuses_a_dora_adapter(tmp_path):
+    """Its merge is c (W + s B A), not the W + s B A the check holds a merge to: refused, named."""
+    from minilora import hf
+    from minilora.check import check_merge
+    from tests.hf.helpers import adapted, random_gpt
+
+    hf.save_pretrained(random_gpt(), tmp_path / "base")
+    model = adapted(random_gpt(), LoRAConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    hf.save_adapter(model, tmp_path / "adapter")
+    merge_and_unload(model)
+    hf.save_pretrained(model, tmp_path / "merged")
+    with pytest.raises(ConfigError, match="a DoRA adapter"):
+        check_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
