@@ -39,7 +39,7 @@ import numpy as np
 
 from minilora import io
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError, TargetModuleError
-from minilora.hf import files
+from minilora.hf import conversion, files
 from minilora.hf.pretrained import FileTensor, architecture_of
 from minilora.lora import (
     DEFAULT,
@@ -123,7 +123,8 @@ def adapter_file_map(model: Module) -> dict[str, FileTensor]:
 # ---- writing -------------------------------------------------------------------------------
 
 def save_adapter(model: Module, path, base_model_name_or_path: str | None = None,
-                 selected_adapters: list[str] | None = None) -> Path:
+                 selected_adapters: list[str] | None = None,
+                 path_initial_model_for_weight_conversion=None) -> Path:
     """Write the adapters of ``model`` as PEFT 0.21's ``save_pretrained`` would for the same
     adapters on the same transformers model (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
     ``Qwen2ForCausalLM``): ``adapter_config.json`` and ``adapter_model.safetensors``, each
@@ -131,6 +132,10 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
 
     base_model_name_or_path: what PEFT records as the base (a hub name or a directory).
     selected_adapters: the adapters to write (default: all, as PEFT).
+    path_initial_model_for_weight_conversion: PEFT's keyword: the directory where the initial
+        PiSSA or OLoRA adapter was saved before training; each adapter is then written as the
+        plain LoRA adapter of rank 2r that gives the same weights on the *original* base
+        (``minilora/hf/conversion.py``). Unlike PEFT, the initial directory is left as it is.
     Returns the directory.
     """
     arch = architecture_of(model, "save_adapter")
@@ -147,7 +152,10 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
     if unknown:
         raise ConfigError(f"save_adapter: selected_adapters {unknown} are not adapters of the "
                           f"model (its adapters: {list(configs)})")
-    written = {name: _adapter_files(model, name, configs[name], arch, base_model_name_or_path)
+    initial = None if path_initial_model_for_weight_conversion is None else \
+        conversion.read_initial(path_initial_model_for_weight_conversion, ADAPTER_WEIGHTS)
+    written = {name: _adapter_files(model, name, configs[name], arch, base_model_name_or_path,
+                                    initial)
                for name in names}  # every file's bytes first: an error writes nothing
     root = Path(path)
     for name, content in written.items():
@@ -156,8 +164,9 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
 
 
 def _adapter_files(model: Module, name: str, config: LoRAConfig, arch,
-                   base_model_name_or_path: str | None) -> dict[str, bytes | str]:
-    """The two files of one adapter, as PEFT writes them."""
+                   base_model_name_or_path: str | None, initial=None) -> dict[str, bytes | str]:
+    """The two files of one adapter, as PEFT writes them (converted to rank 2r for the
+    original base with ``initial``, the initial adapter's file and tensors)."""
     state, patterns = _file_state(model, name, config)
     tensors = {PREFIX + key: arch.to_file(key, array) for key, array in state.items()}
     d = peft_dict(dataclasses.replace(config, target_slices=None))
@@ -176,6 +185,8 @@ def _adapter_files(model: Module, name: str, config: LoRAConfig, arch,
     linear = [n for n in layers if isinstance(model.get_submodule(n), LoRALinear)]
     d.update(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
              inference_mode=True, fan_in_fan_out=any(arch.is_conv1d(n) for n in linear))
+    if initial is not None:
+        tensors, d = conversion.convert_to_lora(tensors, d, initial)
     return {ADAPTER_WEIGHTS: files.safetensors_bytes(tensors, "save_adapter"),
             ADAPTER_CONFIG: io.dumps_json(d) + "\n"}
 

@@ -33,6 +33,7 @@ from minilora import ops
 from minilora.configs import choice, flag, positive_int, positive_number, probability
 from minilora.errors import ConfigError
 from minilora.lora.config import INIT_LORA_WEIGHTS, lora_scaling
+from minilora.lora.residual_init import RESIDUAL_INITS, residual_init
 from minilora.ops.dora import dora_weight_norm
 from minilora.tensor import Tensor
 
@@ -93,6 +94,12 @@ class LinearAdapter:
         a_shape, b_shape = self.shapes(in_features, out_features)
         return init_lora_A(a_shape, self.init_lora_weights, rng), np.zeros(b_shape)
 
+    def residual(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """PiSSA or OLoRA: (A, B, W_res) from W (``lora/residual_init.py``); None otherwise."""
+        if self.init_lora_weights not in RESIDUAL_INITS:
+            return None
+        return residual_init(self.init_lora_weights, weight, self.r, self.scaling, self.owner)
+
     def forward(self, layer, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """The base and this adapter in one op, the hot path: ``ops.lora_linear``."""
         return ops.lora_linear(x, layer.weight, layer.bias, A, B, self.scaling,
@@ -147,6 +154,11 @@ class SlicedAdapter(LinearAdapter):
         a = [init_lora_A((self.r, in_features), self.init_lora_weights, rng) for _ in self.slices]
         return np.concatenate(a, axis=0), np.zeros(self.shapes(in_features, out_features)[1])
 
+    def residual(self, weight: np.ndarray) -> None:
+        if self.init_lora_weights in RESIDUAL_INITS:
+            raise ConfigError(f"{self.owner}: init_lora_weights={self.init_lora_weights!r} "
+                              "factors a whole weight; it does not combine with slices")
+
     def forward(self, layer, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return ops.linear(x, layer.weight, layer.bias) + self.path(layer, x, A, B)
 
@@ -191,6 +203,10 @@ class EmbeddingAdapter(LinearAdapter):
                 base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         a_shape, b_shape = self.shapes(in_features, out_features)
         return np.zeros(a_shape), rng.standard_normal(b_shape)
+
+    def residual(self, weight: np.ndarray) -> None:
+        """None: PEFT gives an Embedding its plain initialisation under PiSSA and OLoRA too."""
+        return None
 
     def forward(self, layer, idx: np.ndarray, A: Tensor, B: Tensor) -> Tensor:
         return ops.getitem(layer.weight, idx) + self.path(layer, idx, A, B)

@@ -73,21 +73,26 @@ class LoRALayer(Module):
     def add_adapter(self, adapter_name: str, adapter, active: bool = False,
                     rng: np.random.Generator | None = None) -> None:
         """Add ``adapter`` under ``adapter_name``, its parameters drawn from ``rng`` (default:
-        ``self.rng``) in order, in the base's dtype; trainable and active only with ``active``."""
+        ``self.rng``) in order, in the base's dtype; trainable and active only with ``active``.
+        PiSSA and OLoRA take them from W instead and replace W by the residual W - s B A."""
         if adapter_name in self.adapters:
             raise ConfigError(f"{type(self).__name__}: it already holds an adapter named "
                               f"{adapter_name!r}")
         if self.merged:
             raise ConfigError(f"{type(self).__name__}: adapters {self.merged_adapters} are "
                               "merged; unmerge() before adding one")
-        values = adapter.initial(self.in_features, self.out_features,
-                                 self.rng if rng is None else rng, base=self.weight.data)
+        residual = adapter.residual(self.weight.data)  # PiSSA, OLoRA: (A, B, W_res)
+        values = residual[:2] if residual is not None else adapter.initial(
+            self.in_features, self.out_features, self.rng if rng is None else rng,
+            base=self.weight.data)
         for kind, value in zip(adapter.PARAMETERS, values, strict=True):
             p = Parameter(value.astype(self.weight.dtype), requires_grad=active)
             self._parameters[parameter_name(kind, adapter_name)] = p
             if adapter_name == DEFAULT:
                 object.__setattr__(self, kind, p)
         self.adapters[adapter_name] = adapter
+        if residual is not None:  # W_res + s B A = W: the layer's output is unchanged
+            self.weight.data = residual[2]
         if active:
             self.active_adapters.append(adapter_name)
 

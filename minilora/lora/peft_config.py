@@ -21,6 +21,7 @@ from enum import Enum
 
 from minilora.errors import ConfigError
 from minilora.lora.config import LoRAConfig
+from minilora.lora.residual_init import PISSA_NITER, RESIDUAL_INITS, refuse_pissa_niter
 
 PEFT_VERSION = "0.21.2"  # the PEFT whose LoraConfig this table follows
 
@@ -58,7 +59,9 @@ REFUSED = {
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
 }
 
-# PEFT's init_lora_weights values that only draw A and B: a file's weights replace them
+# PEFT's init_lora_weights values that only draw A and B: a file's weights replace them. PiSSA
+# and OLoRA also replace W by its residual, which a file does not hold: read, they run on the
+# model the file is loaded into, as PEFT's from_pretrained runs them, then the file's A, B load
 _INITS_OF_A_AND_B = (True, False, "gaussian")
 
 
@@ -111,11 +114,13 @@ def lora_config_from_peft(d, weights_follow: bool = False) -> LoRAConfig:
 def _lora_fields(owner: str, fields: dict, weights_follow: bool) -> dict:
     """PEFT's spellings turned into LoRAConfig's: {} patterns are None, None targets the default."""
     init = fields.get("init_lora_weights", True)
+    if isinstance(init, str) and PISSA_NITER.fullmatch(init):
+        refuse_pissa_niter(f"{owner}: init_lora_weights", init)
     if isinstance(init, (bool, str)) and init not in _INITS_OF_A_AND_B \
-            and init not in ("kaiming",):
-        raise ConfigError(f"{owner}: init_lora_weights={init!r} (an initialisation that also "
-                          "changes the base weights or needs data) is not implemented; minilora "
-                          "reads True, False and 'gaussian'")
+            and init not in ("kaiming", *RESIDUAL_INITS):
+        raise ConfigError(f"{owner}: init_lora_weights={init!r} (an initialisation that needs "
+                          "data or another method) is not implemented; minilora reads True, "
+                          "False, 'gaussian', 'pissa' and 'olora'")
     if init is False and weights_follow:
         fields["init_lora_weights"] = "kaiming"
     for name in ("rank_pattern", "alpha_pattern"):

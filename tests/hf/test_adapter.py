@@ -172,7 +172,7 @@ def one(tmp_path):
     ("use_qalora", True, "use_qalora=True is a PEFT feature minilora does not implement"),
     ("layers_to_transform", [0], "layers_to_transform"),
     ("lora_bias", True, "lora_bias"),
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
+    ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
     ("task_type", "SEQ_CLS", "task_type"),
     ("inference_mode", "yes", "inference_mode must be of type bool"),
     ("brand_new_field", 3, "unknown field 'brand_new_field'"),
