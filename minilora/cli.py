@@ -410,10 +410,13 @@ def _add_params(sub) -> None:
         B (out, r) hold r (in + out) against the weight's in x out.""", """\
         examples:
           minilora params --shape 4096x4096 --rank 4   # 16,777,216 against 32,768: 1/512
-          minilora params --shape 3x3 --rank 1         # 9 against 6""")
+          minilora params --shape 3x3 --rank 1         # 9 against 6
+          minilora params --shape 4096x4096 --rank 4 --use-dora   # 36,864: 9/4096""")
     p.add_argument("--shape", required=True, type=_shape, metavar="OUTxIN",
                    help="the weight's shape, e.g. 4096x4096")
     p.add_argument("--rank", required=True, type=_positive_int, metavar="R", help="LoRA's rank")
+    p.add_argument("--use-dora", action="store_true",
+                   help="DoRA: count its magnitude too, one per output row")
 
 
 def _add_bench(sub) -> None:

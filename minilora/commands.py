@@ -464,12 +464,17 @@ def cmd_params(args) -> int:
     from minilora.lora import LoRALayerCount
 
     out_f, in_f = args.shape
-    c = LoRALayerCount("W", in_f, out_f, args.rank)
+    c = LoRALayerCount("W", in_f, out_f, args.rank, magnitude=args.use_dora)
     frac = c.fraction
     as_ratio = f"1/{frac.denominator}" if frac.numerator == 1 else f"{frac}"
     print(f"weight W: {out_f:,} x {in_f:,} = {c.weight_params:,} parameters")
-    print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
-          f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
+    if args.use_dora:
+        print(f"DoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"+ m ({out_f:,}) = {args.rank} x ({in_f:,} + {out_f:,}) + {out_f:,} = "
+              f"{c.lora_params:,} trainable parameters")
+    else:
+        print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
     print(f"ratio: {c.lora_params:,} / {c.weight_params:,} = {as_ratio} "
           f"({c.lora_params / c.weight_params:.4%})")
     if c.lora_params >= c.weight_params:

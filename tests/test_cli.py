@@ -645,3 +645,13 @@ def test_train_use_dora_trains_and_saves_the_magnitude_and_merges(work, capsys):
     assert code == 2 and "DoRA on an Embedding is not implemented" in err and \
         err.count("\n") == 1
     assert not (work / "dora-wte").exists()
+
+
+def test_params_use_dora_counts_the_magnitude_too(capsys):
+    """4096x4096 at rank 4: LoRA's 32,768 plus m's 4,096 = 36,864, 9/4096 of the weight."""
+    code, out, err = _in_this_process(["params", "--shape", "4096x4096", "--rank", "4",
+                                       "--use-dora"], capsys)
+    assert code == 0, err
+    assert "DoRA, rank 4: A (4 x 4,096) + B (4,096 x 4) + m (4,096) = 4 x (4,096 + 4,096) + " \
+        "4,096 = 36,864 trainable parameters" in out
+    assert "36,864 / 16,777,216 = 9/4096" in out

@@ -34,6 +34,7 @@ from minilora.configs import choice, flag, positive_int, positive_number, probab
 from minilora.errors import ConfigError
 from minilora.lora.config import INIT_LORA_WEIGHTS, lora_scaling
 from minilora.lora.residual_init import RESIDUAL_INITS, residual_init
+from minilora.ops.dora import dora_weight_norm
 from minilora.tensor import Tensor
 
 
@@ -241,7 +242,7 @@ class DoraAdapter(LinearAdapter):
             raise ConfigError(f"{self.owner}: DoRA's magnitude starts at the row norms of the "
                               f"base weight ({out_features}, {in_features}), which was not given")
         A, B = A.astype(base.dtype), B.astype(base.dtype)  # the norm in W's dtype, as PEFT's
-        return A, B, ops.dora_weight_norm(base, A, B, self.scaling)
+        return A, B, dora_weight_norm(base, A, B, self.scaling)
 
     def forward(self, layer, x: Tensor, A: Tensor, B: Tensor, m: Tensor) -> Tensor:
         """``ops.dora_linear`` on W; once another adapter is merged into W, the base output of
@@ -263,9 +264,8 @@ class DoraAdapter(LinearAdapter):
         if base is None:
             raise ConfigError(f"{self.owner}: DoRA's ΔW depends on the base weight, which was "
                               "not given")
-        adapted = base + self.scaling * (B @ A)
-        c = (m / np.linalg.norm(adapted, axis=1).astype(base.dtype, copy=False))[:, None]
-        return [(slice(None), c * adapted - base)]
+        c = (m / dora_weight_norm(base, A, B, self.scaling))[:, None]  # the forward's own n
+        return [(slice(None), c * (base + self.scaling * (B @ A)) - base)]
 
     def full_form(self, A: np.ndarray, B: np.ndarray, m: np.ndarray, out_features: int):
         """PEFT's file holds A, B and m as they are."""

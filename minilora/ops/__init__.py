@@ -24,7 +24,7 @@ from minilora.ops.backend.rms_norm import rms_norm
 from minilora.ops.backend.rotary import rotary_embedding
 from minilora.ops.backend.softmax import cross_entropy
 from minilora.ops.backend.swiglu import swiglu
-from minilora.ops.dora import dora_linear, dora_weight_norm
+from minilora.ops.dora import dora_linear
 from minilora.ops.elementwise import (
     add,
     astype,
@@ -52,7 +52,7 @@ from minilora.ops.swiglu import silu
 
 __all__ = [
     "add", "astype", "causal_self_attention", "clip", "concatenate", "cross_entropy", "div",
-    "dora_linear", "dora_weight_norm",
+    "dora_linear",
     "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention", "layer_norm",
     "linear", "log", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "masked_fill",
     "matmul", "max", "mean", "mul", "neg", "pow", "reference", "relu", "reshape", "rms_norm",

@@ -59,7 +59,9 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         gc = c * g                                        # G_c
         u = gc @ B                                        # (..., r)
         gx = gW = None
-        if x.requires_grad:
+        if x.requires_grad and with_base and mask is None:
+            gx = gc @ W + s * (u @ A)                     # G W + (G_c - G) W in one product
+        elif x.requires_grad:
             through_d = (gc - g) @ W + s * (u @ A)        # (..., in)
             gx = through_d if mask is None else through_d * mask
             if with_base:

@@ -315,3 +315,47 @@ def test_with_dropout_the_base_sees_x_and_the_correction_sees_the_dropped_x():
     xd = x * mask
     wanted = x @ W.T + b + (c - 1) * (xd @ W.T) + c * layer.scaling * (xd @ A.T @ B.T)
     np.testing.assert_allclose(y, wanted, **LAYER_TOL)
+
+
+def test_the_conformance_check_refuses_a_dora_adapter(tmp_path):
+    """Its merge is c (W + s B A), not the W + s B A the check holds a merge to: refused, named."""
+    from minilora import hf
+    from minilora.check import check_merge
+    from tests.hf.helpers import adapted, random_gpt
+
+    hf.save_pretrained(random_gpt(), tmp_path / "base")
+    model = adapted(random_gpt(), LoRAConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    hf.save_adapter(model, tmp_path / "adapter")
+    merge_and_unload(model)
+    hf.save_pretrained(model, tmp_path / "merged")
+    with pytest.raises(ConfigError, match="a DoRA adapter"):
+        check_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+
+
+@pytest.mark.parametrize("damage, shown", [
+    (lambda m: m[:-1], "has shape (47,), expected (48,)"),
+    (lambda m: np.where(np.arange(m.size) == 3, np.nan, m), "contains NaN or infinity"),
+    (None, "missing tensor"),
+])
+def test_a_damaged_magnitude_in_a_peft_file_is_refused_naming_it(tmp_path, damage, shown):
+    """The magnitude is checked as A and B are: its shape (out,) before anything is allocated,
+    NaN and infinity, presence; the model is left as it was."""
+    import safetensors.numpy
+
+    from minilora import FileFormatError, hf
+    from tests.hf.helpers import adapted, random_gpt
+
+    hf.save_adapter(adapted(random_gpt("float64"), LoRAConfig(r=2, target_modules=["c_attn"],
+                                                              use_dora=True)), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load(path.read_bytes())
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"
+    if damage is None:
+        del tensors[key]
+    else:
+        tensors[key] = damage(tensors[key])
+    path.write_bytes(safetensors.numpy.save(tensors))
+    model = random_gpt("float64")
+    with pytest.raises(FileFormatError, match=shown.replace("(", r"\(").replace(")", r"\)")):
+        hf.load_adapter(model, tmp_path)
+    assert not list(named_lora_layers(model))
