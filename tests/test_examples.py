@@ -31,6 +31,8 @@ CASES = {
     "merge_no_latency.py": ([], ["max |merged - adapted|", "merged/base"], []),
     "target_budget.py": (["--out", "budget"], ["| {q, v} | 18 |", "one budget, as in Table 5"],
                          ["budget/target_budget.md", "budget/target_budget.json"]),
+    "gpt2_small_cpu.py": (["--out", "g2"], ["| LoRA r=8 |", "all checks passed"],
+                          ["g2/gpt2_small_cpu.md", "g2/gpt2_small_cpu.json"]),
 }
 
 
