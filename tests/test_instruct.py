@@ -126,6 +126,8 @@ BAD_LINES = {  # id -> (the bad line, a part of the message after "FILE: line 2:
     "empty-completion": ({"prompt": "a", "completion": ""},
                          "the completion is empty: nothing to learn"),
     "empty-prompt": ({"prompt": "", "completion": "b"}, "the prompt is empty"),
+    "repeated-key": ('{"prompt": "a", "completion": "b", "prompt": "c"}',
+                     "key 'prompt' appears twice"),
 }
 
 
