@@ -175,7 +175,9 @@ def _add_train(sub) -> None:
     g.add_argument("--n-embd", type=_positive_int, metavar="N",
                    help=f"width (default: {m.n_embd})")
     g.add_argument("--block-size", type=_positive_int, metavar="T",
-                   help=f"context length in tokens (default: {m.block_size})")
+                   help=f"context length in tokens (default: {m.block_size}); with --init-from, "
+                        "the training sequence length (a GPT's own by default, at most it; a "
+                        "Llama or Qwen2 has none and needs it)")
     g.add_argument("--dropout", type=_number, metavar="P",
                    help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
@@ -215,6 +217,9 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    g.add_argument("--loraplus-lr-ratio", type=_number, metavar="RATIO",
+                   help="LoRA+: lora_B (and 1-D parameters) at --lr times RATIO, PEFT's groups "
+                        "(e.g. 16; default: off)")
     _add_lora_flags(p)
     _add_common(p)
 
@@ -229,14 +234,23 @@ def _add_lora_flags(p) -> None:
     g.add_argument("--target-modules", metavar="NAMES",
                    help="comma-separated module names, each matching every Linear or "
                         "Embedding whose dotted name ends in it, as in PEFT (default: "
-                        "c_attn,c_proj, where c_proj is both attn.c_proj and mlp.c_proj; also "
+                        "c_attn,c_proj on a GPT, where c_proj is both attn.c_proj and "
+                        "mlp.c_proj; q_proj,v_proj on a Llama or Qwen2; also "
                         "c_fc, wte for the token embedding, or full names such as "
                         "transformer.h.0.attn.c_attn); a name matching nothing is an error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    g.add_argument("--use-dora", action="store_true",
+                   help="DoRA: also train a magnitude per output row, m / ||W + s B A|| "
+                        "(W + s B A), PEFT's use_dora (Linear layers only)")
     g.add_argument("--lora-targets", metavar="ROLES",
                    help="the LoRA paper's weights to adapt, by role: q, k, v (slices of c_attn, "
                         "each its own adapter), o (attn.c_proj), mlp (c_fc, mlp.c_proj) or all; "
-                        "q,v is the paper's choice. With --target-modules, both are adapted")
+                        "q,v is the paper's choice (on a Llama: q_proj, k_proj, v_proj, o_proj, "
+                        "mlp: gate_proj, up_proj, down_proj). With --target-modules, both are "
+                        "adapted")
+    g.add_argument("--init-lora-weights", metavar="INIT",
+                   help="kaiming (default), gaussian, or pissa / olora: A and B from the SVD / "
+                        "QR of W, W replaced by the residual W - s B A (PEFT's)")
 
 
 def _add_common(p) -> None:
@@ -381,6 +395,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=12, metavar="B",
                    help="(default: 12)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
+    p.add_argument("--block-size", type=_positive_int, metavar="T",
+                   help="sequence length (default: the run's, else a GPT's block_size; a Llama "
+                        "or Qwen2 directory has none and needs it)")
     _add_threads(p)
 
 

@@ -33,6 +33,12 @@ CASES = {
                          ["budget/target_budget.md", "budget/target_budget.json"]),
     "gpt2_small_cpu.py": (["--out", "g2"], ["| LoRA r=8 |", "all checks passed"],
                           ["g2/gpt2_small_cpu.md", "g2/gpt2_small_cpu.json"]),
+    "llama_budget.py": (["--out", "llama"], ["| q_proj, v_proj | 20 | 2,240 |",
+                                             "| all seven | 4 | 2,240 |", "one budget"],
+                        ["llama/llama_budget.md", "llama/llama_budget.json"]),
+    "llama_from_files.py": (["--out", "adapter"], ["bit-for-bit unchanged",
+                                                   "base + saved adapter| = 0.0e+00"],
+                            ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]),
 }
 
 

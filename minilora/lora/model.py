@@ -104,6 +104,8 @@ def _adapt(model: Module, target: Target, config: LoRAConfig, adapter_name: str,
                     use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
     if target.slices is not None:
         settings.update(slices=target.slices, slice_names=target.slice_names)
+    if config.use_dora:
+        settings.update(use_dora=True)
     module = target.module
     if isinstance(module, LoRALayer):
         module.add_adapter(adapter_name, module.make_adapter(**settings), rng=rng)

@@ -9,7 +9,8 @@ twice: as their equations in ``softmax``, ``normalization``, ``activation``, ``a
 same signatures. The names exported here are the kernels, which the engine runs;
 ``tests/ops/test_kernels.py`` holds each equal to its equation. The paths of the other adapters
 (``lora_slices``: an adapter on slices of a fused projection, or one of several on a layer;
-``lora_embedding``: LoRA on an embedding) are their equations alone: no hot path needs more.
+``lora_embedding``: LoRA on an embedding; ``dora_linear``: DoRA's layer, in ``dora``) are their
+equations alone: no hot path needs more.
 """
 
 from minilora.ops import reference
@@ -23,6 +24,7 @@ from minilora.ops.backend.rms_norm import rms_norm
 from minilora.ops.backend.rotary import rotary_embedding
 from minilora.ops.backend.softmax import cross_entropy
 from minilora.ops.backend.swiglu import swiglu
+from minilora.ops.dora import dora_linear, dora_weight_norm
 from minilora.ops.elementwise import (
     add,
     astype,
@@ -50,6 +52,7 @@ from minilora.ops.swiglu import silu
 
 __all__ = [
     "add", "astype", "causal_self_attention", "clip", "concatenate", "cross_entropy", "div",
+    "dora_linear", "dora_weight_norm",
     "dropout", "dropout_mask", "exp", "gelu", "getitem", "grouped_query_attention", "layer_norm",
     "linear", "log", "log_softmax", "lora_embedding", "lora_linear", "lora_slices", "masked_fill",
     "matmul", "max", "mean", "mul", "neg", "pow", "reference", "relu", "reshape", "rms_norm",

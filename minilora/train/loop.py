@@ -24,8 +24,10 @@ from tqdm import tqdm
 from minilora import io
 from minilora.data.instruct import IGNORE_INDEX
 from minilora.errors import ConfigError, NonFiniteError
+from minilora.lora.loraplus import create_loraplus_optimizer
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
+from minilora.train import architecture
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
 from minilora.train.evaluate import estimate_loss
@@ -94,8 +96,8 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_files: files (name -> bytes) a new run writes once into ``out_dir`` before its first
         checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
-    with step_threading(largest_product(model, config.batch_size * model.config.block_size),
-                        threads):
+    block = architecture.of_model(model).block_size(model.config, config.block_size)
+    with step_threading(largest_product(model, config.batch_size * block), threads):
         training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
@@ -112,7 +114,9 @@ class _Training:
 
     def __init__(self, model, data, config: TrainConfig, out_dir, resume: bool,
                  run_info: dict | None, run_files: dict[str, bytes] | None = None):
-        data.check_block_size(model.config.block_size)
+        self.block_size = architecture.of_model(model).block_size(model.config,
+                                                                  config.block_size)
+        data.check_block_size(self.block_size)
         if resume and out_dir is None:
             raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
         if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
@@ -120,8 +124,13 @@ class _Training:
         self.model, self.data, self.config, self.resume = model, data, config, resume
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in self.named]
-        self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
-                               betas=(config.beta1, config.beta2))
+        if config.loraplus_lr_ratio is None:
+            self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
+                                   betas=(config.beta1, config.beta2))
+        else:  # LoRA+: PEFT's groups, B at lr * ratio; the schedule keeps the ratios
+            self.optimizer = create_loraplus_optimizer(
+                model, AdamW, lr=config.lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                loraplus_weight_decay=config.weight_decay, betas=(config.beta1, config.beta2))
         self.schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_iters,
                                        config.decay_iters)
         self.batch_rng = np.random.default_rng(config.seed)
@@ -188,7 +197,7 @@ class _Training:
         """Measure both losses, append the metrics record, write the checkpoint."""
         config = self.config
         last = estimate_loss(self.model, self.data, config.batch_size, config.eval_iters,
-                             self.eval_rng)
+                             self.eval_rng, self.block_size)
         if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
             raise NonFiniteError(
                 f"training stopped at iteration {it}: the evaluation loss is "
@@ -260,8 +269,7 @@ class _Training:
         micro-batches' mean losses is the mean over all their targets, the loss of the one batch
         they make up, also when masks count a different number in each; one batch weighs 1."""
         config = self.config
-        batches = [self.data.get_batch("train", config.batch_size, self.model.config.block_size,
-                                       self.batch_rng)
+        batches = [self.data.get_batch("train", config.batch_size, self.block_size, self.batch_rng)
                    for _ in range(config.gradient_accumulation_steps)]
         counted = [int(np.count_nonzero(y != IGNORE_INDEX)) for _, y in batches]
         total = sum(counted)
