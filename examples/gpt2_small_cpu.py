@@ -14,11 +14,12 @@ the real model, its own tokenizer reading the text.
 
 Each variant runs in a process of its own (peak memory is a process's high-water mark) and:
 
-1. loads the base and keeps its first ``--block-size`` positions (256: the benchmark's config C,
-   a context a 2-core machine trains in seconds per step; nanoGPT's ``crop_block_size``);
-2. fine-tunes it on ``builtin:majority`` (plain text, blocks of ``--block-size`` tokens) for
-   ``--steps`` steps of batch ``--batch-size``: in full, or with LoRA r = 8, alpha 16 on
-   ``c_attn`` and ``c_proj`` (attention and MLP), through :func:`minilora.train.train`;
+1. loads the base (its context stays 1,024 positions);
+2. fine-tunes it on ``builtin:majority`` (plain text) in sequences of ``--block-size`` tokens
+   (``TrainConfig.block_size``; 256: the benchmark's config C, a length a 2-core machine trains
+   in seconds per step) for ``--steps`` steps of batch ``--batch-size``: in full, or with LoRA
+   r = 8, alpha 16 on ``c_attn`` and ``c_proj`` (attention and MLP), through
+   :func:`minilora.train.train`, as ``minilora train`` does;
 3. samples ``--new-tokens`` tokens after a 16-token prompt, greedily, with the key/value cache.
 
 It prints one table: trainable parameters, the median time per step, training tokens per second,
@@ -39,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora import nn
 from minilora.data import ByteTokenizer, load_dataset
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.models import GPT, GPTConfig
@@ -75,17 +75,6 @@ if small:
 out = Path(args.out)
 
 
-def crop_block_size(model: GPT, block_size: int) -> None:
-    """Keep the first ``block_size`` positions of ``wpe`` (nanoGPT's model surgery): the model
-    then reads at most that many tokens, each position as it did before."""
-    if block_size >= model.config.block_size:
-        return
-    wpe = model.transformer.wpe
-    wpe.weight = nn.Parameter(wpe.weight.data[:block_size].copy())
-    wpe.num_embeddings = block_size
-    model.config = dataclasses.replace(model.config, block_size=block_size)
-
-
 def base_model():
     """(model, tokenizer, what it is): the --init-from model, or GPT-2 small's shape at random."""
     if args.init_from:
@@ -116,11 +105,11 @@ def run_variant(name: str) -> dict:
     """Fine-tune one variant in this process; its figures."""
     lora, fields = VARIANTS[name]
     model, tokenizer, what = base_model()
-    crop_block_size(model, args.block_size)
     data = load_dataset("builtin:majority", tokenizer=tokenizer)
     if lora:
         apply_lora(model, LORA, rng=0)
-    config = TrainConfig(batch_size=args.batch_size, max_iters=args.steps,
+    config = TrainConfig(batch_size=args.batch_size, block_size=args.block_size,
+                         max_iters=args.steps,
                          warmup_iters=args.steps // 10, min_lr=fields["lr"] / 10,
                          eval_interval=args.steps, eval_iters=2, seed=0, **fields)
     result = train(model, data, config, quiet=True, threads=args.threads)
