@@ -126,6 +126,8 @@ BAD_LINES = {  # id -> (the bad line, a part of the message after "FILE: line 2:
     "empty-completion": ({"prompt": "a", "completion": ""},
                          "the completion is empty: nothing to learn"),
     "empty-prompt": ({"prompt": "", "completion": "b"}, "the prompt is empty"),
+    "repeated-key": ('{"prompt": "a", "completion": "b", "prompt": "c"}',
+                     "key 'prompt' appears twice"),
 }
 
 
@@ -223,3 +225,19 @@ def test_a_bad_line_on_the_command_line_is_one_line_exit_code_2(tmp_path, capsys
     err = capsys.readouterr().err
     assert err == f"minilora: error: {path}: line 3: 'completion' must be a string, got int\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_on_instruction_data_resumes_bit_for_bit(tmp_path):
+    """The data is found again from the run's record (a .jsonl path) and batches continue."""
+    from minilora.train import TrainConfig, runs
+    from tests.train.conftest import Stop, assert_bit_identical, stop_at, tensors
+
+    config = TrainConfig(batch_size=3, max_iters=4, eval_interval=2, eval_iters=1,
+                         warmup_iters=1, seed=0, gradient_accumulation_steps=2)
+    model = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 40, "dropout": 0.1}
+    runs.pretrain(EXAMPLES, tmp_path / "whole", model, config, quiet=True, threads=1)
+    with pytest.raises(Stop):
+        runs.pretrain(EXAMPLES, tmp_path / "stopped", model, config, quiet=True, threads=1,
+                      on_eval=stop_at(2))
+    runs.resume(tmp_path / "stopped", quiet=True, threads=1)
+    assert_bit_identical(tensors(tmp_path / "whole"), tensors(tmp_path / "stopped"))

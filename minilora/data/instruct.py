@@ -48,8 +48,8 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     """(line number, prompt, completion) of every example in the JSON Lines file ``path``.
 
     A DataError names the file and the line of the first mistake: not UTF-8, not JSON, not an
-    object, a key missing, a value not a string, an empty prompt or completion; or the file
-    missing, empty or without a single example.
+    object, a key missing or repeated, a value not a string, an empty prompt or completion; or
+    the file missing, empty or without a single example.
     """
     path = Path(path)
     try:
@@ -74,10 +74,25 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, str, str]]:
     return examples
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, unless a key appears twice in it (json would keep the last silently)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 def _example(path: Path, n: int, line: str) -> tuple[str, str]:
     where = f"{path}: line {n}"
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_no_repeated_keys)
+    except _RepeatedKey as e:
+        raise DataError(f"{where}: key {e.args[0]!r} appears twice") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:

@@ -160,9 +160,9 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig | LlamaConfig, LoRAConfig |
     tokenizer = read_tokenizer(meta.get("tokenizer"), path.parent, path)
     if tokenizer is not None:
         vocab = tokenizer.vocab_size
-        if vocab != model_config.vocab_size:
-            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, the model "
-                                  f"{model_config.vocab_size}")
+        if vocab > model_config.vocab_size:  # fewer is fine: a vocabulary padded past it
+            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, more than the "
+                                  f"model's vocabulary of {model_config.vocab_size}")
     for key in ("iter", "skipped_steps", "elapsed_s"):
         value = meta.get(key, 0)
         if not (math.isfinite(value) and value >= 0):
