@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_docs import CODE_LINK
+
 ROOT = Path(__file__).resolve().parent.parent
 ROLE = re.compile(r":(?:py:)?(?:meth|func|class|mod|attr|data|exc|obj|ref):`")
 DOCS_EXTRA = 'needs the docs extra: pip install -e ".[docs]"'
@@ -79,3 +81,48 @@ def test_the_api_page_shows_no_sphinx_role_and_no_unresolved_reference(site):
                             api)
     assert not unresolved, unresolved[:5]
     assert api.count('class="autorefs autorefs-internal"') > 90
+
+
+def test_the_api_page_names_each_package_once_in_its_contents(site):
+    html = page(site, "api")
+    toc = html[html.index('id="toc-collapse"'):html.index('role="main"')]
+    entries = re.findall(r'data-bs-level="([23])"><a href="[^"]*" class="nav-link">([^<]*)</a>',
+                         toc)
+    sections = [label for level, label in entries if level == "2"]
+    assert "minilora" in sections and "minilora.ops" in sections
+    assert len(sections) == len(set(sections)), sections
+    modules = [label for level, label in entries if level == "3"]
+    assert "elementwise" in modules and not set(modules) & {"minilora", "ops", "backend"}
+
+
+def test_code_blocks_are_highlighted_when_built_with_no_script_from_elsewhere(site):
+    theory = page(site, "theory")
+    python = (ROOT / "docs" / "theory.md").read_text(encoding="utf-8").count("```python\n")
+    blocks = re.findall(r'<div class="highlight"><pre>.*?</pre>', theory, re.DOTALL)
+    assert python > 0 and sum('<span class="k' in block for block in blocks) == python  # keywords
+    assert 'href="../css/pygments.css"' in theory
+    assert ".highlight .k " in (site / "css" / "pygments.css").read_text(encoding="utf-8")
+    assert not re.search(r'<script[^>]+src="https?:', theory)  # highlight.js came from a CDN
+
+
+def code_line(site: Path, path: str, line: int) -> str:
+    """The text of line ``line`` of ``path`` as its code page on the site shows it."""
+    html = (site / "code" / path / "index.html").read_text(encoding="utf-8")
+    start = html.index(f'<a id="L-{line}" name="L-{line}"></a>')
+    end = html.find('<a id="L-', start + 1)
+    return re.sub(r"<[^>]+>", "", html[start:end if end > 0 else None])
+
+
+@pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_each_link_to_the_code_arrives_at_the_name_it_names(site, doc):
+    links = CODE_LINK.findall((ROOT / "docs" / doc).read_text(encoding="utf-8"))
+    built_page = site / ("" if doc == "index.md" else doc[:-3]) / "index.html"
+    html = built_page.read_text(encoding="utf-8")
+    up = "" if doc == "index.md" else "../"
+    built = re.findall(rf'<a href="{up}code/([^"#]+)/(?:#L-(\d+))?"', html)
+    assert len(built) == len(links), f"{doc}: {len(links)} links to the code, {len(built)} built"
+    for (path, name), (built_path, line) in zip(links, built, strict=True):
+        assert built_path == path
+        if name:
+            assert re.match(rf"\s*(?:async )?(?:def|class) {name.split('.')[-1]}\b",
+                            code_line(site, path, int(line))), (doc, path, name, line)
