@@ -29,7 +29,8 @@ CODE_DIR = "code"  # the code pages' folder in the site
 STYLE = "default"  # the Pygments style of every code block
 EXTRA_CSS = """
 /* a linked line sits below the fixed navigation bar, not under it */
-.highlight a[id^="L-"] { scroll-margin-top: 5rem; }
+.highlight a[id^="L-"] { scroll-margin-top: 9rem; }
+.highlight .linenos a { color: #888; text-decoration: none; }
 """
 
 
