@@ -1,7 +1,7 @@
 """What each ``minilora`` subcommand does (the parser is in ``minilora.cli``).
 
 Each ``cmd_*`` takes the parsed arguments, prints what it did on stdout and returns the exit code.
-A user mistake is raised as a :class:`minilora.MiniLoRAError`; ``cli.main`` turns it into one line,
+A user mistake is raised as a [`minilora.MiniLoRAError`][]; ``cli.main`` turns it into one line,
 ``minilora: error: ...``, and exit code 2.
 """
 

@@ -167,7 +167,7 @@ class Optimizer:
 
         meta holds the format tag, the optimizer type, each group's hyper-parameters and parameter
         names, and each parameter's step count. Save ``arrays`` as safetensors/npz and ``meta`` as
-        JSON; :meth:`load_state_dict` then continues bit for bit.
+        JSON; [`load_state_dict`][] then continues bit for bit.
         """
         groups = []
         for group in self.param_groups:
@@ -181,7 +181,7 @@ class Optimizer:
         return {"meta": meta, "arrays": arrays}
 
     def load_state_dict(self, state_dict: Mapping) -> None:
-        """Restore what :meth:`state_dict` returned (possibly via JSON and a tensor file).
+        """Restore what [`state_dict`][] returned (possibly via JSON and a tensor file).
 
         Everything is checked before anything changes: the type, the groups and their parameter
         names, the step counts, and every array's name, shape, dtype and finiteness. A mismatch is a
@@ -403,7 +403,7 @@ def cosine_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_ite
 
 @dataclass(frozen=True)
 class CosineSchedule:
-    """``schedule(it)`` is :func:`cosine_lr` with these settings; checked when made."""
+    """``schedule(it)`` is [`cosine_lr`][] with these settings; checked when made."""
 
     lr: float
     min_lr: float

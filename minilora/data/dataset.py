@@ -73,7 +73,7 @@ class TextDataset:
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
                   val_fraction: float = 0.1) -> TextDataset:
-        """A dataset of the UTF-8 file at ``path`` (see :func:`load_text`)."""
+        """A dataset of the UTF-8 file at ``path`` (see [`load_text`][])."""
         return cls(load_text(path), tokenizer, val_fraction, name=str(path))
 
     def split(self, split: str) -> np.ndarray:

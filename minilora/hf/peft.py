@@ -108,9 +108,10 @@ def _model_name(key: str, adapter_name: str = DEFAULT) -> str:
 
 
 def adapter_file_map(model: Module) -> dict[str, FileTensor]:
-    """minilora's adapter parameter name (as :func:`~minilora.lora.lora_state_dict` names it) ->
-    its key in ``adapter_model.safetensors`` as PEFT writes it, and whether the file holds its
-    transpose (a saved GPT-2 Conv1D weight; never ``lora_A`` or ``lora_B``)."""
+    """minilora's adapter parameter name (as
+    [`lora_state_dict`][minilora.lora.lora_state_dict] names it) -> its key in
+    ``adapter_model.safetensors`` as PEFT writes it, and whether the file holds its transpose
+    (a saved GPT-2 Conv1D weight; never ``lora_A`` or ``lora_B``)."""
     arch = architecture_of(model, "adapter_file_map")
     layers = {name for name, _ in named_lora_layers(model)}
     out = {}
@@ -246,7 +247,7 @@ def _peft_modules_to_save(model: Module, config: LoRAConfig, arch, tied: bool) -
 def load_adapter(model: Module, path, adapter_name: str = DEFAULT,
                  is_trainable: bool = False) -> Module:
     """Load the LoRA adapter in the directory ``path`` into ``model`` as ``adapter_name``, whether
-    PEFT (``PeftModel.save_pretrained``) or :func:`save_adapter` wrote it. On a model without
+    PEFT (``PeftModel.save_pretrained``) or [`save_adapter`][] wrote it. On a model without
     adapters it is applied and active (PEFT's ``from_pretrained``); beside others it is added,
     inactive, as PEFT's ``load_adapter`` adds it (``set_adapter`` activates it). A folder PEFT
     saved for another adapter is ``path/<its name>``.

@@ -235,7 +235,7 @@ class LoRAConfig:
     def from_peft(cls, d) -> LoRAConfig:
         """The config a PEFT ``adapter_config.json`` (or ``LoraConfig.to_dict()``) describes; a
         field minilora does not implement, set to other than PEFT's default, is a ConfigError
-        naming it. See :mod:`minilora.lora.peft_config`."""
+        naming it. See [`minilora.lora.peft_config`][]."""
         from minilora.lora.peft_config import lora_config_from_peft
 
         return lora_config_from_peft(d)

@@ -4,7 +4,7 @@
 
 A layer holds its adapters by name, as PEFT's ``LoraLayer`` does, ``"default"`` first; each is one
 of the kinds of ``lora/adapters.py``. Their arrays are the layer's Parameters, named by
-:func:`parameter_name`: ``lora_A`` and ``lora_B`` for the default adapter, so that ``layer.lora_A``,
+[`parameter_name`][]: ``lora_A`` and ``lora_B`` for the default adapter, so that ``layer.lora_A``,
 state dicts and checkpoints read as they do with one adapter, and ``lora_A.<adapter>`` for another
 (PEFT's own name inside a model is ``lora_A.<adapter>.weight``). The layer keeps the base layer's
 parameter names (``weight``, ``bias``), so a base model's state dict loads into an adapted one.

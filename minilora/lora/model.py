@@ -389,7 +389,7 @@ def disable_adapter(model: Module) -> Iterator[Module]:
 
 
 def disable_adapters(model: Module):
-    """Deprecated name of :func:`disable_adapter`, PEFT's name for this context manager (PEFT's
+    """Deprecated name of [`disable_adapter`][], PEFT's name for this context manager (PEFT's
     ``disable_adapters`` is a layer's flag, as ``LoRALinear.disable_adapters`` is here)."""
     warnings.warn("minilora.lora.disable_adapters is deprecated; use disable_adapter",
                   DeprecationWarning, stacklevel=2)

@@ -5,7 +5,7 @@ with its VJP. The fused ops (softmax and cross-entropy, layer norm, GELU, attent
 linear, and Llama's RMSNorm, rotary embedding, SwiGLU and grouped-query attention) are written
 twice: as their equations in ``softmax``, ``normalization``, ``activation``, ``attention``,
 ``lora_linear``, ``rms_norm``, ``rotary``, ``swiglu`` and ``grouped_attention`` (gathered in
-:mod:`minilora.ops.reference`), and as the fast kernels of :mod:`minilora.ops.backend`, behind the
+[`minilora.ops.reference`][]), and as the fast kernels of [`minilora.ops.backend`][], behind the
 same signatures. The names exported here are the kernels, which the engine runs;
 ``tests/ops/test_kernels.py`` holds each equal to its equation. The paths of the other adapters
 (``lora_slices``: an adapter on slices of a fused projection, or one of several on a layer;

@@ -192,7 +192,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def _read(path: str | Path) -> tuple[Checkpoint, Module | None]:
     """The checked checkpoint and, for a full model, a model of its architecture that the weights
     were checked against (not loaded into it yet). An adapter is checked against its base by
-    :func:`minilora.train.load_run` and against the model it resumes by :meth:`RunDir.restore`."""
+    [`minilora.train.load_run`][] and against the model it resumes by [`RunDir.restore`][]."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT

@@ -84,7 +84,7 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
           extra_eval: Callable[[object], dict] | None = None,
           on_eval: Callable[[dict], None] | None = None,
           threads: int | None = None, run_files: dict[str, bytes] | None = None) -> TrainResult:
-    """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a :class:`TrainResult`.
+    """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a [`TrainResult`][].
 
     out_dir: where ``metrics.jsonl`` and ``checkpoint.safetensors`` go (nothing is written if None).
     resume: continue from the checkpoint in ``out_dir``; the result is bit-identical to a run that

@@ -1,7 +1,7 @@
 """Whole runs: pretrain a new model, fine-tune a saved one (in full or with LoRA), resume.
 
 These put together what a run needs (the data and its tokenizer, the model, LoRA, the facts saved
-beside the weights) and call :func:`minilora.train.train`. The CLI and the demo both use them.
+beside the weights) and call [`minilora.train.train`][]. The CLI and the demo both use them.
 
 Everything that can be checked is checked before the run directory is touched: a bad setting, a
 missing base, data the base's tokenizer cannot encode or that is shorter than one block, all fail
@@ -166,7 +166,7 @@ def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = Fa
     """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with.
 
     max_iters: where the run ends now (a finished run is extended, as in nanoGPT; see
-        :meth:`TrainConfig.extended_to`). base: where a LoRA run's base is now, if it moved
+        [`TrainConfig.extended_to`][]). base: where a LoRA run's base is now, if it moved
         (the run records the new place from its next checkpoint on).
     """
     out = Path(out_dir)
