@@ -223,6 +223,9 @@ def _add_train(sub) -> None:
     g.add_argument("--loraplus-lr-ratio", type=_number, metavar="RATIO",
                    help="LoRA+: lora_B (and 1-D parameters) at --lr times RATIO, PEFT's groups "
                         "(e.g. 16; default: off)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, "
+                        "a slower step, the same gradients")
     _add_lora_flags(p)
     _add_common(p)
 
@@ -426,8 +429,10 @@ def _add_bench(sub) -> None:
         PyTorch on the CPU.""", """\
         examples:
           minilora bench --config A --steps 5
-          minilora bench --config B --compare torch""")
-    p.add_argument("--config", action="append", choices=("A", "B"), help="repeatable; default A")
+          minilora bench --config B --compare torch
+          minilora bench --config C --steps 5 --warmup 1 --min-seconds 0 --compare torch""")
+    p.add_argument("--config", action="append", choices=("A", "B", "C"),
+                   help="repeatable; default A (C: GPT-2 small's shape)")
     p.add_argument("--steps", type=_positive_int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=_nonneg_int, default=2)
     p.add_argument("--min-seconds", type=_number, default=3.0,

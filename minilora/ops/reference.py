@@ -11,6 +11,7 @@ from minilora.ops.activation import gelu
 from minilora.ops.attention import causal_self_attention, scaled_dot_product_attention
 from minilora.ops.dora import dora_linear
 from minilora.ops.grouped_attention import grouped_query_attention
+from minilora.ops.lm_head import lm_head_cross_entropy
 from minilora.ops.lora_embedding import lora_embedding
 from minilora.ops.lora_linear import lora_linear, lora_slices
 from minilora.ops.normalization import layer_norm
@@ -20,6 +21,7 @@ from minilora.ops.softmax import cross_entropy, log_softmax, softmax
 from minilora.ops.swiglu import silu, swiglu
 
 __all__ = ["causal_self_attention", "cross_entropy", "dora_linear", "gelu",
-           "grouped_query_attention", "layer_norm", "log_softmax", "lora_embedding", "lora_linear",
+           "grouped_query_attention", "layer_norm", "lm_head_cross_entropy", "log_softmax",
+           "lora_embedding", "lora_linear",
            "lora_slices", "rms_norm", "rotary_embedding", "scaled_dot_product_attention", "silu",
            "softmax", "swiglu"]

@@ -9,6 +9,7 @@ from minilora.configs import (
     choice,
     config_from_dict,
     field_name,
+    flag,
     non_negative_int,
     non_negative_number,
     other_field,
@@ -55,6 +56,7 @@ class TrainConfig:
     block_size: int | None = None
     loraplus_lr_ratio: float | None = None  # LoRA+: B at lr * ratio (PEFT's groups); None: off
     gradient_accumulation_steps: int = 1
+    activation_checkpointing: bool = False  # recompute each block in backward (same gradients)
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -85,6 +87,8 @@ class TrainConfig:
         if self.loraplus_lr_ratio is not None:
             self.loraplus_lr_ratio = positive_number(owner, "loraplus_lr_ratio",
                                                      self.loraplus_lr_ratio)
+        self.activation_checkpointing = flag(owner, "activation_checkpointing",
+                                             self.activation_checkpointing)
 
     @property
     def decay_iters(self) -> int:

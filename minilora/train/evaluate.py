@@ -27,7 +27,7 @@ def mean_loss(model, data, split: str, batches: int, batch_size: int,
         losses = []
         for _ in range(batches):
             x, y = data.get_batch(split, batch_size, block, rng)
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y, skip_logits=True)[1].item())
         return float(np.mean(losses))
     finally:
         model.train(was_training)

@@ -11,6 +11,7 @@ of the three random generators (batches, evaluation batches, dropout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -97,7 +98,8 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
         checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
     block = architecture.of_model(model).block_size(model.config, config.block_size)
-    with step_threading(largest_product(model, config.batch_size * block), threads):
+    with step_threading(largest_product(model, config.batch_size * block), threads), \
+            _checkpointing(model, config.activation_checkpointing):
         training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
@@ -228,7 +230,7 @@ class _Training:
         loss_value, finite_loss, tokens = 0.0, True, 0
         for (x, y), weight in self._micro_batches():
             tokens += x.size  # padded instruction batches are shorter than block_size
-            _, loss = model(x, y)
+            _, loss = model(x, y, skip_logits=True)
             value = loss.item()
             if not math.isfinite(value):
                 loss_value, finite_loss = value, False
@@ -284,3 +286,20 @@ class _Training:
                            val_loss=self.last["val"], elapsed_s=self.elapsed, ms_per_step=ms,
                            tokens_per_s=per_step / (ms / 1000), skipped_steps=self.skipped,
                            history=self.history)
+
+
+@contextlib.contextmanager
+def _checkpointing(model, enabled: bool):
+    """The run with the model's activation checkpointing on, if ``enabled``; as it was after."""
+    if not enabled:
+        yield
+        return
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"TrainConfig.activation_checkpointing: {type(model).__name__} has no "
+                          "gradient_checkpointing_enable(); train it without")
+    was = model.gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = was
