@@ -25,7 +25,8 @@ LAYERS = [
     ("minilora.check",),
     ("minilora.bench", "minilora.demo", "minilora.commands", "minilora.cli", "minilora.__main__"),
 ]
-REFERENCE_OPS = ["activation", "attention", "grouped_attention", "lm_head", "lora_embedding",
+REFERENCE_OPS = ["activation", "attention", "dora", "grouped_attention", "lm_head",
+                 "lora_embedding",
                  "lora_linear", "normalization", "rms_norm", "rotary", "softmax", "swiglu"]
 # the imports that go up, on purpose: at the end of tensor.py, and inside a function
 UPWARD = {

@@ -194,14 +194,14 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: str = "float32", dropout: float | None = None) -> GPT:
         """A GPT-2 directory as Hugging Face ``transformers`` writes it (``config.json`` and
-        ``model.safetensors``, or shards), in eval mode; see :func:`minilora.hf.from_pretrained`."""
+        ``model.safetensors``, or shards), in eval mode; see [`minilora.hf.from_pretrained`][]."""
         from minilora.hf import from_pretrained  # the file formats sit above the models
 
         return from_pretrained(path, dtype=dtype, dropout=dropout, model_type="gpt2")
 
     def save_pretrained(self, path) -> None:
         """Write ``config.json`` and ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained``
-        loads; see :func:`minilora.hf.save_pretrained`."""
+        loads; see [`minilora.hf.save_pretrained`][]."""
         from minilora.hf import save_pretrained
 
         save_pretrained(self, path)
@@ -310,7 +310,7 @@ class GPT(nn.Module):
             return self.lm_head(self.transformer.ln_f(x[:, -1:])).data[:, -1]
 
     def new_cache(self) -> KVCache:
-        """An empty key/value cache for :func:`~minilora.models.generation.generate`."""
+        """An empty key/value cache for [`generate`][minilora.models.generation.generate]."""
         return KVCache(self.config.n_layer)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -321,10 +321,11 @@ class GPT(nn.Module):
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         stop_token: stop as soon as every row has produced it.
         The prompt is read once; each new token then costs one position, its keys and values
-        added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
+        added to a [`KVCache`][], until the sequence fills ``block_size``. From there the window
         slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
         Builds no graph; runs in eval mode and restores the previous mode after. streamer: as
-        ``transformers``' (:class:`~minilora.models.generation.TextStreamer` prints as it goes).
+        ``transformers``' ([`TextStreamer`][minilora.models.generation.TextStreamer] prints as it
+        goes).
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
                         window=self.config.block_size, streamer=streamer)
