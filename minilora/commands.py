@@ -1,7 +1,7 @@
 """What each ``minilora`` subcommand does (the parser is in ``minilora.cli``).
 
 Each ``cmd_*`` takes the parsed arguments, prints what it did on stdout and returns the exit code.
-A user mistake is raised as a :class:`minilora.MiniLoRAError`; ``cli.main`` turns it into one line,
+A user mistake is raised as a [`minilora.MiniLoRAError`][]; ``cli.main`` turns it into one line,
 ``minilora: error: ...``, and exit code 2.
 """
 
@@ -33,13 +33,15 @@ from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
-_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets")
+_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets",
+               "init_lora_weights", "use_dora")
 # a config field the command line sets, and the flag that sets it
 _FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
             **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
             **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r",
             ("LoRAConfig", "target_slices"): "lora_targets",
             ("GPT", "lora_targets"): "lora_targets"}
+_SHORT_FLAGS = {"gradient_accumulation_steps": "grad_accum"}  # the flags not named as the field
 
 
 def _lora_targets(args, family) -> dict:
@@ -62,7 +64,7 @@ def _given(args, names) -> dict:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + _SHORT_FLAGS.get(name, name).replace("_", "-")
 
 
 def _as_flag(owner: str, field: str) -> str | None:
@@ -165,8 +167,9 @@ def _new_run_settings(args):
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
                 lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                use_rslora=args.use_rslora,
-                **_lora_targets(args, family or architecture.GPT_ARCH))
+                use_rslora=args.use_rslora, use_dora=args.use_dora,
+                **_lora_targets(args, family or architecture.GPT_ARCH),
+                init_lora_weights=args.init_lora_weights or "kaiming")
         if args.dropout is not None:
             GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
     return config, model, lora
@@ -462,12 +465,17 @@ def cmd_params(args) -> int:
     from minilora.lora import LoRALayerCount
 
     out_f, in_f = args.shape
-    c = LoRALayerCount("W", in_f, out_f, args.rank)
+    c = LoRALayerCount("W", in_f, out_f, args.rank, magnitude=args.use_dora)
     frac = c.fraction
     as_ratio = f"1/{frac.denominator}" if frac.numerator == 1 else f"{frac}"
     print(f"weight W: {out_f:,} x {in_f:,} = {c.weight_params:,} parameters")
-    print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
-          f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
+    if args.use_dora:
+        print(f"DoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"+ m ({out_f:,}) = {args.rank} x ({in_f:,} + {out_f:,}) + {out_f:,} = "
+              f"{c.lora_params:,} trainable parameters")
+    else:
+        print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
     print(f"ratio: {c.lora_params:,} / {c.weight_params:,} = {as_ratio} "
           f"({c.lora_params / c.weight_params:.4%})")
     if c.lora_params >= c.weight_params:

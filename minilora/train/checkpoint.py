@@ -160,9 +160,9 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig | LlamaConfig, LoRAConfig |
     tokenizer = read_tokenizer(meta.get("tokenizer"), path.parent, path)
     if tokenizer is not None:
         vocab = tokenizer.vocab_size
-        if vocab != model_config.vocab_size:
-            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, the model "
-                                  f"{model_config.vocab_size}")
+        if vocab > model_config.vocab_size:  # fewer is fine: a vocabulary padded past it
+            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, more than the "
+                                  f"model's vocabulary of {model_config.vocab_size}")
     for key in ("iter", "skipped_steps", "elapsed_s"):
         value = meta.get(key, 0)
         if not (math.isfinite(value) and value >= 0):
@@ -192,7 +192,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def _read(path: str | Path) -> tuple[Checkpoint, Module | None]:
     """The checked checkpoint and, for a full model, a model of its architecture that the weights
     were checked against (not loaded into it yet). An adapter is checked against its base by
-    :func:`minilora.train.load_run` and against the model it resumes by :meth:`RunDir.restore`."""
+    [`minilora.train.load_run`][] and against the model it resumes by [`RunDir.restore`][]."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT

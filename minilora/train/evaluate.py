@@ -27,7 +27,7 @@ def mean_loss(model, data, split: str, batches: int, batch_size: int,
         losses = []
         for _ in range(batches):
             x, y = data.get_batch(split, batch_size, block, rng)
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y, skip_logits=True)[1].item())
         return float(np.mean(losses))
     finally:
         model.train(was_training)
@@ -35,7 +35,7 @@ def mean_loss(model, data, split: str, batches: int, batch_size: int,
 
 def estimate_loss(model, data, batch_size: int, eval_iters: int, rng: np.random.Generator,
                   block_size: int | None = None) -> dict:
-    """{"train": ..., "val": ...}: :func:`mean_loss` over ``eval_iters`` batches of each split."""
+    """{"train": ..., "val": ...}: [`mean_loss`][] over ``eval_iters`` batches of each split."""
     return {split: mean_loss(model, data, split, eval_iters, batch_size, rng, block_size)
             for split in ("train", "val")}
 

@@ -1,7 +1,7 @@
 """Whole runs: pretrain a new model, fine-tune a saved one (in full or with LoRA), resume.
 
 These put together what a run needs (the data and its tokenizer, the model, LoRA, the facts saved
-beside the weights) and call :func:`minilora.train.train`. The CLI and the demo both use them.
+beside the weights) and call [`minilora.train.train`][]. The CLI and the demo both use them.
 
 Everything that can be checked is checked before the run directory is touched: a bad setting, a
 missing base, data the base's tokenizer cannot encode or that is shorter than one block, all fail
@@ -52,12 +52,17 @@ def _count(n: int) -> str:
 
 
 def _describe_data(dataset) -> str:
+    if hasattr(dataset, "describe"):  # instruction data counts examples, not a text's tokens
+        return dataset.describe()
     return (f"{dataset.name} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens, "
             f"vocabulary {dataset.tokenizer.vocab_size})")
 
 
 def _describe_schedule(config: TrainConfig) -> str:
-    return (f"{config.max_iters} steps of batch {config.batch_size}, lr {config.lr:g} "
+    accum = config.gradient_accumulation_steps
+    batch = f"{config.batch_size}" if accum == 1 else \
+        f"{config.batch_size} x {accum} accumulated"
+    return (f"{config.max_iters} steps of batch {batch}, lr {config.lr:g} "
             f"-> {config.min_lr:g} (warm-up {min(config.warmup_iters, config.max_iters)}), "
             f"seed {config.seed}")
 
@@ -138,7 +143,8 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
         apply_lora(model, lora, rng=model.rng)
     if log is not None:
         how = "in full" if lora is None else (
-            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on {_describe_targets(lora)}")
+            f"with {'DoRA' if lora.use_dora else 'LoRA'} r={lora.r}, alpha {lora.lora_alpha:g} on "
+            f"{_describe_targets(lora)}")
         log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
             f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
@@ -160,7 +166,7 @@ def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = Fa
     """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with.
 
     max_iters: where the run ends now (a finished run is extended, as in nanoGPT; see
-        :meth:`TrainConfig.extended_to`). base: where a LoRA run's base is now, if it moved
+        [`TrainConfig.extended_to`][]). base: where a LoRA run's base is now, if it moved
         (the run records the new place from its next checkpoint on).
     """
     out = Path(out_dir)

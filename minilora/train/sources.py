@@ -1,5 +1,5 @@
 """Where a run's model comes from: a run directory (a full model, or an adapter on its base) or a
-Hugging Face model directory (read by :mod:`minilora.hf`), to fine-tune or to carry an adapter.
+Hugging Face model directory (read by [`minilora.hf`][]), to fine-tune or to carry an adapter.
 
 A LoRA run records its base by path (relative to the run) and by the SHA-256 of its weights. The
 base is looked for where the path says, or where ``base=`` (``--base DIR``) says it is now; either
@@ -47,7 +47,7 @@ def read_full_model(path, what: str, dtype: str | None = None, dropout: float | 
                     with_tokenizer: bool = True) -> tuple[Module, Tokenizer | None]:
     """(model, tokenizer or None) of a full run or a Hugging Face directory (its BPE tokenizer,
     if it has one and ``with_tokenizer``; ``dtype`` and ``dropout`` as
-    :func:`minilora.hf.from_pretrained` takes them). A LoRA run is refused: it is not a model by
+    [`minilora.hf.from_pretrained`][] takes them). A LoRA run is refused: it is not a model by
     itself. what: how errors name ``path``."""
     if is_pretrained(path):
         model = hf.from_pretrained(path, dtype=dtype or "float32", dropout=dropout)
