@@ -80,6 +80,8 @@ def test_the_loss_is_the_mean_over_completion_tokens_of_each_example_read_alone(
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         terms += [-logp[j, y[row, j]] for j in range(n) if y[row, j] != -1]
     assert abs(loss - np.mean(terms)) < FLOAT64_ROUND_OFF
+    fused = model(x, y, skip_logits=True)[1].item()  # training's path: no (B, T, V) logits
+    assert abs(fused - np.mean(terms)) < FLOAT64_ROUND_OFF
     assert len(terms) == (y != -1).sum() < (x != 0).sum()  # prompts were left out
 
 
