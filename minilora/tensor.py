@@ -41,6 +41,18 @@ def no_grad() -> Iterator[None]:
         _grad_mode.enabled = previous
 
 
+@contextlib.contextmanager
+def enable_grad() -> Iterator[None]:
+    """Context manager under which ops record the graph again in this thread, even inside
+    :func:`no_grad` (as PyTorch's ``enable_grad``): how activation checkpointing recomputes a
+    block in the backward pass."""
+    previous, _grad_mode.enabled = _grad_mode.enabled, True
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
 def is_grad_enabled() -> bool:
     """Whether ops currently record the graph in this thread (False inside [`no_grad`][])."""
     return _grad_mode.enabled

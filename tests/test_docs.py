@@ -11,6 +11,9 @@
    points at a file that exists, and a ``#name`` after it at a function or class in that file. The
    docs link each checkable statement to the test or example that checks it; a renamed test must not
    leave a dead link behind.
+4. Every ``#anchor`` link to a page (``theory.md#notation``, ``#bad-user-input``, the README's
+   ``docs/reliability.md#...``) names a heading of that page, slugged as the site's table of
+   contents slugs it. ``mkdocs build --strict`` checks the docs' own links, not the README's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ast
 import re
 import sys
 import textwrap
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,9 @@ DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(?:^<!-- quote: (?P<quote>\S+) -->\n)?"
                    r"^```python[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 CODE_LINK = re.compile(r"\]\(\.\./(?P<path>[^)#\s]+)(?:#(?P<name>[^)\s]+))?\)")
+PAGE_ANCHOR = re.compile(r"\]\((?P<path>[^)#\s]*\.md)?#(?P<anchor>[^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```[ \t]*$", re.DOTALL | re.MULTILINE)
+HEADING = re.compile(r"^#{1,6}[ \t]+(?P<text>.+?)[ \t#]*$", re.MULTILINE)
 
 DOC_FILES = sorted(DOCS.glob("**/*.md"))
 RUN_FILES = [*DOC_FILES, ROOT / "README.md"]
@@ -90,6 +97,56 @@ def test_every_link_to_the_code_points_at_something_that_exists():
                 quoted_source(f"{target.relative_to(ROOT)}::{m.group('name')}")  # LookupError
             checked += 1
     assert checked > 0
+
+
+def slug(heading: str) -> str:
+    """The id Python-Markdown's toc extension (mkdocs' default) gives a heading: its text without
+    inline markup, folded to ASCII, lower case, punctuation dropped, runs of spaces and hyphens
+    made one hyphen."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def anchors(path: Path) -> set[str]:
+    """The ids of a page's headings, a repeated one numbered ``_1``, ``_2``... as the toc does."""
+    found: set[str] = set()
+    for m in HEADING.finditer(FENCE.sub("", path.read_text(encoding="utf-8"))):
+        base = candidate = slug(m.group("text"))
+        n = 0
+        while candidate in found:
+            n += 1
+            candidate = f"{base}_{n}"
+        found.add(candidate)
+    return found
+
+
+def test_every_anchor_link_to_a_page_names_one_of_its_headings():
+    checked, dead = 0, []
+    for path in RUN_FILES:
+        for m in PAGE_ANCHOR.finditer(FENCE.sub("", path.read_text(encoding="utf-8"))):
+            target = (path.parent / m.group("path")).resolve() if m.group("path") else path
+            where = f"{path.relative_to(ROOT)}: link to {m.group(0)[2:-1]}"
+            assert target.is_file(), f"{where}: no such page"
+            generated = "\n::: " in target.read_text(encoding="utf-8")  # mkdocstrings' ids
+            if m.group("anchor") not in anchors(target) and not (
+                    generated and re.fullmatch(r"minilora(\.\w+)+", m.group("anchor"))):
+                dead.append(where)
+            checked += 1
+    assert dead == [], "links to headings that do not exist:\n" + "\n".join(dead)
+    assert checked > 30
+
+
+def test_a_heading_is_slugged_as_the_site_slugs_it(tmp_path):
+    assert slug("The scaling: alpha / r") == "the-scaling-alpha-r"
+    assert slug("Adapting `q` and `v` of GPT-2's fused `c_attn`") == \
+        "adapting-q-and-v-of-gpt-2s-fused-c_attn"
+    assert slug("Do the tests catch bugs? Mutation testing") == \
+        "do-the-tests-catch-bugs-mutation-testing"
+    page = tmp_path / "p.md"
+    page.write_text("# Top\n## Notes\n```python\n# not a heading\n```\n## Notes\n")
+    assert anchors(page) == {"top", "notes", "notes_1"}
 
 
 def test_the_block_finder_finds_what_it_should(tmp_path):

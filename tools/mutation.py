@@ -3,6 +3,8 @@
     nice -n 19 python tools/mutation.py                 # every group, one worker (hours)
     nice -n 19 python tools/mutation.py lora optim      # some groups
     nice -n 19 python tools/mutation.py ops --jobs 2    # two workers
+    nice -n 19 python tools/mutation.py lora --only minilora/lora/config.py   # one file of a group
+    nice -n 19 python tools/mutation.py lora --fresh    # forget the verdicts: after new tests
 
 mutmut (``pip install mutmut``, 3.x) makes many small changes to the code ("mutants": ``<`` for
 ``<=``, ``+`` for ``-``, a constant changed, an argument dropped, a string altered) and runs, for
@@ -17,15 +19,19 @@ tests written for it, so that a run fits in an afternoon:
     io      minilora/io/            tests/test_io.py, the hostile-file and lock tests
 
 Each group works in its own copy of the tracked files, ``.mutation/<group>/`` (ignored by git),
-so the worktree is never changed; a rerun re-copies the sources and mutmut reuses the verdicts of
-the functions that did not change. The script prints each group's counts and score, the share of
-mutants killed, and writes the survivors to ``.mutation/<group>/survivors.txt``. To read one:
-``cd .mutation/<group> && mutmut show <name>``. Write a test for each survivor that is a real bug.
+so the worktree is never changed (``--only FILE`` mutates one file of the group, in
+``.mutation/<group>-<file>/``, with the group's tests); a rerun re-copies the sources and mutmut
+reuses the verdicts of the functions that did not change; it does not notice new or changed
+tests, so after writing tests for survivors rerun with ``--fresh``. The script prints each
+group's counts and score, the share of mutants killed, and writes the survivors to
+``.mutation/<group>/survivors.txt``. To read one: ``cd .mutation/<group> && mutmut show <name>``.
+Write a test for each survivor that is a real bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -56,9 +62,10 @@ def toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def prepare(group: str) -> Path:
-    """Copy the tracked files into .mutation/<group>/ and add the group's mutmut settings."""
-    work = WORK / group
+def prepare(group: str, only: str | None = None) -> Path:
+    """Copy the tracked files into .mutation/<group>/ (``only``: .mutation/<group>-<file>/) and
+    add the group's mutmut settings."""
+    work = WORK / (group if only is None else f"{group}-{Path(only).stem}")
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout.split("\0")
     for name in filter(None, tracked):
@@ -66,6 +73,7 @@ def prepare(group: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
     mutate, tests = GROUPS[group]
+    mutate = mutate if only is None else [only]
     settings = ("\n[tool.mutmut]\n"
                 f"source_paths = {toml_list(['minilora'])}\n"
                 f"only_mutate = {toml_list(mutate)}\n"
@@ -76,9 +84,11 @@ def prepare(group: str) -> Path:
     return work
 
 
-def run(group: str, jobs: int) -> dict:
-    """mutmut over one group; its counts, score and survivors."""
-    work = prepare(group)
+def run(group: str, jobs: int, only: str | None = None, fresh: bool = False) -> dict:
+    """mutmut over one group (or one file of it); its counts, score and survivors."""
+    work = prepare(group, only)
+    if fresh:  # mutmut keeps a verdict while its function is unchanged, whatever the tests do
+        shutil.rmtree(work / "mutants", ignore_errors=True)
     # the copy must import its own (mutated) minilora, never the worktree's
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MPLBACKEND": "Agg"}
     mutmut = [sys.executable, "-m", "mutmut"]
@@ -93,7 +103,8 @@ def run(group: str, jobs: int) -> dict:
     (work / "survivors.txt").write_text("\n".join(survivors) + "\n")
     caught = stats["killed"] + stats["timeout"] + stats["segfault"]
     tried = stats["total"] - stats["skipped"]
-    return {"group": group, **stats, "score": caught / tried if tried else float("nan")}
+    return {"group": group if only is None else only, "work": work, **stats,
+            "score": caught / tried if tried else float("nan")}
 
 
 def main() -> None:
@@ -101,23 +112,36 @@ def main() -> None:
     parser.add_argument("groups", nargs="*", help=f"which groups (default: all of "
                                                   f"{', '.join(GROUPS)})")
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once")
+    parser.add_argument("--only", metavar="FILE", help="mutate only this file of the one group "
+                                                       "named, e.g. minilora/lora/config.py")
+    parser.add_argument("--fresh", action="store_true", help="forget the last run's verdicts "
+                                                             "(after adding or changing tests)")
     args = parser.parse_args()
     unknown = sorted(set(args.groups) - set(GROUPS))
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; the groups are {', '.join(GROUPS)}")
+    if args.only is not None:
+        if len(args.groups) != 1:
+            parser.error("--only FILE needs exactly one group, the one FILE belongs to")
+        globs = GROUPS[args.groups[0]][0]
+        if not ((ROOT / args.only).is_file() and args.only.endswith(".py")
+                and any(fnmatch.fnmatch(args.only, g) for g in globs)):
+            parser.error(f"--only {args.only}: not a .py file of group {args.groups[0]} "
+                         f"({', '.join(globs)})")
     if shutil.which("git") is None:
         raise SystemExit("tools/mutation.py needs git (it copies the tracked files)")
     try:
         import mutmut  # noqa: F401
     except ImportError:
         raise SystemExit("tools/mutation.py needs mutmut 3: pip install mutmut") from None
-    rows = [run(group, args.jobs) for group in (args.groups or list(GROUPS))]
+    rows = [run(group, args.jobs, args.only, args.fresh)
+            for group in (args.groups or list(GROUPS))]
     print("\n| group | mutants | killed | timeout | survived | no tests | score |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['group']} | {row['total']} | {row['killed']} | {row['timeout']} | "
               f"{row['survived']} | {row['no_tests']} | {row['score']:.1%} |")
-    print(f"\nsurvivors: {', '.join(str(WORK / r['group'] / 'survivors.txt') for r in rows)}")
+    print(f"\nsurvivors: {', '.join(str(r['work'] / 'survivors.txt') for r in rows)}")
 
 
 if __name__ == "__main__":

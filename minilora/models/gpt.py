@@ -29,7 +29,7 @@ from minilora.configs import (
 from minilora.errors import ConfigError, ShapeError
 from minilora.models.generation import KVCache, LayerCache, generate
 from minilora.ops.attention import merge_heads, split_heads
-from minilora.tensor import Tensor, no_grad
+from minilora.tensor import Tensor, is_grad_enabled, no_grad
 
 
 @dataclass
@@ -165,6 +165,8 @@ class GPT(nn.Module):
         "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
         "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
+    gradient_checkpointing = False  # see gradient_checkpointing_enable
+
     def __init__(self, config: GPTConfig, seed: int | np.random.Generator | None = 0):
         super().__init__()
         self.config = config
@@ -174,6 +176,20 @@ class GPT(nn.Module):
                                  rng=self.rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self._init_weights(self.rng)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``transformers``' name): a block's input is all a training step keeps of it, for the
+        cost of a second forward pass of the blocks. The gradients are the same, bit for bit
+        (dropout's masks are drawn again from the same generator states)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
 
     @classmethod
     def from_pretrained(cls, path, dtype: str = "float32", dropout: float | None = None) -> GPT:
@@ -239,14 +255,28 @@ class GPT(nn.Module):
             elif name.endswith(".bias") and ".ln_" not in name:
                 p.data = np.zeros(p.shape, dtype)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, skip_logits: bool = False):
         """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored).
 
         Returns (logits (B, T, V), mean cross-entropy over the targets), as nanoGPT does; the loss
-        is None without targets, so ``logits, _ = model(idx)`` always works."""
-        logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
+        is None without targets, so ``logits, _ = model(idx)`` always works.
+
+        skip_logits: with targets, return (None, loss) and never form the (B, T, V) logits: the
+        final layer norm, ``lm_head`` and the loss run as one op in row chunks
+        (``ops.lm_head_cross_entropy``), which is what training calls. Off by default, so that
+        ``logits, loss = model(idx, targets)`` gives the logits, as in nanoGPT."""
+        x = self._residual(idx)  # (B, T, C)
+        tr = self.transformer
+        if skip_logits and targets is not None:
+            if type(self.lm_head) is nn.Linear and self.lm_head.bias is None \
+                    and type(tr.ln_f) is nn.LayerNorm:
+                return None, ops.lm_head_cross_entropy(x, tr.ln_f.weight, tr.ln_f.bias,
+                                                       self.lm_head.weight, targets,
+                                                       tr.ln_f.eps, ignore_index=-1)
+            # an adapted lm_head computes its logits its own way: the loss from them, as below
+        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
-        return logits, loss
+        return (None if skip_logits and targets is not None else logits), loss
 
     def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
         """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the
@@ -262,8 +292,12 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(start, end)))  # (B, T, C)
+        checkpointed = self.gradient_checkpointing and cache is None and is_grad_enabled()
         for i, block in enumerate(tr.h):
-            x = block(x, None if cache is None else cache.layers[i])
+            if checkpointed:
+                x = nn.checkpoint_module(block, x)
+            else:
+                x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = end
         return x

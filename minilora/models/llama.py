@@ -406,15 +406,17 @@ class LlamaForCausalLM(nn.Module):
         if self.config.pad_token_id is not None:
             self.model.embed_tokens.weight.data[self.config.pad_token_id] = 0
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, *,
+                skip_logits: bool = False):
         """idx: (B, T) integers; targets: (B, T) integers (-1 is ignored); cache: a
-        [`KVCache`][] that holds the earlier positions and takes these."""
+        [`KVCache`][] that holds the earlier positions and takes these. skip_logits: with
+        targets, return (None, loss), as ``GPT.forward`` (here the logits are still formed)."""
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
         if idx.ndim != 2:
             raise ShapeError(f"LlamaForCausalLM: idx must have shape (B, T), got {idx.shape}")
         logits = self.lm_head(self.model(idx, cache))  # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
-        return logits, loss
+        return (None if skip_logits and targets is not None else logits), loss
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,

@@ -40,10 +40,11 @@ BAD_FIELDS = [  # (field, value, what the message shows: the value's repr unless
     ("lora_dropout", float("nan")), ("lora_dropout", "0.1"),
     ("bias", "some"), ("bias", None),
     ("init_lora_weights", "xavier"), ("init_lora_weights", False), ("init_lora_weights", 1),
-    ("init_lora_weights", "pissa"), ("task_type", "SEQ_CLS"), ("task_type", True),
+    ("init_lora_weights", "pissa_niter_4"), ("task_type", "SEQ_CLS"), ("task_type", True),
     ("fan_in_fan_out", "yes"), ("ensure_weight_tying", 1),
     ("use_rslora", "yes"), ("use_rslora", 1),
     ("target_modules", []), ("target_modules", ""), ("target_modules", [""]),
+    ("target_modules", None),
     ("target_modules", 5), ("target_modules", ["c_attn", 3]), ("target_modules", "c_attn("),
     ("modules_to_save", "ln_f"), ("modules_to_save", []),
     ("rank_pattern", {"c_attn": 0}, "rank_pattern['c_attn'] must be a positive integer, got 0"),
@@ -52,6 +53,14 @@ BAD_FIELDS = [  # (field, value, what the message shows: the value's repr unless
     ("rank_pattern", {3: 4}, "keys must be non-empty strings, got 3"),
     ("alpha_pattern", {"": 4}, "keys must be non-empty strings, got ''"),
     ("alpha_pattern", {"c_attn": -1}, "alpha_pattern['c_attn'] must be a finite number > 0"),
+    ("init_lora_weights", False, "got False (PEFT's False, a random B, is not implemented)"),
+    ("target_slices", {}, "must be a non-empty mapping of module name -> slice names"),
+    ("target_slices", {"": ["q"]}, "keys must be non-empty module names, got ''"),
+    ("target_slices", {"c_attn": 5}, "target_slices['c_attn'] must be a non-empty list of "
+                                     "distinct slice names, got 5"),
+    ("target_slices", {"c_attn": "qv"}, "got 'qv'"), ("target_slices", {"c_attn": [1]}, "got [1]"),
+    ("target_slices", {"c_attn": ["q", ""]}, "got ['q', '']"),
+    ("target_slices", {"c_attn": ["q", "q"]}, "got ['q', 'q']"),
 ]
 
 
@@ -61,6 +70,12 @@ def test_a_bad_config_field_is_a_config_error_naming_field_and_value(case):
     with pytest.raises(ConfigError) as e:
         LoRAConfig(**{field: value})
     assert f"LoRAConfig.{field}" in str(e.value) and shown in str(e.value)
+
+
+def test_only_pefts_false_is_told_that_a_random_b_is_not_implemented():
+    with pytest.raises(ConfigError) as e:
+        LoRAConfig(init_lora_weights="xavier")
+    assert "not implemented" not in str(e.value)
 
 
 @pytest.mark.parametrize("hostile", [

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from minilora.lora import LoRAConfig, matches_target
-from minilora.lora.config import matches_pattern
+from minilora.lora import LoRAConfig, lora_scaling, matches_target
+from minilora.lora.config import MAX_PATTERN_REPEATS, matches_pattern, slow_patterns
 
 
 def test_defaults_are_pefts():
@@ -81,3 +81,47 @@ def test_first_matching_pattern_wins_as_in_peft():
     assert c.rank_and_alpha("transformer.h.1.attn.c_attn") == (4, 1)
     assert c.rank_and_alpha("transformer.h.1.mlp.c_fc") == (8, 16)
     assert c.rank_and_alpha("transformer.h.10.attn.c_attn") == (4, 1)  # "h.1" is not "h.10"
+
+
+def test_true_is_pefts_spelling_of_kaiming():
+    """PEFT writes ``init_lora_weights: true`` for Kaiming-uniform A; NumPy's bool too."""
+    assert LoRAConfig(init_lora_weights=True).init_lora_weights == "kaiming"
+    assert LoRAConfig(init_lora_weights=np.bool_(True)).init_lora_weights == "kaiming"
+    assert LoRAConfig(init_lora_weights="gaussian").init_lora_weights == "gaussian"
+
+
+def test_the_scaling_is_alpha_over_r_unless_rslora_is_asked_for():
+    assert lora_scaling(4, 8) == 2.0 and lora_scaling(4, 8, use_rslora=True) == 4.0
+
+
+def test_slow_patterns_names_each_regex_a_file_may_not_hold():
+    """A pattern read from a file may not repeat a group, nor hold more than MAX_PATTERN_REPEATS
+    repetitions or 200 characters; each field is checked, and every offender named."""
+    repeats = ".*" * MAX_PATTERN_REPEATS
+    fine = LoRAConfig(target_modules=repeats, rank_pattern={"a" * 200: 2, r"h\.\d+\.c_fc": 4},
+                      alpha_pattern={"c_attn": 2})
+    assert slow_patterns(fine) == []
+    assert slow_patterns(LoRAConfig(target_modules="all-linear")) == []
+    assert slow_patterns(LoRAConfig(target_modules=["(.*)*z"])) == []  # names, not regexes
+    slow = LoRAConfig(target_modules="(.*)*z", rank_pattern={"a" * 201: 2, "c_fc": 4},
+                      alpha_pattern={repeats + ".*": 2, "(h.0)+": 1})
+    assert slow_patterns(slow) == [("target_modules", "(.*)*z"), ("rank_pattern key", "a" * 201),
+                                   ("alpha_pattern key", repeats + ".*"),
+                                   ("alpha_pattern key", "(h.0)+")]
+
+
+def test_numpy_scalars_become_python_values_so_the_config_writes_as_json():
+    c = LoRAConfig(r=np.int64(4), lora_alpha=np.float64(8.5), lora_dropout=np.float64(0.1),
+                   use_rslora=np.bool_(True), fan_in_fan_out=np.bool_(False),
+                   ensure_weight_tying=np.bool_(False))
+    assert type(c.r) is int and type(c.lora_alpha) is float and type(c.lora_dropout) is float
+    assert c.use_rslora is True and c.fan_in_fan_out is False and c.ensure_weight_tying is False
+    assert json.loads(json.dumps(c.to_dict()))["r"] == 4
+    c = LoRAConfig(rank_pattern={"c_attn": np.int64(2)}, alpha_pattern={"c_fc": np.float64(0.5)},
+                   target_slices={"c_attn": ["q", "v"]})
+    assert type(c.rank_pattern["c_attn"]) is int and type(c.alpha_pattern["c_fc"]) is float
+    assert c.target_slices == {"c_attn": ("q", "v")}  # lists become tuples, as target_modules
+
+
+def test_all_linear_is_read_in_any_case_as_peft_does():
+    assert LoRAConfig(target_modules="All-Linear").target_modules == "all-linear"

@@ -118,6 +118,14 @@ CASES = [
                              9, (RNG.random((3, 4)) > 0.5) * 2.0)),
     ("lora_embedding", "numpy float64 scaling",
      lambda: ops.lora_embedding(np.array([[0, 2, 2]]), f32(2, 5), f32(4, 2), np.float64(2.0))),
+    ("dora_linear", "bias", lambda: ops.dora_linear(f32(2, 3, 4), f32(5, 4), f32(5), f32(2, 4),
+                                                    f32(5, 2), f32(5), 2.0)),
+    ("dora_linear", "numpy float64 scaling and float64 mask, the path alone",
+     lambda: ops.dora_linear(f32(3, 4), f32(5, 4), None, f32(2, 4), f32(5, 2), f32(5),
+                             np.float64(0.5), (RNG.random((3, 4)) > 0.5) * 2.0, with_base=False)),
+    ("dora_linear", "float64 mask and bias",
+     lambda: ops.dora_linear(f32(3, 4), f32(5, 4), f32(5), f32(2, 4), f32(5, 2), f32(5), 4.0,
+                             (RNG.random((3, 4)) > 0.5) * 2.0)),
 ]
 
 
