@@ -297,7 +297,8 @@ def _add_demo(sub) -> None:
         LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
         parameters, validation loss, exact match, ms per step, peak memory), merge the best
         adapter, check merged and unmerged logits agree and time inference, print samples, and
-        save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
+        save runs, metrics, results.json and (with matplotlib) a plot of the loss curves in
+        --out.""", """\
         examples:
           minilora demo                          # the full run: 1-2.5 minutes on 2 cores
           minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
