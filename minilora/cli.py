@@ -17,7 +17,7 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (a few minutes on 2 cores; --quick: a smaller, faster run)
+main job:   minilora demo            (1-2.5 minutes on 2 cores; --quick: a smaller, faster run)
 help:       minilora COMMAND --help  (every command has examples)
 
 Hugging Face and PEFT: --init-from, --model and merge read a Hugging Face model directory,
@@ -52,8 +52,14 @@ examples:
   minilora train --out runs/lora --resume --base /elsewhere/base
   # fine-tune a Hugging Face GPT-2 directory (its tokenizer reads the data)
   minilora train --data notes.txt --init-from gpt2-dir --out runs/hf --lora-r 8 --max-iters 200
+  # a Llama or Qwen2 directory: LoRA on q_proj, v_proj; the sequence length is the run's
+  minilora train --data notes.txt --init-from llama-dir --out runs/llama --lora-r 8 \\
+      --block-size 128 --max-iters 200
   # a new model whose tokenizer reads any text later (UTF-8 bytes, 256 ids)
   minilora train --data notes.txt --out runs/bytes --tokenizer byte
+  # instruction data: the loss on the completions only; 4 batches of 8 per step
+  minilora train --data examples/majority.jsonl --init-from runs/base --out runs/sft \\
+      --lora-r 4 --max-iters 200 --batch-size 8 --grad-accum 4
   # nanoGPT's CPU run on tiny Shakespeare (the defaults are its settings)
   minilora train --data shakespeare.txt --out runs/shakespeare
 
@@ -151,7 +157,9 @@ def _add_train(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="FILE|builtin:NAME",
                    help="a UTF-8 text file (90/10 train/val split; tokens: see --tokenizer, "
-                        "or the --init-from model's), or a built-in corpus")
+                        "or the --init-from model's), a FILE.jsonl of {\"prompt\": ..., "
+                        "\"completion\": ...} lines (the loss on the completions only), or a "
+                        "built-in corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--init-from", metavar="DIR",
                    help="fine-tune this model: a full run (merge a LoRA run first) or a Hugging "
@@ -170,7 +178,9 @@ def _add_train(sub) -> None:
     g.add_argument("--n-embd", type=_positive_int, metavar="N",
                    help=f"width (default: {m.n_embd})")
     g.add_argument("--block-size", type=_positive_int, metavar="T",
-                   help=f"context length in tokens (default: {m.block_size})")
+                   help=f"context length in tokens (default: {m.block_size}); with --init-from, "
+                        "the training sequence length (a GPT's own by default, at most it; a "
+                        "Llama or Qwen2 has none and needs it)")
     g.add_argument("--dropout", type=_number, metavar="P",
                    help="dropout in [0, 1) (default: 0; with --init-from: the base's)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
@@ -198,6 +208,10 @@ def _add_train(sub) -> None:
                         f"{d.weight_decay:g})")
     g.add_argument("--grad-clip", type=_number, metavar="NORM",
                    help=f"clip the gradient norm; 0 disables clipping (default: {d.grad_clip:g})")
+    g.add_argument("--grad-accum", type=_positive_int, metavar="N",
+                   dest="gradient_accumulation_steps",
+                   help="add up the gradients of N batches of --batch-size per step: the step "
+                        "of one batch N times larger, at the memory of one (default: 1)")
     g.add_argument("--eval-interval", type=_positive_int, metavar="N",
                    help=f"evaluate and checkpoint every N steps (default: {d.eval_interval})")
     g.add_argument("--eval-iters", type=_positive_int, metavar="N",
@@ -206,6 +220,12 @@ def _add_train(sub) -> None:
                    f"machine with the same --threads (default: {d.seed})")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradient is NaN/inf instead of stopping")
+    g.add_argument("--loraplus-lr-ratio", type=_number, metavar="RATIO",
+                   help="LoRA+: lora_B (and 1-D parameters) at --lr times RATIO, PEFT's groups "
+                        "(e.g. 16; default: off)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, "
+                        "a slower step, the same gradients")
     _add_lora_flags(p)
     _add_common(p)
 
@@ -220,14 +240,23 @@ def _add_lora_flags(p) -> None:
     g.add_argument("--target-modules", metavar="NAMES",
                    help="comma-separated module names, each matching every Linear or "
                         "Embedding whose dotted name ends in it, as in PEFT (default: "
-                        "c_attn,c_proj, where c_proj is both attn.c_proj and mlp.c_proj; also "
+                        "c_attn,c_proj on a GPT, where c_proj is both attn.c_proj and "
+                        "mlp.c_proj; q_proj,v_proj on a Llama or Qwen2; also "
                         "c_fc, wte for the token embedding, or full names such as "
                         "transformer.h.0.attn.c_attn); a name matching nothing is an error")
     g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    g.add_argument("--use-dora", action="store_true",
+                   help="DoRA: also train a magnitude per output row, m / ||W + s B A|| "
+                        "(W + s B A), PEFT's use_dora (Linear layers only)")
     g.add_argument("--lora-targets", metavar="ROLES",
                    help="the LoRA paper's weights to adapt, by role: q, k, v (slices of c_attn, "
                         "each its own adapter), o (attn.c_proj), mlp (c_fc, mlp.c_proj) or all; "
-                        "q,v is the paper's choice. With --target-modules, both are adapted")
+                        "q,v is the paper's choice (on a Llama: q_proj, k_proj, v_proj, o_proj, "
+                        "mlp: gate_proj, up_proj, down_proj). With --target-modules, both are "
+                        "adapted")
+    g.add_argument("--init-lora-weights", metavar="INIT",
+                   help="kaiming (default), gaussian, or pissa / olora: A and B from the SVD / "
+                        "QR of W, W replaced by the residual W - s B A (PEFT's)")
 
 
 def _add_common(p) -> None:
@@ -268,9 +297,10 @@ def _add_demo(sub) -> None:
         LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
         parameters, validation loss, exact match, ms per step, peak memory), merge the best
         adapter, check merged and unmerged logits agree and time inference, print samples, and
-        save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
+        save runs, metrics, results.json and (with matplotlib) a plot of the loss curves in
+        --out.""", """\
         examples:
-          minilora demo                          # the full run: a few minutes on 2 cores
+          minilora demo                          # the full run: 1-2.5 minutes on 2 cores
           minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
     p.add_argument("--out", default=OUT_DIR, metavar="DIR",
@@ -365,12 +395,16 @@ def _add_eval(sub) -> None:
           minilora eval --model gpt2-dir --adapter adapter-dir --data notes.txt""")
     _add_model_source(p)
     p.add_argument("--data", required=True, metavar="FILE|builtin:NAME",
-                   help="a UTF-8 text file, or a built-in corpus")
+                   help="a UTF-8 text file, a FILE.jsonl of prompt-completion lines (the loss "
+                        "of the completions), or a built-in corpus")
     p.add_argument("--eval-iters", type=_positive_int, default=50, metavar="N",
                    help="(default: 50)")
     p.add_argument("--batch-size", type=_positive_int, default=12, metavar="B",
                    help="(default: 12)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="(default: 0)")
+    p.add_argument("--block-size", type=_positive_int, metavar="T",
+                   help="sequence length (default: the run's, else a GPT's block_size; a Llama "
+                        "or Qwen2 directory has none and needs it)")
     _add_threads(p)
 
 
@@ -380,10 +414,13 @@ def _add_params(sub) -> None:
         B (out, r) hold r (in + out) against the weight's in x out.""", """\
         examples:
           minilora params --shape 4096x4096 --rank 4   # 16,777,216 against 32,768: 1/512
-          minilora params --shape 3x3 --rank 1         # 9 against 6""")
+          minilora params --shape 3x3 --rank 1         # 9 against 6
+          minilora params --shape 4096x4096 --rank 4 --use-dora   # 36,864: 9/4096""")
     p.add_argument("--shape", required=True, type=_shape, metavar="OUTxIN",
                    help="the weight's shape, e.g. 4096x4096")
     p.add_argument("--rank", required=True, type=_positive_int, metavar="R", help="LoRA's rank")
+    p.add_argument("--use-dora", action="store_true",
+                   help="DoRA: count its magnitude too, one per output row")
 
 
 def _add_bench(sub) -> None:
@@ -393,8 +430,10 @@ def _add_bench(sub) -> None:
         PyTorch on the CPU.""", """\
         examples:
           minilora bench --config A --steps 5
-          minilora bench --config B --compare torch""")
-    p.add_argument("--config", action="append", choices=("A", "B"), help="repeatable; default A")
+          minilora bench --config B --compare torch
+          minilora bench --config C --steps 5 --warmup 1 --min-seconds 0 --compare torch""")
+    p.add_argument("--config", action="append", choices=("A", "B", "C"),
+                   help="repeatable; default A (C: GPT-2 small's shape)")
     p.add_argument("--steps", type=_positive_int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=_nonneg_int, default=2)
     p.add_argument("--min-seconds", type=_number, default=3.0,

@@ -1,7 +1,7 @@
 """What each ``minilora`` subcommand does (the parser is in ``minilora.cli``).
 
 Each ``cmd_*`` takes the parsed arguments, prints what it did on stdout and returns the exit code.
-A user mistake is raised as a :class:`minilora.MiniLoRAError`; ``cli.main`` turns it into one line,
+A user mistake is raised as a [`minilora.MiniLoRAError`][]; ``cli.main`` turns it into one line,
 ``minilora: error: ...``, and exit code 2.
 """
 
@@ -28,29 +28,30 @@ from minilora.errors import (
     NonFiniteError,
 )
 from minilora.models import GPTConfig
-from minilora.train import TrainConfig
+from minilora.train import TrainConfig, architecture
 from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 _MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dtype")
 _TRAIN_FLAGS = {f.name for f in dataclasses.fields(TrainConfig)} - {"on_nonfinite"}
-_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets")
+_LORA_FLAGS = ("lora_alpha", "lora_dropout", "target_modules", "use_rslora", "lora_targets",
+               "init_lora_weights", "use_dora")
 # a config field the command line sets, and the flag that sets it
 _FLAG_OF = {**{("TrainConfig", n): n for n in _TRAIN_FLAGS},
             **{("GPTConfig", n): n for n in (*_MODEL_FLAGS, "dropout")},
             **{("LoRAConfig", n): n for n in _LORA_FLAGS}, ("LoRAConfig", "r"): "lora_r",
             ("LoRAConfig", "target_slices"): "lora_targets",
             ("GPT", "lora_targets"): "lora_targets"}
+_SHORT_FLAGS = {"gradient_accumulation_steps": "grad_accum"}  # the flags not named as the field
 
 
-def _lora_targets(args) -> dict:
-    """target_modules (and target_slices) from --target-modules and --lora-targets."""
-    from minilora.models import GPT
-
-    names = args.target_modules or ("" if args.lora_targets else "c_attn,c_proj")
+def _lora_targets(args, family) -> dict:
+    """target_modules (and target_slices) from --target-modules and --lora-targets, on a model of
+    the architecture ``family`` (whose default targets these flags replace)."""
+    names = args.target_modules or ("" if args.lora_targets else ",".join(family.target_modules))
     targets = tuple(t.strip() for t in names.split(",") if t.strip())
     if not args.lora_targets:
         return {"target_modules": targets}
-    roles = GPT.lora_targets(args.lora_targets)
+    roles = family.lora_targets(args.lora_targets)
     modules = roles["target_modules"] + tuple(t for t in targets
                                               if t not in roles["target_modules"])
     return {**roles, "target_modules": modules}
@@ -63,7 +64,7 @@ def _given(args, names) -> dict:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + _SHORT_FLAGS.get(name, name).replace("_", "-")
 
 
 def _as_flag(owner: str, field: str) -> str | None:
@@ -76,6 +77,8 @@ def _train_config(args) -> TrainConfig:
     given = _given(args, _TRAIN_FLAGS)
     if args.skip_nonfinite:
         given["on_nonfinite"] = "skip"
+    if args.init_from is None:  # a new model's --block-size is the model's, which trains on it
+        given.pop("block_size", None)
     if "warmup_iters" not in given and "max_iters" in given:  # a short run warms up for a tenth
         given["warmup_iters"] = min(TrainConfig().warmup_iters, given["max_iters"] // 10)
     return TrainConfig(**given)
@@ -143,24 +146,30 @@ def _new_run_settings(args):
         raise ConfigError("LoRA settings need --lora-r (without it, training is full): "
                           + ", ".join(_flag(n) for n in _given(args, _LORA_FLAGS)))
     model = lora = None
+    fixed = tuple(f for f in (*_MODEL_FLAGS, "no_bias", "tokenizer") if f != "block_size")
     with naming_fields(_as_flag):
         config = _train_config(args)
+        family = None if args.init_from is None else architecture.of_directory(args.init_from)
+        if family is not None:
+            family.check_train_block(config.block_size)
+            family.check_dropout(args.dropout)
         if args.init_from is None:
             model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
             if args.no_bias:
                 model["bias"] = False
             GPTConfig(vocab_size=1, **model)  # check the architecture before any data
-        elif _given(args, (*_MODEL_FLAGS, "no_bias", "tokenizer")):
+        elif _given(args, fixed):
             raise ConfigError(f"--init-from {args.init_from} fixes the architecture (and the "
                               "vocabulary); drop " + ", ".join(
-                                  _flag(n) for n in _given(args, (*_MODEL_FLAGS, "no_bias",
-                                                                  "tokenizer"))))
+                                  _flag(n) for n in _given(args, fixed)))
         elif args.lora_r is not None:
             lora = LoRAConfig(
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
                 lora_dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
-                use_rslora=args.use_rslora, **_lora_targets(args))
+                use_rslora=args.use_rslora, use_dora=args.use_dora,
+                **_lora_targets(args, family or architecture.GPT_ARCH),
+                init_lora_weights=args.init_lora_weights or "kaiming")
         if args.dropout is not None:
             GPTConfig(vocab_size=1, dropout=args.dropout)  # checks it
     return config, model, lora
@@ -194,15 +203,6 @@ def _interrupted(out: Path) -> int:
         print(f"minilora: interrupted; the last checkpoint (iteration {it}) is in {out}: "
               f"continue with 'minilora train --out {out} --resume'", file=sys.stderr)
     return 130
-
-
-def _block_size(model, what: str) -> int:
-    """The longest sequence ``model`` reads, as evaluation and the merge check ask for it."""
-    size = getattr(model.config, "block_size", None)
-    if size is None:  # evaluation reads config.block_size (GPTConfig's) for now
-        raise ConfigError(f"{what}: a {type(model).__name__} has no block_size; this command "
-                          "runs GPT models for now")
-    return size
 
 
 def _new_tokenizer(kind: str | None):
@@ -304,12 +304,12 @@ def cmd_eval(args) -> int:
 
     source = _open_model(args)
     model, tokenizer = source.model, source.tokenizer
-    block_size = _block_size(model, "eval")
+    block_size = _eval_block_size(args, source)
     data = load_dataset(args.data, tokenizer=tokenizer, seed=DATA_SEED)
     data.check_block_size(block_size)
     with parallel(args.threads):
         losses = estimate_loss(model, data, args.batch_size, args.eval_iters,
-                               np.random.default_rng(args.seed))
+                               np.random.default_rng(args.seed), block_size)
         print(f"{args.data}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"({args.eval_iters} batches of {args.batch_size} x {block_size} "
               "tokens per split)")
@@ -318,6 +318,16 @@ def cmd_eval(args) -> int:
             print(f"{data.task.name}: exact match {score.accuracy:.1%} "
                   f"({score.correct}/{score.total} held-out prompts, greedy)")
     return 0
+
+
+def _eval_block_size(args, source: _Source) -> int:
+    """eval's sequence length: --block-size, else the run's own (its TrainConfig.block_size),
+    else the model's (a GPT's block_size; a Llama has none, so it is then an error)."""
+    size = args.block_size
+    if size is None and source.run is not None:
+        size = source.run.meta.get("train_config", {}).get("block_size")
+    with naming_fields(_as_flag):
+        return architecture.of_model(source.model).block_size(source.model.config, size)
 
 
 # float32 logits of a merged model differ from the unmerged ones by round-off (~1e-6 here);
@@ -370,7 +380,6 @@ _MERGE_TOLERANCE = {"float32": 1e-3, "float64": 1e-9}
 def cmd_merge(args) -> int:
     from minilora.lora import merge_and_unload, named_lora_layers
     from minilora.lora.model import tied_lora_layers
-    from minilora.models import GPT
     from minilora.tensor import no_grad
 
     source = _open_model(args, need_tokenizer=False)
@@ -380,9 +389,6 @@ def cmd_merge(args) -> int:
         raise ConfigError(f"merge: {args.model} is not a LoRA run (nothing to merge)"
                           if run is not None else
                           f"merge: {args.model} has no adapter; give one with --adapter DIR")
-    if fmt == "run" and not isinstance(model, GPT):
-        raise ConfigError(f"merge --format run: minilora runs hold GPT models, not "
-                          f"{type(model).__name__}; use --format hf")
     out = Path(args.out)
     marker = CHECKPOINT if fmt == "run" else "config.json"
     if (out / marker).exists():  # before the merge, which costs time
@@ -394,7 +400,8 @@ def cmd_merge(args) -> int:
                           "would change those too, so the merged model would not be the adapted "
                           "one (PEFT merges it that way); keep this adapter unmerged")
     probe = np.random.default_rng(0).integers(0, model.config.vocab_size,
-                                              (4, _block_size(model, "merge")))
+                                              (4, architecture.of_model(model)
+                                               .probe_length(model.config)))
     with no_grad():
         before = model(probe)[0].data
         merge_and_unload(model)
@@ -417,6 +424,7 @@ def cmd_merge(args) -> int:
 
 def cmd_export(args) -> int:
     from minilora import hf
+    from minilora.hf.pretrained import architecture_of
     from minilora.train import load_run
     from minilora.train.sources import is_pretrained
 
@@ -432,8 +440,8 @@ def cmd_export(args) -> int:
                               f"--model {args.model} --out DIR --format hf'")
         with _new_output(out, "config.json"):
             written = _write_model(run.model, out, "hf", run.tokenizer, {})
-        print(f"exported {args.model} to {out}: {', '.join(written)} "
-              "(transformers: GPT2LMHeadModel.from_pretrained)")
+        print(f"exported {args.model} to {out}: {', '.join(written)} (transformers: "
+              f"{architecture_of(run.model, 'export').ARCHITECTURES[0]}.from_pretrained)")
         if "tokenizer.json" not in written:
             print(f"(its {run.tokenizer.kind if run.tokenizer else 'missing'} tokenizer has no "
                   "Hugging Face file: only a BPE tokenizer is written)")
@@ -457,12 +465,17 @@ def cmd_params(args) -> int:
     from minilora.lora import LoRALayerCount
 
     out_f, in_f = args.shape
-    c = LoRALayerCount("W", in_f, out_f, args.rank)
+    c = LoRALayerCount("W", in_f, out_f, args.rank, magnitude=args.use_dora)
     frac = c.fraction
     as_ratio = f"1/{frac.denominator}" if frac.numerator == 1 else f"{frac}"
     print(f"weight W: {out_f:,} x {in_f:,} = {c.weight_params:,} parameters")
-    print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
-          f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
+    if args.use_dora:
+        print(f"DoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"+ m ({out_f:,}) = {args.rank} x ({in_f:,} + {out_f:,}) + {out_f:,} = "
+              f"{c.lora_params:,} trainable parameters")
+    else:
+        print(f"LoRA, rank {args.rank}: A ({args.rank} x {in_f:,}) + B ({out_f:,} x {args.rank}) "
+              f"= {args.rank} x ({in_f:,} + {out_f:,}) = {c.lora_params:,} trainable parameters")
     print(f"ratio: {c.lora_params:,} / {c.weight_params:,} = {as_ratio} "
           f"({c.lora_params / c.weight_params:.4%})")
     if c.lora_params >= c.weight_params:

@@ -2,9 +2,9 @@
 
 Every check of a setting in minilora (a config's field, a layer's size, a dropout probability) goes
 through one of the helpers below, so the same rule always reads the same. Each raises a
-:class:`ConfigError` that names the field, what was expected and what came. A field is named as
-:func:`field_name` says: ``GPTConfig.n_embd`` by default; the ``minilora`` command, inside
-:func:`naming_fields`, has the same checks name its flags (``--n-embd``) instead.
+[`ConfigError`][] that names the field, what was expected and what came. A field is named as
+[`field_name`][] says: ``GPTConfig.n_embd`` by default; the ``minilora`` command, inside
+[`naming_fields`][], has the same checks name its flags (``--n-embd``) instead.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ _namer: contextvars.ContextVar[Namer] = contextvars.ContextVar(
 
 def field_name(owner: str, field: str) -> str:
     """How an error message names ``owner``'s ``field``: ``LoRAConfig.r``, or as
-    :func:`naming_fields` says."""
+    [`naming_fields`][] says."""
     return _namer.get()(owner, field) or f"{owner}.{field}"
 
 
 def other_field(owner: str, field: str) -> str:
     """How a message about one field names another of the same owner: ``n_head``, or as
-    :func:`naming_fields` says."""
+    [`naming_fields`][] says."""
     return _namer.get()(owner, field) or field
 
 

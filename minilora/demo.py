@@ -1,5 +1,9 @@
 """The main job: pretrain a small GPT, fine-tune it in full and with LoRA, compare, merge.
 
+The plan names the model: GPTConfig's fields, or ``"model_type": "llama"`` (or ``"qwen2"``) with
+LlamaConfig's and the plan's ``block_size`` (a Llama has none of its own); LoRA then goes on the
+architecture's default targets (``minilora.train.architecture``: q_proj and v_proj on a Llama).
+
 1. Pretrain a base on ``builtin:world`` (English-like prose).
 2. Fine-tune it on ``builtin:majority`` (name the category most listed words belong to): once in
    full, and with LoRA at ranks 1, 4 and 16 (alpha = 2r, on ``c_attn`` and ``c_proj``).
@@ -24,7 +28,7 @@ from minilora.errors import ConfigError
 from minilora.lora import LoRAConfig, merge_and_unload
 from minilora.runtime import parallel
 from minilora.tensor import no_grad
-from minilora.train import TrainConfig, load_run, runs
+from minilora.train import TrainConfig, architecture, load_run, runs
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.evaluate import mean_loss, task_accuracy
 from minilora.train.memory import measure_step
@@ -32,7 +36,7 @@ from minilora.train.memory import measure_step
 
 @dataclass(frozen=True)
 class DemoPlan:
-    model: dict
+    model: dict  # the new model's config fields but vocab_size; "model_type" names a Llama
     pretrain_iters: int
     finetune_iters: int
     ranks: tuple[int, ...]
@@ -43,6 +47,18 @@ class DemoPlan:
     batch_size: int = 12
     pretrain_lr: float = 1e-3
     curve_eval_iters: int = 5  # batches per split behind each point of the loss curves
+    block_size: int | None = None  # the training sequence length (None: the model's own)
+
+    @property
+    def architecture(self):
+        return architecture.of_config_dict(self.model)
+
+    def describe(self) -> str:
+        """``4-layer, 128-wide GPT``."""
+        m = self.model
+        layers, width = (m["num_hidden_layers"], m["hidden_size"]) if "model_type" in m else \
+            (m["n_layer"], m["n_embd"])
+        return f"{layers}-layer, {width}-wide {self.architecture.name}"
 
 
 FULL = DemoPlan(model={"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
@@ -82,9 +98,9 @@ def _memory(model, data, plan: DemoPlan) -> int:
     if "lora_config" not in model.__dict__:
         model.requires_grad_(True)
     opt = AdamW(param_groups(model.named_parameters(), 0.1), lr=1e-9)
-    x, y = data.get_batch("train", plan.batch_size, model.config.block_size,
+    x, y = data.get_batch("train", plan.batch_size, _block(model, plan),
                           np.random.default_rng(0))
-    _, loss = model(x, y)
+    _, loss = model(x, y, skip_logits=True)
     loss.backward()
     opt.step()  # so the optimizer state exists, as during training
     opt.zero_grad()
@@ -109,11 +125,16 @@ def _time_forwards(models: dict, x, rounds: int = 9) -> dict[str, float]:
     return {name: 1000 * float(np.median(ts)) for name, ts in times.items()}
 
 
-def _lora_config(method: str) -> LoRAConfig | None:
+def _block(model, plan: DemoPlan) -> int:
+    """The sequence length the plan trains and measures ``model`` on."""
+    return architecture.of_model(model).block_size(model.config, plan.block_size)
+
+
+def _lora_config(method: str, plan: DemoPlan) -> LoRAConfig | None:
     if method == "full":
         return None
     r = int(method.removeprefix("lora-r"))
-    return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=("c_attn", "c_proj"))
+    return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=plan.architecture.target_modules)
 
 
 OUT_DIR = "minilora-demo"  # where the demo writes, unless told otherwise
@@ -129,9 +150,9 @@ def run_demo(out_dir=OUT_DIR, quick: bool = False, seed: int = 0, quiet: bool = 
     t_start = time.perf_counter()
 
     common = {"batch_size": plan.batch_size, "eval_iters": plan.curve_eval_iters, "seed": seed,
-              "weight_decay": 0.1}
-    _say(f"1/4 pretraining a {plan.model['n_layer']}-layer, {plan.model['n_embd']}-wide GPT on "
-         f"builtin:world for {plan.pretrain_iters} steps ...")
+              "weight_decay": 0.1, "block_size": plan.block_size}
+    _say(f"1/4 pretraining a {plan.describe()} on builtin:world for {plan.pretrain_iters} "
+         "steps ...")
     pre_cfg = TrainConfig(max_iters=plan.pretrain_iters, lr=plan.pretrain_lr, min_lr=1e-4,
                           warmup_iters=plan.pretrain_iters // 10,
                           eval_interval=plan.pretrain_iters, **common)
@@ -176,7 +197,7 @@ def _finetune(method: str, out: Path, plan: DemoPlan, common: dict, tokenizer, t
               quiet: bool, threads: int | None) -> tuple[dict, list, list[str]]:
     """Fine-tune the base one way ("full" or "lora-rN") and score it: (its row of the table, its
     validation-loss curve, its answers to the held-out prompts)."""
-    lora = _lora_config(method)
+    lora = _lora_config(method, plan)
     lr = plan.full_lr if lora is None else plan.lora_lr
     cfg = TrainConfig(max_iters=plan.finetune_iters, lr=lr, min_lr=lr / 10,
                       warmup_iters=plan.finetune_iters // 10,
@@ -199,7 +220,7 @@ def _finetune(method: str, out: Path, plan: DemoPlan, common: dict, tokenizer, t
 def val_loss(model, data, plan: DemoPlan) -> float:
     """Mean loss over ``plan.eval_iters`` validation batches, the same batches for every model."""
     return mean_loss(model, data, "val", plan.eval_iters, plan.batch_size,
-                     np.random.default_rng(0))
+                     np.random.default_rng(0), plan.block_size)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -227,8 +248,7 @@ def _merge_best(out: Path, rows, base_run, base, tokenizer, data, plan: DemoPlan
     _say(f"\n3/4 merging the best adapter ({best['method']}): W' = W + s B A")
     adapted = load_run(out / best["run"]).model
     unmerged = load_run(out / best["run"]).model  # kept unmerged, to time it
-    x, _ = data.get_batch("val", plan.batch_size, base.config.block_size,
-                          np.random.default_rng(1))
+    x, _ = data.get_batch("val", plan.batch_size, _block(base, plan), np.random.default_rng(1))
     with no_grad():
         unmerged_logits = adapted(x)[0].data
         merged = merge_and_unload(adapted)
@@ -246,7 +266,7 @@ def _merge_best(out: Path, rows, base_run, base, tokenizer, data, plan: DemoPlan
          f"(exact match {acc.accuracy:.1%})")
     ms = _time_forwards({"base": base, "unmerged": unmerged, "merged": merged}, x)
     _say(f"4/4 inference cost, CPU time of one forward pass of {plan.batch_size}x"
-         f"{base.config.block_size} tokens (median of 9): base {ms['base']:.1f} ms, adapter "
+         f"{_block(base, plan)} tokens (median of 9): base {ms['base']:.1f} ms, adapter "
          f"unmerged {ms['unmerged']:.1f} ms, merged {ms['merged']:.1f} ms "
          f"(merged/base = {ms['merged'] / ms['base']:.2f})")
     return {"best": best["run"], "max_abs_logit_diff": diff, "merged_exact_match": acc.accuracy,

@@ -1,6 +1,6 @@
 """One error hierarchy for the whole package.
 
-Every error minilora raises on purpose is a :class:`MiniLoRAError`. Each subclass also derives from
+Every error minilora raises on purpose is a [`MiniLoRAError`][]. Each subclass also derives from
 the matching built-in exception, so ``except ValueError`` keeps working for code that does not know
 about minilora. Messages name the module, parameter or file, what was expected and what came.
 """

@@ -98,6 +98,9 @@ class Optimizer:
             group["params"] = [p for _, p in pairs]
             pairs_all.append(pairs)
             self.param_groups.append(group)
+        base_lr = self.defaults.get("lr")  # each group's rate as a multiple of it, for set_lr
+        self.lr_ratios = [g["lr"] / base_lr if base_lr else (1.0 if not g["lr"] else None)
+                          for g in self.param_groups]
         flat = [name for pairs in pairs_all for name, _ in pairs]
         if not flat:
             raise ConfigError(f"{owner}: got no parameters to optimize")
@@ -147,10 +150,16 @@ class Optimizer:
                 p.grad = None
 
     def set_lr(self, lr: float) -> None:
-        """Set ``lr`` of every group (what a schedule does each iteration)."""
+        """Set the learning rate to ``lr`` (what a schedule does each iteration): each group's to
+        ``lr`` times its rate's ratio to the optimizer's ``lr`` when made, as torch's schedulers
+        scale each group's initial rate; so LoRA+'s B group stays ``loraplus_lr_ratio`` ahead."""
         lr = _number(type(self).__name__, "lr", lr)
-        for group in self.param_groups:
-            group["lr"] = lr
+        if None in self.lr_ratios:
+            raise ConfigError(f"{type(self).__name__}.set_lr: group "
+                              f"{self.lr_ratios.index(None)} has its own lr, which is no multiple "
+                              "of the optimizer's lr 0")
+        for group, ratio in zip(self.param_groups, self.lr_ratios, strict=True):
+            group["lr"] = lr * ratio
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -158,7 +167,7 @@ class Optimizer:
 
         meta holds the format tag, the optimizer type, each group's hyper-parameters and parameter
         names, and each parameter's step count. Save ``arrays`` as safetensors/npz and ``meta`` as
-        JSON; :meth:`load_state_dict` then continues bit for bit.
+        JSON; [`load_state_dict`][] then continues bit for bit.
         """
         groups = []
         for group in self.param_groups:
@@ -172,7 +181,7 @@ class Optimizer:
         return {"meta": meta, "arrays": arrays}
 
     def load_state_dict(self, state_dict: Mapping) -> None:
-        """Restore what :meth:`state_dict` returned (possibly via JSON and a tensor file).
+        """Restore what [`state_dict`][] returned (possibly via JSON and a tensor file).
 
         Everything is checked before anything changes: the type, the groups and their parameter
         names, the step counts, and every array's name, shape, dtype and finiteness. A mismatch is a
@@ -394,7 +403,7 @@ def cosine_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_ite
 
 @dataclass(frozen=True)
 class CosineSchedule:
-    """``schedule(it)`` is :func:`cosine_lr` with these settings; checked when made."""
+    """``schedule(it)`` is [`cosine_lr`][] with these settings; checked when made."""
 
     lr: float
     min_lr: float

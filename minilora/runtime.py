@@ -1,10 +1,10 @@
 """How minilora uses the machine: the engine's threads, the step's threading policy, glibc's malloc.
 
-:func:`parallel` is the one switch: inside it, BLAS runs on one thread and the engine's own small
+[`parallel`][] is the one switch: inside it, BLAS runs on one thread and the engine's own small
 pool shares out large products and the blocks of the fast kernels (``minilora.ops.backend``). It is
-scoped: the previous BLAS thread count is restored on exit. :func:`step_threading` picks, for a
+scoped: the previous BLAS thread count is restored on exit. [`step_threading`][] picks, for a
 training step of a given size, between that and letting BLAS thread the products itself; the
-training loop and the benchmark use it. :func:`tune_malloc` is process-wide and only the
+training loop and the benchmark use it. [`tune_malloc`][] is process-wide and only the
 ``minilora`` command calls it; a program may. Why each choice, with the measurements:
 docs/performance.md#what-the-engine-does.
 """
@@ -33,7 +33,7 @@ def parallel(threads: int | None = None, blas: bool = False) -> Iterator[None]:
     threads: how many to use (default: the number of CPUs). The previous BLAS thread count and
     the previous setting are restored on exit, so minilora changes nothing outside this block.
     blas: instead, let BLAS thread every product itself and run the engine's kernels on one
-    thread. Faster when every product is small (see :func:`step_threading`), slower otherwise.
+    thread. Faster when every product is small (see [`step_threading`][]), slower otherwise.
     """
     global _pool, _threads, _splitting
     threads = max(1, int(threads or os.cpu_count() or 1))
@@ -54,7 +54,7 @@ SMALL_STEP_MACS = 1 << 26  # below this, a step's largest product is "small": se
 
 
 def step_threading(largest_product: int, threads: int | None = None):
-    """:func:`parallel` as a step of this size runs fastest: ``largest_product`` is the
+    """[`parallel`][] as a step of this size runs fastest: ``largest_product`` is the
     multiply-adds of the step's largest matrix product (tokens x in x out of its widest layer).
 
     A step whose products are all small (under 64M multiply-adds) lets BLAS thread them: their
@@ -66,25 +66,25 @@ def step_threading(largest_product: int, threads: int | None = None):
 
 
 def parallel_for(largest_product: int, threads: int | None = None):
-    """Deprecated name of :func:`step_threading` (it chooses a threading policy; it is no loop)."""
+    """Deprecated name of [`step_threading`][] (it chooses a threading policy; it is no loop)."""
     warnings.warn("minilora.runtime.parallel_for is deprecated; use step_threading",
                   DeprecationWarning, stacklevel=2)
     return step_threading(largest_product, threads)
 
 
 def lets_blas_thread(largest_product: int) -> bool:
-    """Whether :func:`step_threading` hands a step with this largest product to BLAS's threads."""
+    """Whether [`step_threading`][] hands a step with this largest product to BLAS's threads."""
     return largest_product < SMALL_STEP_MACS
 
 
 def threads() -> int:
-    """How many threads products use right now (1 outside :func:`parallel`)."""
+    """How many threads products use right now (1 outside [`parallel`][])."""
     return _threads
 
 
 def splits_products() -> bool:
     """Whether large products run as fixed blocks on the engine's threads: inside
-    :func:`parallel` (on any number of threads, one included), not with ``blas=True``."""
+    [`parallel`][] (on any number of threads, one included), not with ``blas=True``."""
     return _splitting
 
 

@@ -1,10 +1,10 @@
 """Tensor: an ndarray, its gradient, and its place in the computation graph (a Node).
 
 The engine is reverse-mode automatic differentiation in the style of micrograd, over whole arrays.
-An op (see ``minilora.ops``) computes its output with NumPy and hands :meth:`Tensor.from_op` a
+An op (see ``minilora.ops``) computes its output with NumPy and hands [`Tensor.from_op`][] a
 ``backward`` closure that maps the output gradient ``g`` to one gradient per input, or ``None`` for
-an input that needs none. :meth:`Tensor.backward` walks the graph once in reverse topological order,
-reduces broadcast gradients in one place (:func:`unbroadcast`), accumulates into ``.grad`` of
+an input that needs none. [`Tensor.backward`][] walks the graph once in reverse topological order,
+reduces broadcast gradients in one place ([`unbroadcast`][]), accumulates into ``.grad`` of
 leaves, and frees each node as soon as it has been used, so activations die as the walk passes them.
 """
 
@@ -41,8 +41,20 @@ def no_grad() -> Iterator[None]:
         _grad_mode.enabled = previous
 
 
+@contextlib.contextmanager
+def enable_grad() -> Iterator[None]:
+    """Context manager under which ops record the graph again in this thread, even inside
+    [`no_grad`][] (as PyTorch's ``enable_grad``): how activation checkpointing recomputes a
+    block in the backward pass."""
+    previous, _grad_mode.enabled = _grad_mode.enabled, True
+    try:
+        yield
+    finally:
+        _grad_mode.enabled = previous
+
+
 def is_grad_enabled() -> bool:
-    """Whether ops currently record the graph in this thread (False inside :func:`no_grad`)."""
+    """Whether ops currently record the graph in this thread (False inside [`no_grad`][])."""
     return _grad_mode.enabled
 
 

@@ -49,3 +49,19 @@ class _WithOutputs(list):
 
     def __iter__(self):
         return iter(self._rows())
+
+
+@pytest.fixture
+def graph_nodes(monkeypatch) -> list[int]:
+    """One entry for every graph node made from here on: empty after code that builds none."""
+    from minilora.tensor import Node
+
+    made: list[int] = []
+    init = Node.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Node, "__init__", counting_init)
+    return made

@@ -25,8 +25,9 @@ LAYERS = [
     ("minilora.check",),
     ("minilora.bench", "minilora.demo", "minilora.commands", "minilora.cli", "minilora.__main__"),
 ]
-REFERENCE_OPS = ["activation", "attention", "grouped_attention", "lora_embedding", "lora_linear",
-                 "normalization", "rms_norm", "rotary", "softmax", "swiglu"]
+REFERENCE_OPS = ["activation", "attention", "dora", "grouped_attention", "lm_head",
+                 "lora_embedding",
+                 "lora_linear", "normalization", "rms_norm", "rotary", "softmax", "swiglu"]
 # the imports that go up, on purpose: at the end of tensor.py, and inside a function
 UPWARD = {
     ("minilora.tensor", "minilora.ops"),  # a Tensor's operators (x + y, x @ w) are the ops

@@ -28,6 +28,15 @@ from minilora.train import read_checkpoint
 from minilora.train.checkpoint import CHECKPOINT, METRICS
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+
+
+def _default_sigint():
+    """Give the child Ctrl-C's default meaning: a shell's background job (a test run started
+    with '&', say) ignores SIGINT and a child inherits that, so Python would never raise
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "24",
         "--batch-size", "4", "--eval-iters", "2", "--threads", "1"]
 FINETUNE = ["--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2", "--batch-size", "4",
@@ -136,6 +145,20 @@ def test_train_lora_r_saves_only_the_adapter_beside_a_reference_to_its_base(work
     assert len(ckpt.meta["base"]["sha256"]) == 64
 
 
+def test_train_pissa_with_loraplus_keeps_both_in_the_run(work, capsys):
+    """--init-lora-weights pissa and --loraplus-lr-ratio reach the configs the run keeps."""
+    code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                     str(work / "base"), "--out", str(work / "pissa"),
+                                     "--lora-r", "2", "--init-lora-weights", "pissa",
+                                     "--loraplus-lr-ratio", "8", *FINETUNE, "--quiet"], capsys)
+    assert code == 0, err
+    ckpt = read_checkpoint(work / "pissa")
+    assert ckpt.meta["lora_config"]["init_lora_weights"] == "pissa"
+    assert ckpt.meta["train_config"]["loraplus_lr_ratio"] == 8
+    groups = ckpt.meta["optimizer"]["param_groups"]
+    assert [g["lr"] / groups[0]["lr"] for g in groups if g["params"]] == [1.0, 8.0]
+
+
 def test_merge_writes_a_plain_model_whose_logits_match(work):
     out = work.outputs["merge"]
     assert out.startswith(f"merged lora into {Path('merged') / CHECKPOINT}: a plain model")
@@ -201,7 +224,7 @@ def test_ctrl_c_then_resume_gives_the_run_that_never_stopped(work):
             "--eval-interval", "10", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", *args, "--out", "stopped"],
                             cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     metrics, deadline = work / "stopped" / METRICS, time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:  # the first checkpoint after 0
         if metrics.exists() and metrics.read_text().count("\n") >= 3:  # iter 10 saved
@@ -320,7 +343,7 @@ def test_generate_streams_tokens_and_keeps_them_on_ctrl_c(work):
     proc = subprocess.Popen([sys.executable, "-m", "minilora.cli", "generate", "--model", "base",
                              "--prompt", "the cat", "--max-new-tokens", "1000000", "--threads",
                              "1"], cwd=work, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     seen, deadline = b"", time.monotonic() + 120
     os.set_blocking(proc.stdout.fileno(), False)
     while proc.poll() is None and time.monotonic() < deadline and len(seen) < 40:
@@ -466,6 +489,10 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
                                      "--lora-r needs --init-from", "o12"),
         "lora-flag-without-lora-r": ([*new, "--out", "o13", "--lora-alpha", "8"],
                                      "need --lora-r", "o13"),
+        "pissa-niter": ([*lora, "--out", "o40", "--init-lora-weights", "pissa_niter_4"],
+                        "--init-lora-weights='pissa_niter_4' (PEFT's randomized SVD", "o40"),
+        "loraplus-ratio-zero": ([*lora, "--out", "o41", "--loraplus-lr-ratio", "0"],
+                                "--loraplus-lr-ratio must be a finite number > 0", "o41"),
         "negative-lr": ([*new, "--out", "o14", "--lr", "-1"], "--lr must be", "o14"),
         "zero-lr": ([*new, "--out", "o15", "--lr", "0"], "--lr must be > 0", "o15"),
         "non-numeric-lr": ([*new, "--out", "o16", "--lr", "fast"], "expected a number, got 'fast'",
@@ -510,6 +537,11 @@ def _mistakes() -> dict[str, tuple[list[str], str, str | None]]:
                          "unrecognized arguments: --learning-rate", "o27"),
         "demo-out-is-a-file": (["demo", "--quick", "--out", "corpus.txt/x"], "corpus.txt",
                                None),
+        "zero-grad-accum": ([*new, "--out", "o-accum", "--grad-accum", "0"],
+                            "--grad-accum: expected a positive integer, got 0", "o-accum"),
+        "grad-accum-with-resume": (["train", "--out", "full", "--resume", "--grad-accum", "4"],
+                                   "--resume continues with the run's own settings; drop "
+                                   "--grad-accum", None),
     }
 
 
@@ -588,3 +620,38 @@ def test_a_bad_setting_is_named_by_its_flag_where_it_is_checked():
             LoRAConfig(bias="some")  # no flag sets it: its field name
     with pytest.raises(ConfigError, match=r"^GPTConfig\.n_embd \(30\) must be divisible by n_head"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+def test_train_use_dora_trains_and_saves_the_magnitude_and_merges(work, capsys):
+    """--use-dora: the adapter holds lora_magnitude_vector (one per output row), a resume and a
+    merge read it; on an embedding it is a one-line error, exit 2."""
+    out = work / "dora"
+    code, stdout, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                          str(work / "base"), "--out", str(out), "--lora-r", "2",
+                                          "--use-dora", *FINETUNE], capsys)
+    assert code == 0, err
+    assert "with DoRA r=2" in stdout.splitlines()[0]
+    ckpt = read_checkpoint(out)
+    assert ckpt.meta["lora_config"]["use_dora"] is True
+    magnitudes = [n for n in ckpt.weights if n.endswith(".lora_magnitude_vector")]
+    assert magnitudes and all(ckpt.weights[n].ndim == 1 for n in magnitudes)
+    code, stdout, err = _in_this_process(["merge", "--model", str(out), "--out",
+                                          str(work / "dora-merged")], capsys)
+    assert code == 0, err
+    code, _, err = _in_this_process(["train", "--data", "builtin:majority", "--init-from",
+                                     str(work / "base"), "--out", str(work / "dora-wte"),
+                                     "--lora-r", "2", "--use-dora", "--target-modules", "wte"],
+                                    capsys)
+    assert code == 2 and "DoRA on an Embedding is not implemented" in err and \
+        err.count("\n") == 1
+    assert not (work / "dora-wte").exists()
+
+
+def test_params_use_dora_counts_the_magnitude_too(capsys):
+    """4096x4096 at rank 4: LoRA's 32,768 plus m's 4,096 = 36,864, 9/4096 of the weight."""
+    code, out, err = _in_this_process(["params", "--shape", "4096x4096", "--rank", "4",
+                                       "--use-dora"], capsys)
+    assert code == 0, err
+    assert "DoRA, rank 4: A (4 x 4,096) + B (4,096 x 4) + m (4,096) = 4 x (4,096 + 4,096) + " \
+        "4,096 = 36,864 trainable parameters" in out
+    assert "36,864 / 16,777,216 = 9/4096" in out

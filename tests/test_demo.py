@@ -52,6 +52,32 @@ def test_the_demo_trains_compares_merges_and_saves_everything(tmp_path, monkeypa
     pytest.importorskip("matplotlib")
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+TINY_LLAMA = demo.DemoPlan(model={"model_type": "llama", "hidden_size": 16,
+                                  "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2},
+                           block_size=48, pretrain_iters=6, finetune_iters=4, ranks=(1, 2),
+                           full_lr=2e-3, lora_lr=5e-3, eval_iters=1, task_prompts=6,
+                           batch_size=4, curve_eval_iters=1)
+
+
+def test_the_demo_runs_a_llama_plan_with_lora_on_q_proj_and_v_proj(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "QUICK", TINY_LLAMA)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "pretraining a 1-layer, 16-wide Llama on builtin:world" in text
+    assert f"one forward pass of 4x{TINY_LLAMA.block_size} tokens" in text
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results["rows"]] == ["base", "full", "lora-r1", "lora-r2"]
+    base, full, r1, _ = results["rows"]
+    assert full["trainable"] == base["total"]
+    assert r1["trainable"] == 1 * (16 + 16) + 1 * (16 + 8)  # q_proj (16 -> 16), v_proj (16 -> 8)
+    assert results["merge"]["max_abs_logit_diff"] < 1e-4
+    lora = read_checkpoint(out / "lora-r1")
+    assert lora.model_config.model_type == "llama" and lora.train_config.block_size == 48
+    assert lora.lora_config.target_modules == ("q_proj", "v_proj")
+    assert read_checkpoint(out / "merged").model_config.model_type == "llama"
+
 
 def test_the_demo_replaces_its_own_runs_but_nothing_else(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "QUICK", TINY)

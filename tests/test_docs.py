@@ -165,6 +165,16 @@ def test_a_quotation_is_found_by_its_qualified_name():
         quoted_source("minilora/tensor.py::Tensor.no_such_method")
 
 
+def test_the_readme_and_the_docs_index_list_every_example():
+    examples = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    readme_row = next(line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+                      if line.startswith("| `examples/` |"))
+    assert sorted(re.findall(r"`(\w+\.py)`", readme_row)) == examples, "README.md's examples row"
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    assert sorted(re.findall(r"^\| `examples/(\w+\.py)` \|", index, re.M)) == examples, (
+        "docs/index.md's table of the examples")
+
+
 def refresh() -> None:
     """Rewrite every quotation in docs/*.md from the current source."""
     for path in DOC_FILES:

@@ -31,6 +31,18 @@ CASES = {
     "merge_no_latency.py": ([], ["max |merged - adapted|", "merged/base"], []),
     "target_budget.py": (["--out", "budget"], ["| {q, v} | 18 |", "one budget, as in Table 5"],
                          ["budget/target_budget.md", "budget/target_budget.json"]),
+    "variants.py": (["--out", "variants"], ["| pissa | `init_lora_weights='pissa'` |",
+                                            "| loraplus | `loraplus_lr_ratio=16` |",
+                                            "| dora | `use_dora=True` |"],
+                    ["variants/variants.md", "variants/variants.json"]),
+    "gpt2_small_cpu.py": (["--out", "g2"], ["| LoRA r=8 |", "all checks passed"],
+                          ["g2/gpt2_small_cpu.md", "g2/gpt2_small_cpu.json"]),
+    "llama_budget.py": (["--out", "llama"], ["| q_proj, v_proj | 20 | 2,240 |",
+                                             "| all seven | 4 | 2,240 |", "one budget"],
+                        ["llama/llama_budget.md", "llama/llama_budget.json"]),
+    "llama_from_files.py": (["--out", "adapter"], ["bit-for-bit unchanged",
+                                                   "base + saved adapter| = 0.0e+00"],
+                            ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]),
 }
 
 

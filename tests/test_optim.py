@@ -267,8 +267,23 @@ def test_each_group_uses_its_own_lr():
     a.grad, b.grad = np.ones(1), np.ones(1)
     opt.step()
     assert a.data[0] == -1.0 and b.data[0] == pytest.approx(-0.1)
-    opt.set_lr(0.5)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+
+
+def test_set_lr_keeps_each_groups_ratio_to_the_optimizers_lr():
+    """A schedule scales every group's rate as torch's schedulers do: LoRA+'s B group stays
+    ``loraplus_lr_ratio`` times A's (here 10x), and a group at the default follows it."""
+    a, b = Parameter(np.zeros(1)), Parameter(np.zeros(1))
+    opt = SGD([{"params": [a], "lr": 1.0}, {"params": [b]}], lr=0.1)
+    for lr in (0.5, 0.25, 0.0):
+        opt.set_lr(lr)
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(10 * lr), lr]
+
+
+def test_set_lr_refuses_a_group_rate_that_is_no_multiple_of_lr_zero():
+    a, b = Parameter(np.zeros(1)), Parameter(np.zeros(1))
+    opt = SGD([{"params": [a], "lr": 1.0}, {"params": [b]}], lr=0.0)
+    with pytest.raises(ConfigError, match="group 0 has its own lr"):
+        opt.set_lr(0.5)
 
 
 @pytest.mark.parametrize(("make", "field"), [

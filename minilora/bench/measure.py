@@ -38,7 +38,7 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     At least ``steps`` timed steps each, and more until the full steps add up to ``min_seconds``
     (a small config's median over a few steps moves with the machine's noise).
     The two are timed in alternation, step by step, so that both see the same machine (a shared
-    or virtual machine drifts by 10-20% over minutes); so are the limit (:class:`NumpyLimit`)
+    or virtual machine drifts by 10-20% over minutes); so are the limit ([`NumpyLimit`][])
     and the PyTorch ``peer``, if given: after each pair of our steps, NumPy does the same
     products, then the peer times a pair of steps of its own while we wait.
     Returns {"full": ..., "lora": ...}, each with "ms", "numpy_limit_ms" and, with a peer,

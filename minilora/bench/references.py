@@ -27,7 +27,7 @@ class NumpyLimit:
 
     Each distinct shape runs at its best of BLAS's own threads and one BLAS thread (on a busy
     machine BLAS threads lose badly on small products, and the limit should be the best NumPy
-    can do), picked once by timing both. :meth:`seconds` then computes all of the step's
+    can do), picked once by timing both. [`seconds`][] then computes all of the step's
     products back to back on fresh contiguous arrays, so that the benchmark can take it in turn
     with the steps and the machine's drift stays out of the ratio.
     """

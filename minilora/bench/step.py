@@ -29,6 +29,9 @@ class BenchConfig:
 CONFIGS = {
     "A": BenchConfig(4, 4, 128, 64, 12),  # nanoGPT's CPU config for tiny Shakespeare
     "B": BenchConfig(6, 6, 384, 256, 16),  # nanoGPT's Shakespeare model, a CPU-sized batch
+    # GPT-2 small's shape (124M parameters) at block 256 and batch 4: 1,024 tokens a step, the
+    # batch a 2-core machine steps through in seconds (docs/performance.md, config C)
+    "C": BenchConfig(12, 12, 768, 256, 4, vocab_size=50257),
 }
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ("c_attn", "c_proj")}
 
@@ -84,6 +87,6 @@ def build(cfg: BenchConfig, lora: bool, seed: int = 0):
 
 def train_step(model, opt, x, y) -> None:
     opt.zero_grad()
-    _, loss = model(x, y)
+    _, loss = model(x, y, skip_logits=True)
     loss.backward()
     opt.step()

@@ -3,9 +3,9 @@
 A package above ``train`` and ``hf`` (it reads Hugging Face and PEFT directories through
 ``minilora.hf`` and runs minilora's model as the reference). One function per job:
 
-- :func:`check_merge`: a merged model against base + adapter, tensor by tensor;
-- :func:`check_logits`: someone's logits against the reference forward, position by position;
-- :func:`write_vectors`: the golden vectors, a versioned set of inputs and float64 references.
+- [`check_merge`][]: a merged model against base + adapter, tensor by tensor;
+- [`check_logits`][]: someone's logits against the reference forward, position by position;
+- [`write_vectors`][]: the golden vectors, a versioned set of inputs and float64 references.
 """
 
 from minilora.check.logits import check_logits

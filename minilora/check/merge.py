@@ -234,7 +234,7 @@ def scaling_factors(layer: AdaptedLayer, config) -> list[tuple[str, float, str]]
 
 
 def scaling_mistakes(layer: AdaptedLayer, config) -> list[tuple[str, float, str]]:
-    """:func:`scaling_factors`, with a factor two mistakes share as one entry naming both and
+    """[`scaling_factors`][], with a factor two mistakes share as one entry naming both and
     a factor of 1 (no mistake at all for this layer) left out."""
     merged: list[tuple[str, float, str]] = []
     for code, f, text in scaling_factors(layer, config):

@@ -9,8 +9,8 @@ sum is taken in one fixed order. The same inputs give the same 60 digits on ever
 the float64 written out is that value correctly rounded (``float(Decimal)``): one rounding of a
 value within about ``n 10^-59`` (relative) of the exact one after ``n`` operations.
 
-Two users: the LoRA linear layer's closed forms (:func:`lora_linear_reference`) and a tiny GPT-2
-with LoRA (:func:`gpt_reference`), differentiated by a scalar reverse mode (:class:`Num`) that
+Two users: the LoRA linear layer's closed forms ([`lora_linear_reference`][]) and a tiny GPT-2
+with LoRA ([`gpt_reference`][]), differentiated by a scalar reverse mode ([`Num`][]) that
 shares nothing with minilora's engine, so the two check each other.
 """
 

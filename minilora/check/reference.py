@@ -18,6 +18,7 @@ import numpy as np
 
 from minilora import hf
 from minilora.check.rounding import dtype_name
+from minilora.errors import ConfigError
 from minilora.hf import files, peft
 from minilora.lora import named_lora_layers
 from minilora.nn import Module
@@ -72,6 +73,9 @@ def load_reference(base, adapter) -> Reference:
     model = hf.from_pretrained(base, dtype="float64", dropout=0.0)
     before = {name: p.data for name, p in model.named_parameters()}  # not copies: never mutated
     hf.load_adapter(model, adapter)
+    if model.lora_config.use_dora:  # its merge is c (W + s B A), not the W + s B A checked here
+        raise ConfigError(f"{adapter}: a DoRA adapter (use_dora=True); the check compares plain "
+                          "LoRA merges, W + s B A, and does not check DoRA's yet")
     adapter_dtypes, keys = _adapter_dtypes(adapter), hf.adapter_file_map(model)
     layers = {}
     for name, layer in named_lora_layers(model):

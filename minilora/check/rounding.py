@@ -22,7 +22,7 @@ so with ``E = W + s B A`` and ``S = s |B| |A|`` (elementwise, exact) the error o
                + 4 tiny_d + e_ref
 
 with ``gamma_n(v) = n v / (1 - n v)``, ``k = (1 + u)^3 (1 + u_acc)^(r+2)`` for the second-order
-terms, and ``e_ref`` the float64 reference's own error. :func:`merge_bound` is that sum.
+terms, and ``e_ref`` the float64 reference's own error. [`merge_bound`][] is that sum.
 """
 
 from __future__ import annotations

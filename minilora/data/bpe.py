@@ -33,9 +33,9 @@ def tokenizers_module():
 class BPETokenizer:
     """A byte-level BPE tokenizer.   encode: text -> ids (n,) int64;  decode: ids -> text.
 
-    Made from a ``tokenizer.json`` (:meth:`from_json`) or from GPT-2's ``vocab.json`` and
-    ``merges.txt`` contents (:meth:`from_vocab_merges`); files are read by
-    :func:`minilora.hf.load_tokenizer`.
+    Made from a ``tokenizer.json`` ([`from_json`][]) or from GPT-2's ``vocab.json`` and
+    ``merges.txt`` contents ([`from_vocab_merges`][]); files are read by
+    [`minilora.hf.load_tokenizer`][].
     """
 
     kind = "bpe"

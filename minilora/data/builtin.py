@@ -17,11 +17,11 @@ steps, and full fine-tuning and LoRA at each rank learn it to different degrees 
 budget (the README has the demo's table). Copying-style tasks (reverse, shift or sort a random
 string) do not: they need induction heads, which a small char model grows only after many more
 steps. The metric is the exact match of greedy completions on 200 held-out prompts
-(:attr:`Task.pairs`, never in the training text); always answering the most common category
+([`Task.pairs`][], never in the training text); always answering the most common category
 scores 41%.
 
-Both corpora are written in one fixed alphabet (:data:`ALPHABET`), so the base's tokenizer
-(:func:`builtin_tokenizer`) encodes the fine-tuning text, and every character of it appears in the
+Both corpora are written in one fixed alphabet ([`ALPHABET`][]), so the base's tokenizer
+([`builtin_tokenizer`][]) encodes the fine-tuning text, and every character of it appears in the
 pretraining text, so none has an untrained embedding.
 """
 
@@ -38,6 +38,7 @@ from minilora.data.tokenizer import CharTokenizer
 from minilora.errors import ConfigError
 
 ALPHABET = "\n !',-.0123456789:;?abcdefghijklmnopqrstuvwxyz"
+"""Every character of the built-in corpora, in the order of their token ids."""
 
 CATEGORIES = {
     "animal": ("cat", "dog", "fox", "owl", "bee", "frog", "duck", "goat", "hen", "pig", "cow",
@@ -190,6 +191,7 @@ class Task:
     name: str
     description: str
     pairs: tuple[tuple[str, str], ...]
+    """The held-out (prompt, answer) pairs, never in the training text."""
     prefix: str = "\n"
 
     def evaluate(self, generate_fn: GenerateFn, limit: int | None = None) -> ExactMatch:
@@ -233,7 +235,7 @@ def list_builtin() -> dict[str, str]:
 
 
 def builtin_tokenizer() -> CharTokenizer:
-    """The character tokenizer of :data:`ALPHABET`, shared by every built-in corpus."""
+    """The character tokenizer of [`ALPHABET`][], shared by every built-in corpus."""
     return CharTokenizer(ALPHABET)
 
 

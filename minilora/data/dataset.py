@@ -14,6 +14,7 @@ import numpy as np
 
 from minilora.configs import positive_int, probability
 from minilora.data.builtin import Task, builtin_tokenizer, load_builtin
+from minilora.data.instruct import InstructDataset, is_instruct_file
 from minilora.data.tokenizer import CharTokenizer, Tokenizer
 from minilora.errors import ConfigError, DataError
 
@@ -72,7 +73,7 @@ class TextDataset:
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
                   val_fraction: float = 0.1) -> TextDataset:
-        """A dataset of the UTF-8 file at ``path`` (see :func:`load_text`)."""
+        """A dataset of the UTF-8 file at ``path`` (see [`load_text`][])."""
         return cls(load_text(path), tokenizer, val_fraction, name=str(path))
 
     def split(self, split: str) -> np.ndarray:
@@ -114,12 +115,16 @@ class TextDataset:
 
 
 def load_dataset(source: str | os.PathLike, tokenizer: Tokenizer | None = None, seed: int = 0,
-                 val_fraction: float = 0.1) -> TextDataset:
-    """What ``--data`` names: ``builtin:NAME`` (generated from ``seed``) or a UTF-8 file.
+                 val_fraction: float = 0.1) -> TextDataset | InstructDataset:
+    """What ``--data`` names: ``builtin:NAME`` (generated from ``seed``), a JSON Lines file of
+    prompt-completion examples (a name ending in ``.jsonl``: [`minilora.data.instruct`][]) or a
+    UTF-8 text file.
 
     A built-in corpus is encoded with the built-in alphabet unless a tokenizer is given (a base
     model's, when fine-tuning); a file, with a CharTokenizer of its own characters unless given.
     """
+    if is_instruct_file(source):
+        return InstructDataset.from_file(source, tokenizer, val_fraction)
     if isinstance(source, str) and source.startswith("builtin:"):
         corpus = load_builtin(source, seed)
         return TextDataset(corpus.text, tokenizer if tokenizer is not None else builtin_tokenizer(),

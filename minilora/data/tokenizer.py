@@ -2,7 +2,7 @@
 BPE, through the ``tokenizers`` package, is in ``bpe.py``.
 
 Both map text to a 1-D ``int64`` array of token ids and back, and save themselves as a small JSON
-object (``to_dict``) that :func:`tokenizer_from_dict` turns back into a tokenizer after checking it
+object (``to_dict``) that [`tokenizer_from_dict`][] turns back into a tokenizer after checking it
 field by field, so a damaged or hostile file gives a clear error and nothing else.
 """
 

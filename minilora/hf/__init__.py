@@ -5,16 +5,16 @@ the same directory.
 A package above ``models`` and ``lora`` (it builds a model and applies an adapter) and beside
 ``train``; it reads and writes through ``minilora.io``. One function per job:
 
-- :func:`from_pretrained` / :func:`save_pretrained`: a model directory
+- [`from_pretrained`][] / [`save_pretrained`][]: a model directory
   (``minilora.from_pretrained``, ``GPT.from_pretrained``, ``LlamaForCausalLM.from_pretrained``
   and ``model.save_pretrained`` call these); ``ARCHITECTURES``: ``model_type`` -> the module
   with its config map and tensor map;
-- :func:`load_adapter` / :func:`save_adapter`: a PEFT adapter directory;
-- :func:`load_tokenizer`: the directory's BPE tokenizer (needs ``tokenizers``);
-- :func:`is_pretrained_dir`: whether a directory is a Hugging Face model (not a minilora run);
-- :func:`stored_tensors`: every tensor of a model directory as stored, by minilora's names,
+- [`load_adapter`][] / [`save_adapter`][]: a PEFT adapter directory;
+- [`load_tokenizer`][]: the directory's BPE tokenizer (needs ``tokenizers``);
+- [`is_pretrained_dir`][]: whether a directory is a Hugging Face model (not a minilora run);
+- [`stored_tensors`][]: every tensor of a model directory as stored, by minilora's names,
   without building a model (``minilora check`` compares them with what they should be);
-- :func:`model_file_map` / :func:`adapter_file_map`: for each parameter of a model, its key in
+- [`model_file_map`][] / [`adapter_file_map`][]: for each parameter of a model, its key in
   the model's or the adapter's file and whether the file holds it transposed, as data.
 """
 

@@ -36,7 +36,7 @@ def tied(config: LlamaConfig) -> dict[str, str]:
 
 def config_from_hf(d: dict, dtype: str, dropout: float | None) -> LlamaConfig:
     """The LlamaConfig of a ``config.json``; a field minilora does not implement is a ConfigError
-    naming it (see :class:`~minilora.models.LlamaConfig`)."""
+    naming it (see [`LlamaConfig`][minilora.models.LlamaConfig])."""
     return read_config(d, dtype, dropout, NAME, ARCHITECTURES, TOKEN_DEFAULTS)
 
 

@@ -3,7 +3,9 @@ files ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained`` rea
 
 PEFT names a tensor by the module path inside ``PeftModel`` (``base_model.model.`` + the base
 model's name) with the adapter name taken out: ``...c_attn.lora_A.weight`` (r, in),
-``...c_attn.lora_B.weight`` (out, r), an adapted layer's trained bias ``...c_attn.base_layer.bias``,
+``...c_attn.lora_B.weight`` (out, r), DoRA's magnitude ``...c_attn.lora_magnitude_vector`` (out,)
+(PEFT's parameter ``lora_magnitude_vector.<adapter>.weight``, saved without either part), an
+adapted layer's trained bias ``...c_attn.base_layer.bias``,
 any other trained bias or ``modules_to_save`` parameter under its base-model name, in the base
 file's layout (GPT-2's Conv1D weights as (in, out)). Where PEFT and minilora differ:
 
@@ -37,7 +39,7 @@ import numpy as np
 
 from minilora import io
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError, TargetModuleError
-from minilora.hf import files
+from minilora.hf import conversion, files
 from minilora.hf.pretrained import FileTensor, architecture_of
 from minilora.lora import (
     DEFAULT,
@@ -78,9 +80,10 @@ def peft_saved_modules(model: Module, entries) -> list[str]:
 
 
 # how PEFT keys each kind of adapter parameter: a Linear's A and B are nn.Linear modules (their
-# ``.weight``), an Embedding's are Parameters
+# ``.weight``), an Embedding's are Parameters, DoRA's magnitude is keyed as the Parameter it was
 _PEFT_KEY = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight",
-             "lora_embedding_A": ".lora_embedding_A", "lora_embedding_B": ".lora_embedding_B"}
+             "lora_embedding_A": ".lora_embedding_A", "lora_embedding_B": ".lora_embedding_B",
+             "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
 def _file_key(name: str, lora_layers: set[str]) -> str:
@@ -105,9 +108,10 @@ def _model_name(key: str, adapter_name: str = DEFAULT) -> str:
 
 
 def adapter_file_map(model: Module) -> dict[str, FileTensor]:
-    """minilora's adapter parameter name (as :func:`~minilora.lora.lora_state_dict` names it) ->
-    its key in ``adapter_model.safetensors`` as PEFT writes it, and whether the file holds its
-    transpose (a saved GPT-2 Conv1D weight; never ``lora_A`` or ``lora_B``)."""
+    """minilora's adapter parameter name (as
+    [`lora_state_dict`][minilora.lora.lora_state_dict] names it) -> its key in
+    ``adapter_model.safetensors`` as PEFT writes it, and whether the file holds its transpose
+    (a saved GPT-2 Conv1D weight; never ``lora_A`` or ``lora_B``)."""
     arch = architecture_of(model, "adapter_file_map")
     layers = {name for name, _ in named_lora_layers(model)}
     out = {}
@@ -120,7 +124,8 @@ def adapter_file_map(model: Module) -> dict[str, FileTensor]:
 # ---- writing -------------------------------------------------------------------------------
 
 def save_adapter(model: Module, path, base_model_name_or_path: str | None = None,
-                 selected_adapters: list[str] | None = None) -> Path:
+                 selected_adapters: list[str] | None = None,
+                 path_initial_model_for_weight_conversion=None) -> Path:
     """Write the adapters of ``model`` as PEFT 0.21's ``save_pretrained`` would for the same
     adapters on the same transformers model (``GPT2LMHeadModel``, ``LlamaForCausalLM``,
     ``Qwen2ForCausalLM``): ``adapter_config.json`` and ``adapter_model.safetensors``, each
@@ -128,6 +133,10 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
 
     base_model_name_or_path: what PEFT records as the base (a hub name or a directory).
     selected_adapters: the adapters to write (default: all, as PEFT).
+    path_initial_model_for_weight_conversion: PEFT's keyword: the directory where the initial
+        PiSSA or OLoRA adapter was saved before training; each adapter is then written as the
+        plain LoRA adapter of rank 2r that gives the same weights on the *original* base
+        (``minilora/hf/conversion.py``). Unlike PEFT, the initial directory is left as it is.
     Returns the directory.
     """
     arch = architecture_of(model, "save_adapter")
@@ -144,7 +153,10 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
     if unknown:
         raise ConfigError(f"save_adapter: selected_adapters {unknown} are not adapters of the "
                           f"model (its adapters: {list(configs)})")
-    written = {name: _adapter_files(model, name, configs[name], arch, base_model_name_or_path)
+    initial = None if path_initial_model_for_weight_conversion is None else \
+        conversion.read_initial(path_initial_model_for_weight_conversion, ADAPTER_WEIGHTS)
+    written = {name: _adapter_files(model, name, configs[name], arch, base_model_name_or_path,
+                                    initial)
                for name in names}  # every file's bytes first: an error writes nothing
     root = Path(path)
     for name, content in written.items():
@@ -153,8 +165,9 @@ def save_adapter(model: Module, path, base_model_name_or_path: str | None = None
 
 
 def _adapter_files(model: Module, name: str, config: LoRAConfig, arch,
-                   base_model_name_or_path: str | None) -> dict[str, bytes | str]:
-    """The two files of one adapter, as PEFT writes them."""
+                   base_model_name_or_path: str | None, initial=None) -> dict[str, bytes | str]:
+    """The two files of one adapter, as PEFT writes them (converted to rank 2r for the
+    original base with ``initial``, the initial adapter's file and tensors)."""
     state, patterns = _file_state(model, name, config)
     tensors = {PREFIX + key: arch.to_file(key, array) for key, array in state.items()}
     d = peft_dict(dataclasses.replace(config, target_slices=None))
@@ -173,6 +186,8 @@ def _adapter_files(model: Module, name: str, config: LoRAConfig, arch,
     linear = [n for n in layers if isinstance(model.get_submodule(n), LoRALinear)]
     d.update(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
              inference_mode=True, fan_in_fan_out=any(arch.is_conv1d(n) for n in linear))
+    if initial is not None:
+        tensors, d = conversion.convert_to_lora(tensors, d, initial)
     return {ADAPTER_WEIGHTS: files.safetensors_bytes(tensors, "save_adapter"),
             ADAPTER_CONFIG: io.dumps_json(d) + "\n"}
 
@@ -232,7 +247,7 @@ def _peft_modules_to_save(model: Module, config: LoRAConfig, arch, tied: bool) -
 def load_adapter(model: Module, path, adapter_name: str = DEFAULT,
                  is_trainable: bool = False) -> Module:
     """Load the LoRA adapter in the directory ``path`` into ``model`` as ``adapter_name``, whether
-    PEFT (``PeftModel.save_pretrained``) or :func:`save_adapter` wrote it. On a model without
+    PEFT (``PeftModel.save_pretrained``) or [`save_adapter`][] wrote it. On a model without
     adapters it is applied and active (PEFT's ``from_pretrained``); beside others it is added,
     inactive, as PEFT's ``load_adapter`` adds it (``set_adapter`` activates it). A folder PEFT
     saved for another adapter is ``path/<its name>``.
@@ -341,8 +356,8 @@ def _check_tie(path: Path, headers: dict, arch, pairs: dict[str, str]) -> None:
 def _check_lora_shapes(path: Path, wanted: dict, config: LoRAConfig, targets: list,
                        adapter_name: str) -> None:
     """Every adapted layer's A (r, in) and B (out, r) in the file (an Embedding's
-    lora_embedding_A (r, vocab) and lora_embedding_B (dim, r)), with the config's rank: so that
-    applying the config allocates only what the file holds."""
+    lora_embedding_A (r, vocab) and lora_embedding_B (dim, r); DoRA's magnitude (out,)), with the
+    config's rank: so that applying the config allocates only what the file holds."""
     for target in targets:
         name, layer = target.name, target.module
         r = config.rank_and_alpha(name)[0]
@@ -351,7 +366,10 @@ def _check_lora_shapes(path: Path, wanted: dict, config: LoRAConfig, targets: li
                 layer.embedding_dim
         else:
             kinds, in_f, out_f = ("lora_A", "lora_B"), layer.in_features, layer.out_features
-        for kind, shape in zip(kinds, ((r, in_f), (out_f, r)), strict=True):
+        shapes = [(r, in_f), (out_f, r)]
+        if config.use_dora:
+            kinds, shapes = (*kinds, "lora_magnitude_vector"), [*shapes, (out_f,)]
+        for kind, shape in zip(kinds, shapes, strict=True):
             entry = wanted.get(parameter_name(f"{name}.{kind}", adapter_name))
             if entry is None:
                 raise FileFormatError(f"{path}: missing tensor {PREFIX}{name}{_PEFT_KEY[kind]} "

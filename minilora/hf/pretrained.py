@@ -77,8 +77,9 @@ def model_file_map(model: Module) -> dict[str, FileTensor]:
 def from_pretrained(path, dtype: str = "float32", dropout: float | None = None,
                     model_type: str | tuple[str, ...] | None = None) -> Module:
     """The model a Hugging Face directory holds, in eval mode (as ``from_pretrained`` returns it):
-    a :class:`~minilora.models.GPT` for ``model_type`` "gpt2", a
-    :class:`~minilora.models.LlamaForCausalLM` for "llama" and "qwen2"; any other is refused.
+    a [`GPT`][minilora.models.GPT] for ``model_type`` "gpt2", a
+    [`LlamaForCausalLM`][minilora.models.LlamaForCausalLM] for "llama" and "qwen2"; any other is
+    refused.
 
     path: a directory with ``config.json`` and ``model.safetensors`` (or
         ``model.safetensors.index.json`` and its shards), as ``save_pretrained`` writes it.
@@ -155,7 +156,7 @@ def stored_tensors(path, model_type=None) -> tuple[object, dict, dict[str, Store
 def _plan(arch, config, stored: dict[str, StoredTensor]) -> dict[str, tuple[Path, str,
                                                                              io.TensorInfo]]:
     """key (as ``tensor_shapes`` names it) -> (file, key in the file, info) of ``stored``
-    (:func:`stored_tensors`), checked: every tensor the config implies present once with its
+    ([`stored_tensors`][]), checked: every tensor the config implies present once with its
     shape and a float dtype, and nothing else."""
     plan = {key: (t.path, t.file_key, t.info) for key, t in stored.items()}
     # no more names than the files hold tensors, plus one: enough to see that some are missing

@@ -1,7 +1,7 @@
 """The tokenizer of a Hugging Face directory: ``tokenizer.json`` (GPT-2's, Llama's, Qwen2's: any
 the ``tokenizers`` package reads), or ``vocab.json`` plus ``merges.txt`` (GPT-2's original pair),
 read through minilora's safe files and run by ``tokenizers`` (see
-:class:`minilora.data.BPETokenizer`).
+[`minilora.data.BPETokenizer`][]).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Atomic writes: a temporary file in the same directory, fsynced, then renamed into place.
 
 A crash at any moment leaves the old file or the new one, never a mix; at worst a stray
-``.NAME.*.tmp`` that :func:`remove_temp_files` deletes. Also the one place files are read for the
+``.NAME.*.tmp`` that [`remove_temp_files`][] deletes. Also the one place files are read for the
 other readers, so every way a path can fail to be a readable file gives a FileFormatError.
 """
 
@@ -38,7 +38,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     On a clean exit the file is fsynced, renamed over ``path`` (``os.replace``) and the directory
     fsynced; on an exception the temporary file is removed and ``path`` is left as it was. A crash
     at any moment leaves either the old file or the new one, plus at worst a stray
-    ``.NAME.*.tmp`` (see :func:`remove_temp_files`).
+    ``.NAME.*.tmp`` (see [`remove_temp_files`][]).
     """
     if mode not in ("wb", "w"):
         raise ConfigError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
@@ -65,7 +65,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
 
 
 def write_atomic_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically (see :func:`atomic_write`)."""
+    """Replace ``path`` by ``data`` atomically (see [`atomic_write`][])."""
     with atomic_write(path, "wb") as f:
         f.write(data)
 
@@ -78,7 +78,7 @@ def write_atomic_text(path: str | os.PathLike, text: str) -> None:
 def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` files that a killed writer left in ``directory``.
 
-    Only safe while holding the directory's :class:`RunLock`. Returns the paths removed.
+    Only safe while holding the directory's [`RunLock`][]. Returns the paths removed.
     """
     removed = []
     for p in Path(directory).glob(f".*{_TEMP_SUFFIX}"):

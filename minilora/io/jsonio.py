@@ -117,7 +117,7 @@ def _json_type(obj) -> str:
 
 def load_json(path: str | os.PathLike, schema=None):
     """Parse a JSON file strictly (UTF-8, no NaN, no duplicate keys) and check it against
-    ``schema`` (see :func:`check_schema`). Anything wrong is a FileFormatError naming the file."""
+    ``schema`` (see [`check_schema`][]). Anything wrong is a FileFormatError naming the file."""
     raw = read_bytes(path, "JSON", MAX_JSON_BYTES)
     try:
         text = raw.decode("utf-8")
@@ -138,7 +138,7 @@ def load_json(path: str | os.PathLike, schema=None):
 
 def append_jsonl(path: str | os.PathLike, obj) -> None:
     """Append ``obj`` as one JSON line with a single ``write`` and fsync it: a crash leaves the line
-    whole or absent (at worst a torn last line, which :func:`read_jsonl` drops)."""
+    whole or absent (at worst a torn last line, which [`read_jsonl`][] drops)."""
     line = (dumps_json(obj, indent=None) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -1,7 +1,7 @@
 """Tensor files: safetensors written with ``safetensors.numpy`` and read back only after the header
 has been checked field by field, plus ``.npz`` read with ``allow_pickle=False``.
 
-Every file :func:`save_tensors` writes carries a SHA-256 of its tensors and metadata in the
+Every file [`save_tensors`][] writes carries a SHA-256 of its tensors and metadata in the
 safetensors metadata (``minilora.sha256``), so a bit flipped anywhere, header or data, is found.
 Whatever is wrong with a file, reading it raises a FileFormatError naming the file and the fault.
 """
@@ -52,7 +52,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     """Write ``tensors`` (name -> array) and string ``metadata`` to a safetensors file, atomically.
 
     Arrays are stored little-endian and C-contiguous, dtype kept; the metadata gains
-    ``minilora.sha256`` so that :func:`load_tensors` can find any damage.
+    ``minilora.sha256`` so that [`load_tensors`][] can find any damage.
     """
     metadata = dict(metadata or {})
     for key, value in metadata.items():
@@ -178,7 +178,7 @@ def load_tensors(path: str | os.PathLike, require_checksum: bool = True) -> dict
 
 
 def load_metadata(path: str | os.PathLike, require_checksum: bool = True) -> dict[str, str]:
-    """The string metadata saved by :func:`save_tensors` (the checksum entry left out)."""
+    """The string metadata saved by [`save_tensors`][] (the checksum entry left out)."""
     return _load_safetensors(Path(path), require_checksum)[1]
 
 
@@ -220,7 +220,7 @@ class TensorInfo:
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The tensors (name -> TensorInfo) and metadata of a safetensors file, checked as completely
-    as :func:`load_tensors` checks them, without reading any tensor: what a reader compares with
+    as [`load_tensors`][] checks them, without reading any tensor: what a reader compares with
     what it expects before it allocates anything."""
     path = Path(path)
     with _open(path) as f:
@@ -237,7 +237,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 
 def read_tensors(path: str | os.PathLike, infos: Mapping[str, TensorInfo],
                  dtype=None) -> dict[str, np.ndarray]:
-    """name -> array for each of ``infos`` (from :func:`read_header` of the same file), one tensor
+    """name -> array for each of ``infos`` (from [`read_header`][] of the same file), one tensor
     read at a time. bfloat16 is widened exactly to float32 (its bits are the top half of a
     float32's); ``dtype`` converts every tensor after that (None keeps the stored dtype)."""
     path = Path(path)

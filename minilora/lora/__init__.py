@@ -8,7 +8,7 @@ from minilora.lora.accounting import (
     print_trainable_parameters,
     trainable_parameters_report,
 )
-from minilora.lora.adapters import EmbeddingAdapter, LinearAdapter, SlicedAdapter
+from minilora.lora.adapters import DoraAdapter, EmbeddingAdapter, LinearAdapter, SlicedAdapter
 from minilora.lora.combine import add_weighted_adapter
 from minilora.lora.config import LoRAConfig, lora_scaling, matches_target
 from minilora.lora.layer import DEFAULT, LoRAEmbedding, LoRALayer, LoRALinear, parameter_name
@@ -42,7 +42,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT", "EmbeddingAdapter", "LinearAdapter", "LoRAConfig", "LoRAEmbedding",
+    "DEFAULT", "DoraAdapter", "EmbeddingAdapter", "LinearAdapter", "LoRAConfig", "LoRAEmbedding",
     "LoRALayer", "LoRALayerCount", "LoRALinear", "SlicedAdapter", "active_adapters",
     "add_adapter", "add_weighted_adapter", "apply_lora", "delete_adapter", "disable_adapter",
     "disable_adapters", "get_nb_trainable_parameters", "load_adapter", "load_lora_state_dict",

@@ -2,8 +2,9 @@
 
 An adapted (out, in) weight has ``in * out`` entries; its adapter ``A: (r, in)`` and ``B: (out, r)``
 has ``r * (in + out)``. Two worked examples: a 3x3 weight with r=1, 9 against 6; a 4096x4096
-weight with r=4, 16,777,216 against 32,768, exactly 1/512. ``LoRALayerCount`` does the arithmetic
-on shapes alone, so it needs no 4096x4096 array.
+weight with r=4, 16,777,216 against 32,768, exactly 1/512. DoRA adds its magnitude m: (out,),
+``r * (in + out) + out``. ``LoRALayerCount`` does the arithmetic on shapes alone, so it needs no
+4096x4096 array.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class LoRALayerCount:
     r: int
     slice_rows: tuple[int, ...] = ()  # an adapter on slices of a fused output: their widths
     adapter_name: str = "default"
+    magnitude: bool = False  # DoRA: m, one entry per output row
 
     def __post_init__(self) -> None:
         for field in ("in_features", "out_features", "r"):
@@ -42,10 +44,11 @@ class LoRALayerCount:
     @property
     def lora_params(self) -> int:
         """r * (in + out): the entries of A (r, in) and B (out, r); on slices of widths w_i, the
-        sum of r * (in + w_i), an adapter per slice."""
+        sum of r * (in + w_i), an adapter per slice; with DoRA's magnitude, + out."""
         if self.slice_rows:
             return sum(self.r * (self.in_features + w) for w in self.slice_rows)
-        return self.r * (self.in_features + self.out_features)
+        return self.r * (self.in_features + self.out_features) + \
+            (self.out_features if self.magnitude else 0)
 
     @property
     def fraction(self) -> Fraction:
@@ -65,7 +68,8 @@ def lora_parameter_counts(model: Module, adapter_name: str | list[str] | None = 
     ``Σ r (in + out)``. An Embedding counts ``in`` as its vocabulary and ``out`` as its width."""
     names = adapter_names(model, adapter_name)
     return [LoRALayerCount(name, layer.in_features, layer.out_features, adapter.r,
-                           adapter.counted_rows(layer.out_features), adapter_name=n)
+                           adapter.counted_rows(layer.out_features), adapter_name=n,
+                           magnitude="lora_magnitude_vector" in adapter.PARAMETERS)
             for name, layer in named_lora_layers(model)
             for n, adapter in layer.adapters.items() if n in names]
 

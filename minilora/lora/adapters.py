@@ -13,9 +13,13 @@ themselves are Parameters of the layer (``lora/layer.py``), named after the adap
 - ``EmbeddingAdapter``: PEFT's ``lora_embedding_A`` (r, vocab) = 0 and ``lora_embedding_B``
   (dim, r) random; ΔW = s (B A)^T on W: (vocab, dim) (``ops.lora_embedding``).
 
-A variant (DoRA, say) is one more class here, beside its own op: its parameters (``PARAMETERS``),
-its forward, its path and its merged weight; unmerging needs nothing of it (the layer keeps the
-weight each merge replaced).
+- ``DoraAdapter``: DoRA on a Linear, PEFT's ``use_dora``: A, B and the magnitude m (out,);
+  W' = m / ||W + s B A||_row * (W + s B A) (``ops.dora_linear``).
+
+A variant is one more class here, beside its own op: its parameters (``PARAMETERS``), its
+forward, its path and its merged weight; unmerging needs nothing of it (the layer keeps the
+weight each merge replaced). ``base`` is the layer's weight before any merge, for a variant whose
+numbers depend on W (DoRA's norm).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from minilora import ops
 from minilora.configs import choice, flag, positive_int, positive_number, probability
 from minilora.errors import ConfigError
 from minilora.lora.config import INIT_LORA_WEIGHTS, lora_scaling
+from minilora.lora.residual_init import RESIDUAL_INITS, residual_init
+from minilora.ops.dora import dora_weight_norm
 from minilora.tensor import Tensor
 
 
@@ -82,10 +88,17 @@ class LinearAdapter:
         """A: (r, in), B: (out, r)."""
         return (self.r, in_features), (out_features, self.r)
 
-    def initial(self, in_features: int, out_features: int, rng) -> tuple[np.ndarray, ...]:
+    def initial(self, in_features: int, out_features: int, rng,
+                base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """A drawn (``init_lora_A``), B = 0: a fresh adapter changes nothing."""
         a_shape, b_shape = self.shapes(in_features, out_features)
         return init_lora_A(a_shape, self.init_lora_weights, rng), np.zeros(b_shape)
+
+    def residual(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """PiSSA or OLoRA: (A, B, W_res) from W (``lora/residual_init.py``); None otherwise."""
+        if self.init_lora_weights not in RESIDUAL_INITS:
+            return None
+        return residual_init(self.init_lora_weights, weight, self.r, self.scaling, self.owner)
 
     def forward(self, layer, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """The base and this adapter in one op, the hot path: ``ops.lora_linear``."""
@@ -97,7 +110,8 @@ class LinearAdapter:
         return ops.lora_slices(x, A, B, self.scaling, ((0, layer.out_features),),
                                layer.out_features, layer.dropout_mask(x, self.lora_dropout))
 
-    def delta_blocks(self, A: np.ndarray, B: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+    def delta_blocks(self, A: np.ndarray, B: np.ndarray,
+                     base: np.ndarray | None = None) -> list[tuple[slice, np.ndarray]]:
         """ΔW as (rows of W, block): here every row, s (B @ A)."""
         return [(slice(None), self.scaling * (B @ A))]
 
@@ -134,10 +148,16 @@ class SlicedAdapter(LinearAdapter):
         k, (lo, hi) = len(self.slices), self.slices[0]
         return (k * self.r, in_features), (k * (hi - lo), self.r)
 
-    def initial(self, in_features: int, out_features: int, rng) -> tuple[np.ndarray, ...]:
+    def initial(self, in_features: int, out_features: int, rng,
+                base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Each slice's A drawn as a LinearAdapter's, in slice order; B = 0."""
         a = [init_lora_A((self.r, in_features), self.init_lora_weights, rng) for _ in self.slices]
         return np.concatenate(a, axis=0), np.zeros(self.shapes(in_features, out_features)[1])
+
+    def residual(self, weight: np.ndarray) -> None:
+        if self.init_lora_weights in RESIDUAL_INITS:
+            raise ConfigError(f"{self.owner}: init_lora_weights={self.init_lora_weights!r} "
+                              "factors a whole weight; it does not combine with slices")
 
     def forward(self, layer, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
         return ops.linear(x, layer.weight, layer.bias) + self.path(layer, x, A, B)
@@ -151,7 +171,8 @@ class SlicedAdapter(LinearAdapter):
         for i, (lo, hi) in enumerate(self.slices):
             yield slice(lo, hi), A[i * r:(i + 1) * r], B[i * w:(i + 1) * w]
 
-    def delta_blocks(self, A: np.ndarray, B: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+    def delta_blocks(self, A: np.ndarray, B: np.ndarray,
+                     base: np.ndarray | None = None) -> list[tuple[slice, np.ndarray]]:
         return [(rows, self.scaling * (b @ a)) for rows, a, b in self._blocks(A, B)]
 
     def full_form(self, A: np.ndarray, B: np.ndarray, out_features: int):
@@ -178,9 +199,14 @@ class EmbeddingAdapter(LinearAdapter):
 
     PARAMETERS: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B")
 
-    def initial(self, in_features: int, out_features: int, rng) -> tuple[np.ndarray, ...]:
+    def initial(self, in_features: int, out_features: int, rng,
+                base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         a_shape, b_shape = self.shapes(in_features, out_features)
         return np.zeros(a_shape), rng.standard_normal(b_shape)
+
+    def residual(self, weight: np.ndarray) -> None:
+        """None: PEFT gives an Embedding its plain initialisation under PiSSA and OLoRA too."""
+        return None
 
     def forward(self, layer, idx: np.ndarray, A: Tensor, B: Tensor) -> Tensor:
         return ops.getitem(layer.weight, idx) + self.path(layer, idx, A, B)
@@ -188,5 +214,59 @@ class EmbeddingAdapter(LinearAdapter):
     def path(self, layer, idx: np.ndarray, A: Tensor, B: Tensor) -> Tensor:
         return ops.lora_embedding(idx, A, B, self.scaling)
 
-    def delta_blocks(self, A: np.ndarray, B: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+    def delta_blocks(self, A: np.ndarray, B: np.ndarray,
+                     base: np.ndarray | None = None) -> list[tuple[slice, np.ndarray]]:
         return [(slice(None), self.scaling * (B @ A).T)]  # W is (vocab, dim)
+
+
+@dataclass(frozen=True)
+class DoraAdapter(LinearAdapter):
+    """DoRA on a Linear (Liu et al., 2024), PEFT's ``use_dora=True``: A and B as LoRA's, and the
+    magnitude m: (out,), PEFT's ``lora_magnitude_vector``, trained beside them.
+
+        c = m / ||W + s B A||_row (detached)      y = c * (x W^T + s (x A^T) B^T) + b
+        W' = c * (W + s B A)                      ΔW = W' - W
+
+    W is the base weight before any merge (``base``). m starts at ||W + s B A||_row = ||W||_row
+    (B = 0), so a fresh adapter changes nothing. Several adapters on a layer add their paths,
+    ``(c - 1) * d(x) W^T + c * s (d(x) A^T) B^T`` each, so merging any of them adds its ΔW.
+    """
+
+    PARAMETERS: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def initial(self, in_features: int, out_features: int, rng,
+                base: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """A and B as LoRA's; m = ||W + s B A||_row, PEFT's ``DoraLinearLayer.update_layer``."""
+        A, B = super().initial(in_features, out_features, rng)
+        if base is None or base.shape != (out_features, in_features):
+            raise ConfigError(f"{self.owner}: DoRA's magnitude starts at the row norms of the "
+                              f"base weight ({out_features}, {in_features}), which was not given")
+        A, B = A.astype(base.dtype), B.astype(base.dtype)  # the norm in W's dtype, as PEFT's
+        return A, B, dora_weight_norm(base, A, B, self.scaling)
+
+    def forward(self, layer, x: Tensor, A: Tensor, B: Tensor, m: Tensor) -> Tensor:
+        """``ops.dora_linear`` on W; once another adapter is merged into W, the base output of
+        the merged W plus this adapter's path, which holds on to W before the merges."""
+        if layer.merged:
+            return layer.base_forward(x) + self.path(layer, x, A, B, m)
+        return ops.dora_linear(x, layer.weight, layer.bias, A, B, m, self.scaling,
+                               layer.dropout_mask(x, self.lora_dropout))
+
+    def path(self, layer, x: Tensor, A: Tensor, B: Tensor, m: Tensor) -> Tensor:
+        """(c - 1) * d(x) W^T + c * s (d(x) A^T) B^T alone, on W before any merge."""
+        weight = Tensor(layer.base_weight) if layer.merged else layer.weight
+        return ops.dora_linear(x, weight, None, A, B, m, self.scaling,
+                               layer.dropout_mask(x, self.lora_dropout), with_base=False)
+
+    def delta_blocks(self, A: np.ndarray, B: np.ndarray, m: np.ndarray,
+                     base: np.ndarray | None = None) -> list[tuple[slice, np.ndarray]]:
+        """ΔW = c * (W + s B A) - W = (c - 1) * W + c * s B A, c = m / ||W + s B A||_row."""
+        if base is None:
+            raise ConfigError(f"{self.owner}: DoRA's ΔW depends on the base weight, which was "
+                              "not given")
+        c = (m / dora_weight_norm(base, A, B, self.scaling))[:, None]  # the forward's own n
+        return [(slice(None), c * (base + self.scaling * (B @ A)) - base)]
+
+    def full_form(self, A: np.ndarray, B: np.ndarray, m: np.ndarray, out_features: int):
+        """PEFT's file holds A, B and m as they are."""
+        return A, B, m

@@ -46,6 +46,10 @@ def add_weighted_adapter(model: Module, adapters: list[str], weights: list[float
     if name in configs:
         raise ConfigError(f"add_weighted_adapter: the model already has an adapter named {name!r}")
     kind = _check_arguments(names, weights, combination_type, svd_rank, svd_clamp)
+    dora = [n for n in names if configs[n].use_dora]
+    if dora:  # a combination of A and B alone would drop each magnitude m
+        raise ConfigError(f"add_weighted_adapter: {dora} are DoRA adapters (use_dora=True); "
+                          "combining them is not implemented")
     ranks = [_config_rank(configs[n]) for n in names]
     if kind == "linear" and len(set(ranks)) > 1:
         raise ConfigError(f"add_weighted_adapter: 'linear' needs adapters of one rank, got "

@@ -27,8 +27,9 @@ from minilora.configs import (
     probability,
 )
 from minilora.errors import ConfigError
+from minilora.lora.residual_init import PISSA_NITER, RESIDUAL_INITS, refuse_pissa_niter
 
-INIT_LORA_WEIGHTS = ("kaiming", "gaussian")
+INIT_LORA_WEIGHTS = ("kaiming", "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 TASK_TYPES = ("CAUSAL_LM",)  # PEFT's task_type for a language model, the one minilora has
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear but the output layer
@@ -109,7 +110,11 @@ class LoRAConfig:
     init_lora_weights: ``"kaiming"`` (PEFT's default, which PEFT spells ``True``: A ~
         Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) or ``"gaussian"``
         (A ~ N(0, (1/r)^2), standard deviation 1/r, PEFT's reading of the paper); B = 0 in both,
-        so a fresh adapter changes nothing. ``True`` is read as ``"kaiming"``.
+        so a fresh adapter changes nothing. ``True`` is read as ``"kaiming"``. ``"pissa"`` and
+        ``"olora"`` (PEFT's): A and B from the SVD or QR of W, and W replaced by the residual
+        ``W - s B A``, so a fresh adapter changes nothing either (``lora/residual_init.py``; an
+        Embedding gets the plain initialisation, as in PEFT). PEFT's ``"pissa_niter_K"`` is
+        refused by name (no randomized SVD with its meaning in scipy).
     bias: which biases train, loralib's meanings: ``"none"``, ``"all"`` (every bias in the model),
         ``"lora_only"`` (the biases of adapted layers). Trained biases are saved with the adapter.
     modules_to_save: modules (same name rule) trained in full and saved with the adapter.
@@ -129,6 +134,10 @@ class LoRAConfig:
         Keys follow ``target_modules``' list rule and name adapted modules; the slice names are
         the model's (``GPT.fused_projections``). Not a PEFT field: a PEFT file holds such an
         adapter as a full one of rank k r (docs/adapters.md).
+    use_dora: DoRA (Liu et al., 2024), PEFT's field: each adapted Linear also trains a magnitude
+        m: (out,), PEFT's ``lora_magnitude_vector``, and computes
+        ``m / ||W + s B A||_row * (W + s B A) x + b`` (the norm detached; docs/variants.md).
+        Linear layers only, not with ``target_slices``.
     """
 
     r: int = 8
@@ -145,6 +154,7 @@ class LoRAConfig:
     fan_in_fan_out: bool = False
     ensure_weight_tying: bool = False
     target_slices: dict[str, tuple[str, ...]] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         owner = "LoRAConfig"
@@ -175,7 +185,19 @@ class LoRAConfig:
             "fan_in_fan_out": flag(owner, "fan_in_fan_out", self.fan_in_fan_out),
             "ensure_weight_tying": flag(owner, "ensure_weight_tying", self.ensure_weight_tying),
             "target_slices": _slices_dict(owner, self.target_slices),
+            "use_dora": flag(owner, "use_dora", self.use_dora),
         }
+        if checked["init_lora_weights"] in RESIDUAL_INITS and checked["target_slices"]:
+            raise ConfigError(f"{field_name(owner, 'init_lora_weights')}="
+                              f"{checked['init_lora_weights']!r} factors a whole weight; it does "
+                              "not combine with target_slices")
+        if checked["use_dora"] and checked["target_slices"]:
+            raise ConfigError(f"{field_name(owner, 'use_dora')}: DoRA on slices of a fused output "
+                              "(target_slices) is not implemented; PEFT has no such adapter")
+        if checked["use_dora"] and checked["init_lora_weights"] in RESIDUAL_INITS:
+            raise ConfigError(f"{field_name(owner, 'use_dora')}: DoRA with "
+                              f"init_lora_weights={checked['init_lora_weights']!r} is not "
+                              "implemented; use one or the other")
         for name, value in checked.items():  # frozen: normalised values go in through object
             object.__setattr__(self, name, value)
 
@@ -213,7 +235,7 @@ class LoRAConfig:
     def from_peft(cls, d) -> LoRAConfig:
         """The config a PEFT ``adapter_config.json`` (or ``LoraConfig.to_dict()``) describes; a
         field minilora does not implement, set to other than PEFT's default, is a ConfigError
-        naming it. See :mod:`minilora.lora.peft_config`."""
+        naming it. See [`minilora.lora.peft_config`][]."""
         from minilora.lora.peft_config import lora_config_from_peft
 
         return lora_config_from_peft(d)
@@ -253,9 +275,12 @@ def _init_method(owner: str, value) -> str:
         return "kaiming"
     if isinstance(value, str) and value in INIT_LORA_WEIGHTS:
         return value
+    if isinstance(value, str) and PISSA_NITER.fullmatch(value):
+        refuse_pissa_niter(field_name(owner, "init_lora_weights"), value)
     why = " (PEFT's False, a random B, is not implemented)" if value is False else ""
     raise ConfigError(f"{field_name(owner, 'init_lora_weights')} must be True (PEFT's spelling "
-                      f"of 'kaiming'), 'kaiming' or 'gaussian', got {value!r}{why}")
+                      f"of 'kaiming'), 'kaiming', 'gaussian', 'pissa' or 'olora', got "
+                      f"{value!r}{why}")
 
 
 # A regular expression from a file could take exponential time to match (``(.*)*z`` took 18 s per

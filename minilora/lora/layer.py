@@ -4,7 +4,7 @@
 
 A layer holds its adapters by name, as PEFT's ``LoraLayer`` does, ``"default"`` first; each is one
 of the kinds of ``lora/adapters.py``. Their arrays are the layer's Parameters, named by
-:func:`parameter_name`: ``lora_A`` and ``lora_B`` for the default adapter, so that ``layer.lora_A``,
+[`parameter_name`][]: ``lora_A`` and ``lora_B`` for the default adapter, so that ``layer.lora_A``,
 state dicts and checkpoints read as they do with one adapter, and ``lora_A.<adapter>`` for another
 (PEFT's own name inside a model is ``lora_A.<adapter>.weight``). The layer keeps the base layer's
 parameter names (``weight``, ``bias``), so a base model's state dict loads into an adapted one.
@@ -24,7 +24,13 @@ import numpy as np
 
 from minilora import ops
 from minilora.errors import ConfigError, TargetModuleError
-from minilora.lora.adapters import EmbeddingAdapter, LinearAdapter, SlicedAdapter, init_lora_A
+from minilora.lora.adapters import (
+    DoraAdapter,
+    EmbeddingAdapter,
+    LinearAdapter,
+    SlicedAdapter,
+    init_lora_A,
+)
 from minilora.nn import Embedding, Linear, Module, Parameter, make_rng
 from minilora.nn.layers import check_indices
 from minilora.tensor import Tensor, as_tensor
@@ -67,21 +73,26 @@ class LoRALayer(Module):
     def add_adapter(self, adapter_name: str, adapter, active: bool = False,
                     rng: np.random.Generator | None = None) -> None:
         """Add ``adapter`` under ``adapter_name``, its parameters drawn from ``rng`` (default:
-        ``self.rng``) in order, in the base's dtype; trainable and active only with ``active``."""
+        ``self.rng``) in order, in the base's dtype; trainable and active only with ``active``.
+        PiSSA and OLoRA take them from W instead and replace W by the residual W - s B A."""
         if adapter_name in self.adapters:
             raise ConfigError(f"{type(self).__name__}: it already holds an adapter named "
                               f"{adapter_name!r}")
         if self.merged:
             raise ConfigError(f"{type(self).__name__}: adapters {self.merged_adapters} are "
                               "merged; unmerge() before adding one")
-        values = adapter.initial(self.in_features, self.out_features,
-                                 self.rng if rng is None else rng)
+        residual = adapter.residual(self.weight.data)  # PiSSA, OLoRA: (A, B, W_res)
+        values = residual[:2] if residual is not None else adapter.initial(
+            self.in_features, self.out_features, self.rng if rng is None else rng,
+            base=self.weight.data)
         for kind, value in zip(adapter.PARAMETERS, values, strict=True):
             p = Parameter(value.astype(self.weight.dtype), requires_grad=active)
             self._parameters[parameter_name(kind, adapter_name)] = p
             if adapter_name == DEFAULT:
                 object.__setattr__(self, kind, p)
         self.adapters[adapter_name] = adapter
+        if residual is not None:  # W_res + s B A = W: the layer's output is unchanged
+            self.weight.data = residual[2]
         if active:
             self.active_adapters.append(adapter_name)
 
@@ -152,6 +163,11 @@ class LoRALayer(Module):
 
     # ---- merging -------------------------------------------------------------------------------
     @property
+    def base_weight(self) -> np.ndarray:
+        """W before any merge: the weight itself, or the array the first merge replaced."""
+        return self._replaced[0] if self._replaced else self.weight.data
+
+    @property
     def merged(self) -> bool:
         """True while any adapter is merged into the weight."""
         return bool(self.merged_adapters)
@@ -160,7 +176,8 @@ class LoRALayer(Module):
         """What the adapter adds to W, in W's shape and dtype (PEFT's ``get_delta_weight``)."""
         delta = np.zeros_like(self.weight.data)
         arrays = [p.data for p in self.adapter_parameters(adapter_name)]
-        for rows, block in self.adapters[adapter_name].delta_blocks(*arrays):
+        for rows, block in self.adapters[adapter_name].delta_blocks(*arrays,
+                                                                   base=self.base_weight):
             delta[rows] += block
         return delta
 
@@ -180,7 +197,7 @@ class LoRALayer(Module):
         for name in [n for n in names if n not in self.merged_adapters]:
             arrays = [p.data for p in self.adapter_parameters(name)]
             merged = self.weight.data.copy()
-            for rows, block in self.adapters[name].delta_blocks(*arrays):
+            for rows, block in self.adapters[name].delta_blocks(*arrays, base=self.base_weight):
                 merged[rows] += block  # only the rows the adapter writes change
             self._replaced.append(self.weight.data)
             self.weight.data = merged
@@ -209,7 +226,8 @@ class LoRALayer(Module):
     def _adapters_repr(self) -> str:
         parts = [f"{n}: r={a.r}, lora_alpha={a.lora_alpha}, scaling={a.scaling:g}, "
                  f"lora_dropout={a.lora_dropout}" + (
-            f", slices={'/'.join(a.names)}" if isinstance(a, SlicedAdapter) else "")
+            f", slices={'/'.join(a.names)}" if isinstance(a, SlicedAdapter) else "") + (
+            ", use_dora=True" if isinstance(a, DoraAdapter) else "")
             for n, a in self.adapters.items()]
         return f"adapters={{{'; '.join(parts)}}}, active={self.active_adapters}, " \
                f"merged={self.merged_adapters}"
@@ -222,18 +240,20 @@ class LoRALinear(LoRALayer):
         over, not copied, and frozen (``requires_grad=False``, ``grad=None``).
     r, lora_alpha, use_rslora: rank and scaling, ``scaling = lora_alpha / r`` (``/ sqrt(r)``).
     lora_dropout: dropout probability on the adapter's input only; masks come from ``rng``.
-    init_lora_weights: "kaiming" or "gaussian" for ``lora_A`` (r, in); ``lora_B`` (out, r) is 0.
+    init_lora_weights: "kaiming" or "gaussian" for ``lora_A`` (r, in), ``lora_B`` (out, r) 0; or
+        "pissa" / "olora": both from W, and W replaced by the residual (``lora/residual_init.py``).
     rng: a ``numpy.random.Generator`` or a seed, for A's initial values and the dropout masks.
     adapter_name: the first adapter's name, active and trainable.
     slices: (lo, hi) row ranges of a fused output to adapt, each with its own rank-r adapter
         (``SlicedAdapter``); None adapts all of W. ``slice_names`` name them in messages.
+    use_dora: DoRA (``DoraAdapter``): a magnitude ``lora_magnitude_vector`` (out,) beside A, B.
     """
 
     def __init__(self, base: Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: str = "kaiming",
                  rng: np.random.Generator | int | None = None, adapter_name: str = DEFAULT,
                  slices: tuple[tuple[int, int], ...] | None = None,
-                 slice_names: tuple[str, ...] = ()):
+                 slice_names: tuple[str, ...] = (), use_dora: bool = False):
         super().__init__()
         if isinstance(base, LoRALinear):
             held = ", ".join(f"{n}: r={a.r}" for n, a in base.adapters.items())
@@ -242,17 +262,24 @@ class LoRALinear(LoRALayer):
         if not isinstance(base, Linear):
             raise TargetModuleError(f"LoRALinear: base must be a Linear, got {type(base).__name__}")
         adapter = self.make_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                                    slices, slice_names)
+                                    slices, slice_names, use_dora)
         self.in_features, self.out_features = base.in_features, base.out_features
         self._start(base.weight, base.bias, rng)
         self.add_adapter(adapter_name, adapter, active=True)
 
     @staticmethod
     def make_adapter(r, lora_alpha, lora_dropout=0.0, use_rslora=False,
-                     init_lora_weights="kaiming", slices=None, slice_names=()) -> LinearAdapter:
-        """The adapter kind for a Linear: a ``SlicedAdapter`` with ``slices``, else a full one."""
+                     init_lora_weights="kaiming", slices=None, slice_names=(),
+                     use_dora=False) -> LinearAdapter:
+        """The adapter kind for a Linear: a ``SlicedAdapter`` with ``slices``, a ``DoraAdapter``
+        with ``use_dora``, else a full one."""
         settings = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         use_rslora=use_rslora, init_lora_weights=init_lora_weights)
+        if use_dora and slices is not None:
+            raise ConfigError("LoRALinear: DoRA on slices of a fused output is not implemented "
+                              "(PEFT has no such adapter); adapt the whole layer")
+        if use_dora:
+            return DoraAdapter(**settings)
         if slices is None:
             return LinearAdapter(**settings)
         return SlicedAdapter(**settings, slices=tuple(slices), names=tuple(slice_names))

@@ -87,6 +87,13 @@ def add_adapter(model: Module, adapter_name: str, config: LoRAConfig,
                           "in place, so only the first adapter (apply_lora) may")
     _refuse_merged(model, "add_adapter")
     targets, _ = plan(model, config, adding=name)
+    residual = [n for n, c in {**configs, name: config}.items()
+                if c.init_lora_weights in ("pissa", "olora")]
+    if residual:  # as PEFT warns: the others now run on the residual weights
+        warnings.warn(f"add_adapter: {residual} changed the base weights (PiSSA/OLoRA), so other "
+                      "adapters run on the residual; convert it to a plain adapter "
+                      "(save_adapter's path_initial_model_for_weight_conversion)", UserWarning,
+                      stacklevel=2)
     rng = make_rng(rng)
     active = model.active_adapters
     for target in targets:
@@ -104,6 +111,8 @@ def _adapt(model: Module, target: Target, config: LoRAConfig, adapter_name: str,
                     use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
     if target.slices is not None:
         settings.update(slices=target.slices, slice_names=target.slice_names)
+    if config.use_dora:
+        settings.update(use_dora=True)
     module = target.module
     if isinstance(module, LoRALayer):
         module.add_adapter(adapter_name, module.make_adapter(**settings), rng=rng)
@@ -380,7 +389,7 @@ def disable_adapter(model: Module) -> Iterator[Module]:
 
 
 def disable_adapters(model: Module):
-    """Deprecated name of :func:`disable_adapter`, PEFT's name for this context manager (PEFT's
+    """Deprecated name of [`disable_adapter`][], PEFT's name for this context manager (PEFT's
     ``disable_adapters`` is a layer's flag, as ``LoRALinear.disable_adapters`` is here)."""
     warnings.warn("minilora.lora.disable_adapters is deprecated; use disable_adapter",
                   DeprecationWarning, stacklevel=2)

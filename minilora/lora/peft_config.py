@@ -7,7 +7,7 @@ field PEFT lacks):
 - ``MAPPED``: a ``LoRAConfig`` field of the same name and meaning;
 - ``DESCRIPTIVE``: facts about the file or PEFT's runtime (its version, the base model's name,
   inference mode), which change no number: read, checked for type, not kept;
-- ``REFUSED``: a PEFT feature minilora does not implement (DoRA, ``layers_to_transform``, ...),
+- ``REFUSED``: a PEFT feature minilora does not implement (``layers_to_transform``, ...),
   accepted only at PEFT's default, otherwise a ConfigError naming it.
 
 A field PEFT 0.21 does not know is accepted only when it is empty (None, False, ``{}``, ``[]``),
@@ -21,6 +21,7 @@ from enum import Enum
 
 from minilora.errors import ConfigError
 from minilora.lora.config import LoRAConfig
+from minilora.lora.residual_init import PISSA_NITER, RESIDUAL_INITS, refuse_pissa_niter
 
 PEFT_VERSION = "0.21.2"  # the PEFT whose LoraConfig this table follows
 
@@ -29,6 +30,7 @@ MAPPED = {
     "r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None, "use_rslora": False,
     "init_lora_weights": True, "bias": "none", "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "task_type": None, "fan_in_fan_out": False, "ensure_weight_tying": False,
+    "use_dora": False,
 }
 
 # LoRAConfig fields PEFT does not have: a PEFT file holds what they describe in PEFT's own terms
@@ -51,13 +53,15 @@ DESCRIPTIVE = {
 REFUSED = {
     "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
     "megatron_config": None, "trainable_token_indices": None, "loftq_config": {},
-    "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
     "monteclora_config": None, "layer_replication": None, "lora_bias": False,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
 }
 
-# PEFT's init_lora_weights values that only draw A and B: a file's weights replace them
+# PEFT's init_lora_weights values that only draw A and B: a file's weights replace them. PiSSA
+# and OLoRA also replace W by its residual, which a file does not hold: read, they run on the
+# model the file is loaded into, as PEFT's from_pretrained runs them, then the file's A, B load
 _INITS_OF_A_AND_B = (True, False, "gaussian")
 
 
@@ -110,11 +114,13 @@ def lora_config_from_peft(d, weights_follow: bool = False) -> LoRAConfig:
 def _lora_fields(owner: str, fields: dict, weights_follow: bool) -> dict:
     """PEFT's spellings turned into LoRAConfig's: {} patterns are None, None targets the default."""
     init = fields.get("init_lora_weights", True)
+    if isinstance(init, str) and PISSA_NITER.fullmatch(init):
+        refuse_pissa_niter(f"{owner}: init_lora_weights", init)
     if isinstance(init, (bool, str)) and init not in _INITS_OF_A_AND_B \
-            and init not in ("kaiming",):
-        raise ConfigError(f"{owner}: init_lora_weights={init!r} (an initialisation that also "
-                          "changes the base weights or needs data) is not implemented; minilora "
-                          "reads True, False and 'gaussian'")
+            and init not in ("kaiming", *RESIDUAL_INITS):
+        raise ConfigError(f"{owner}: init_lora_weights={init!r} (an initialisation that needs "
+                          "data or another method) is not implemented; minilora reads True, "
+                          "False, 'gaussian', 'pissa' and 'olora'")
     if init is False and weights_follow:
         fields["init_lora_weights"] = "kaiming"
     for name in ("rank_pattern", "alpha_pattern"):

@@ -76,6 +76,11 @@ def plan(model: Module, config: LoRAConfig, adding: str | None = None) -> tuple[
             if not any(matches_pattern(n, key) for n in matched):
                 raise TargetModuleError(f"apply_lora: {field} key {key!r} matches none of the "
                                         f"adapted modules: {names_text(matched)}")
+    if config.use_dora:
+        embeddings = [n for n in matched if isinstance(modules[n], (Embedding, LoRAEmbedding))]
+        if embeddings:
+            raise TargetModuleError(f"apply_lora: use_dora=True adapts Linear layers; DoRA on an "
+                                    f"Embedding is not implemented: {names_text(embeddings)}")
     targets = [_sliced(model, config, name, modules[name]) for name in matched]
     for key in config.target_slices or {}:
         if not any(matches_target(n, key) for n in matched):

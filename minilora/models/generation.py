@@ -2,7 +2,7 @@
 token, and greedy completion of prompts.
 
 ``generate`` reads a prompt once and then costs one position per new token: each attention layer
-keeps the keys and values of the positions it has seen (:class:`KVCache`) and attends the new
+keeps the keys and values of the positions it has seen ([`KVCache`][]) and attends the new
 queries to all of them. A model takes part through ``model.next_logits(idx, cache)`` and
 ``model.new_cache()``. Nothing here builds a graph.
 """
@@ -35,7 +35,7 @@ class LayerCache:
 
 
 class KVCache:
-    """A model's key/value cache: one :class:`LayerCache` per block, and the positions read."""
+    """A model's key/value cache: one [`LayerCache`][] per block, and the positions read."""
 
     def __init__(self, n_layer: int):
         self.layers = [LayerCache() for _ in range(n_layer)]
@@ -56,7 +56,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     afresh (their positions moved). Runs in eval mode and restores the previous mode after.
     streamer: as in ``transformers``, an object whose ``put(ids)`` is called with the prompt
     (B, T), then with each new token (B,), and whose ``end()`` is called once the sequence is
-    done (:class:`TextStreamer` prints the text as it comes).
+    done ([`TextStreamer`][] prints the text as it comes).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or temperature < 0:

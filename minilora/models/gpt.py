@@ -29,7 +29,7 @@ from minilora.configs import (
 from minilora.errors import ConfigError, ShapeError
 from minilora.models.generation import KVCache, LayerCache, generate
 from minilora.ops.attention import merge_heads, split_heads
-from minilora.tensor import Tensor, no_grad
+from minilora.tensor import Tensor, is_grad_enabled, no_grad
 
 
 @dataclass
@@ -165,6 +165,8 @@ class GPT(nn.Module):
         "q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
         "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
+    gradient_checkpointing = False  # see gradient_checkpointing_enable
+
     def __init__(self, config: GPTConfig, seed: int | np.random.Generator | None = 0):
         super().__init__()
         self.config = config
@@ -175,17 +177,31 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self._init_weights(self.rng)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``transformers``' name): a block's input is all a training step keeps of it, for the
+        cost of a second forward pass of the blocks. The gradients are the same, bit for bit
+        (dropout's masks are drawn again from the same generator states)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
     @classmethod
     def from_pretrained(cls, path, dtype: str = "float32", dropout: float | None = None) -> GPT:
         """A GPT-2 directory as Hugging Face ``transformers`` writes it (``config.json`` and
-        ``model.safetensors``, or shards), in eval mode; see :func:`minilora.hf.from_pretrained`."""
+        ``model.safetensors``, or shards), in eval mode; see [`minilora.hf.from_pretrained`][]."""
         from minilora.hf import from_pretrained  # the file formats sit above the models
 
         return from_pretrained(path, dtype=dtype, dropout=dropout, model_type="gpt2")
 
     def save_pretrained(self, path) -> None:
         """Write ``config.json`` and ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained``
-        loads; see :func:`minilora.hf.save_pretrained`."""
+        loads; see [`minilora.hf.save_pretrained`][]."""
         from minilora.hf import save_pretrained
 
         save_pretrained(self, path)
@@ -239,14 +255,28 @@ class GPT(nn.Module):
             elif name.endswith(".bias") and ".ln_" not in name:
                 p.data = np.zeros(p.shape, dtype)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, skip_logits: bool = False):
         """idx: (B, T) integers with T <= block_size; targets: (B, T) integers (-1 is ignored).
 
         Returns (logits (B, T, V), mean cross-entropy over the targets), as nanoGPT does; the loss
-        is None without targets, so ``logits, _ = model(idx)`` always works."""
-        logits = self.lm_head(self.transformer.ln_f(self._residual(idx)))  # (B, T, V)
+        is None without targets, so ``logits, _ = model(idx)`` always works.
+
+        skip_logits: with targets, return (None, loss) and never form the (B, T, V) logits: the
+        final layer norm, ``lm_head`` and the loss run as one op in row chunks
+        (``ops.lm_head_cross_entropy``), which is what training calls. Off by default, so that
+        ``logits, loss = model(idx, targets)`` gives the logits, as in nanoGPT."""
+        x = self._residual(idx)  # (B, T, C)
+        tr = self.transformer
+        if skip_logits and targets is not None:
+            if type(self.lm_head) is nn.Linear and self.lm_head.bias is None \
+                    and type(tr.ln_f) is nn.LayerNorm:
+                return None, ops.lm_head_cross_entropy(x, tr.ln_f.weight, tr.ln_f.bias,
+                                                       self.lm_head.weight, targets,
+                                                       tr.ln_f.eps, ignore_index=-1)
+            # an adapted lm_head computes its logits its own way: the loss from them, as below
+        logits = self.lm_head(tr.ln_f(x))  # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
-        return logits, loss
+        return (None if skip_logits and targets is not None else logits), loss
 
     def _residual(self, idx, cache: KVCache | None = None) -> Tensor:
         """The residual stream after the last block, (B, T, C), for tokens idx (B, T) at the
@@ -262,8 +292,12 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(np.arange(start, end)))  # (B, T, C)
+        checkpointed = self.gradient_checkpointing and cache is None and is_grad_enabled()
         for i, block in enumerate(tr.h):
-            x = block(x, None if cache is None else cache.layers[i])
+            if checkpointed:
+                x = nn.checkpoint_module(block, x)
+            else:
+                x = block(x, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.length = end
         return x
@@ -276,7 +310,7 @@ class GPT(nn.Module):
             return self.lm_head(self.transformer.ln_f(x[:, -1:])).data[:, -1]
 
     def new_cache(self) -> KVCache:
-        """An empty key/value cache for :func:`~minilora.models.generation.generate`."""
+        """An empty key/value cache for [`generate`][minilora.models.generation.generate]."""
         return KVCache(self.config.n_layer)
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -287,10 +321,11 @@ class GPT(nn.Module):
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         stop_token: stop as soon as every row has produced it.
         The prompt is read once; each new token then costs one position, its keys and values
-        added to a :class:`KVCache`, until the sequence fills ``block_size``. From there the window
+        added to a [`KVCache`][], until the sequence fills ``block_size``. From there the window
         slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
         Builds no graph; runs in eval mode and restores the previous mode after. streamer: as
-        ``transformers``' (:class:`~minilora.models.generation.TextStreamer` prints as it goes).
+        ``transformers``' ([`TextStreamer`][minilora.models.generation.TextStreamer] prints as it
+        goes).
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
                         window=self.config.block_size, streamer=streamer)

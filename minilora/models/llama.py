@@ -200,11 +200,12 @@ class LlamaConfig:
         return self.attention_bias or self.model_type == "qwen2"
 
     def to_dict(self) -> dict:
+        """The fields as a dict, which [`from_dict`][] reads back."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d, dtype: str | None = None) -> LlamaConfig:
-        """A config from a transformers ``config.json`` object (or :meth:`to_dict`).
+        """A config from a transformers ``config.json`` object (or [`to_dict`][]).
 
         Keys in ``IGNORED_KEYS`` are dropped, unknown ones refused by name, the five sizes
         required. ``dtype`` picks the dtype to compute in; without it, a ``dtype`` of "float32"
@@ -377,7 +378,7 @@ class LlamaForCausalLM(nn.Module):
     def from_pretrained(cls, path, dtype: str = "float32") -> LlamaForCausalLM:
         """A Llama or Qwen2 directory as Hugging Face ``transformers`` writes it (``config.json``
         and ``model.safetensors``, or shards), in eval mode; see
-        :func:`minilora.hf.from_pretrained`."""
+        [`minilora.hf.from_pretrained`][]."""
         from minilora.hf import from_pretrained  # the file formats sit above the models
 
         return from_pretrained(path, dtype=dtype, model_type=MODEL_TYPES)
@@ -385,7 +386,7 @@ class LlamaForCausalLM(nn.Module):
     def save_pretrained(self, path) -> None:
         """Write ``config.json`` and ``model.safetensors`` that ``LlamaForCausalLM`` (or
         ``Qwen2ForCausalLM``) ``.from_pretrained`` loads; see
-        :func:`minilora.hf.save_pretrained`."""
+        [`minilora.hf.save_pretrained`][]."""
         from minilora.hf import save_pretrained
 
         save_pretrained(self, path)
@@ -405,15 +406,17 @@ class LlamaForCausalLM(nn.Module):
         if self.config.pad_token_id is not None:
             self.model.embed_tokens.weight.data[self.config.pad_token_id] = 0
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, *,
+                skip_logits: bool = False):
         """idx: (B, T) integers; targets: (B, T) integers (-1 is ignored); cache: a
-        :class:`KVCache` that holds the earlier positions and takes these."""
+        [`KVCache`][] that holds the earlier positions and takes these. skip_logits: with
+        targets, return (None, loss), as ``GPT.forward`` (here the logits are still formed)."""
         idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
         if idx.ndim != 2:
             raise ShapeError(f"LlamaForCausalLM: idx must have shape (B, T), got {idx.shape}")
         logits = self.lm_head(self.model(idx, cache))  # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index=-1)
-        return logits, loss
+        return (None if skip_logits and targets is not None else logits), loss
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
@@ -429,7 +432,7 @@ class LlamaForCausalLM(nn.Module):
                         streamer=streamer)
 
     def new_cache(self) -> KVCache:
-        """An empty key/value cache for :func:`~minilora.models.generation.generate`."""
+        """An empty key/value cache for [`generate`][minilora.models.generation.generate]."""
         return KVCache(len(self.model.layers))
 
     def next_logits(self, idx, cache: KVCache | None = None) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Module and Parameter: a registry of named parameters and submodules, as in PyTorch.
 
-Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers it under that name;
+Assigning a [`Parameter`][] or a [`Module`][] to an attribute registers it under that name;
 ``named_parameters()`` then yields dotted names (``transformer.h.0.attn.c_attn.weight``) in the
 order they were assigned. A parameter shared by two modules (tied weights) is listed once, under the
 first name that reaches it.

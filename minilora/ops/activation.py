@@ -43,7 +43,7 @@ def dropout_mask(shape: tuple[int, ...], p: float, rng: np.random.Generator,
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator | None = None,
             training: bool = True) -> Tensor:
-    """x * mask, the mask of :func:`dropout_mask` (inverted dropout); VJP: g * mask.
+    """x * mask, the mask of [`dropout_mask`][] (inverted dropout); VJP: g * mask.
 
     The mask comes from ``rng`` (a ``numpy.random.Generator``), so a seed fixes it. Identity when
     ``p == 0`` or not ``training``.

@@ -76,7 +76,7 @@ def split_heads(x: Tensor, n_head: int) -> Tensor:
 
 
 def merge_heads(y: Tensor) -> Tensor:
-    """(B, H, T, hd) -> (B, T, H hd): the inverse of :func:`split_heads`."""
+    """(B, H, T, hd) -> (B, T, H hd): the inverse of [`split_heads`][]."""
     b, h, t, hd = y.shape
     return reshape(transpose(y, (0, 2, 1, 3)), (b, t, h * hd))
 

@@ -9,7 +9,7 @@ with cos and sin repeated over both halves (HF's ``cat(freqs, freqs)``). Per pai
 with R(a) the rotation by a, so the vector-Jacobian product is the inverse rotation:
     dx = R(a)^T g = R(-a) g = g * cos - rotate_half(g * sin).
 
-The ops take the tables as ``cos, sin: (T, hd/2)``, one angle per pair, from :func:`rope_tables`
+The ops take the tables as ``cos, sin: (T, hd/2)``, one angle per pair, from [`rope_tables`][]
 (positions may start at an offset, for a key/value cache). The engine runs the fast version
 (``minilora.ops.backend.rotary``); ``tests/ops/test_kernels.py`` holds the two equal.
 """

@@ -37,9 +37,10 @@ from minilora.lora import (
     matches_target,
 )
 from minilora.lora.config import ALL_LINEAR, MAX_PATTERN_REPEATS, slow_patterns
-from minilora.models import GPT, GPTConfig
-from minilora.nn import Parameter
+from minilora.models import GPTConfig, LlamaConfig
+from minilora.nn import Module, Parameter
 from minilora.optim import SGD, AdamW
+from minilora.train import architecture
 from minilora.train.config import TrainConfig
 from minilora.train.tokenizer_file import read_tokenizer
 
@@ -107,7 +108,7 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     optim_arrays: dict[str, np.ndarray]
     meta: dict
-    model_config: GPTConfig | None = None
+    model_config: GPTConfig | LlamaConfig | None = None
     lora_config: LoRAConfig | None = None
     train_config: TrainConfig | None = None
     tokenizer: Tokenizer | None = None
@@ -128,8 +129,8 @@ def _check_patterns(path: Path, config: LoRAConfig) -> None:
                               "exponential time to match)")
 
 
-def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainConfig | None,
-                                           Tokenizer | None]:
+def _check_meta(path: Path, meta) -> tuple[GPTConfig | LlamaConfig, LoRAConfig | None,
+                                           TrainConfig | None, Tokenizer | None]:
     """Every JSON fact, by type and by meaning; returns the configs and the tokenizer they
     describe (a BPE tokenizer is read from the file beside the checkpoint)."""
     try:
@@ -141,7 +142,11 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
                               f"expected {FORMAT!r}")
     if meta["kind"] not in ("full", "lora"):
         raise FileFormatError(f"{path}: kind must be 'full' or 'lora', got {meta['kind']!r}")
-    model_config = _config(GPTConfig, meta["model_config"], path, "model_config")
+    try:  # a GPTConfig, or a LlamaConfig (its model_type says so)
+        family = architecture.of_config_dict(meta["model_config"])
+    except ConfigError as e:
+        raise FileFormatError(f"{path}: bad model_config: {e}") from None
+    model_config = _config(family.config_class, meta["model_config"], path, "model_config")
     lora_config = None
     if meta["kind"] == "lora":
         if "base" not in meta or "lora_config" not in meta:
@@ -155,9 +160,9 @@ def _check_meta(path: Path, meta) -> tuple[GPTConfig, LoRAConfig | None, TrainCo
     tokenizer = read_tokenizer(meta.get("tokenizer"), path.parent, path)
     if tokenizer is not None:
         vocab = tokenizer.vocab_size
-        if vocab != model_config.vocab_size:
-            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, the model "
-                                  f"{model_config.vocab_size}")
+        if vocab > model_config.vocab_size:  # fewer is fine: a vocabulary padded past it
+            raise FileFormatError(f"{path}: the tokenizer has {vocab} tokens, more than the "
+                                  f"model's vocabulary of {model_config.vocab_size}")
     for key in ("iter", "skipped_steps", "elapsed_s"):
         value = meta.get(key, 0)
         if not (math.isfinite(value) and value >= 0):
@@ -184,10 +189,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return _read(path)[0]
 
 
-def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
+def _read(path: str | Path) -> tuple[Checkpoint, Module | None]:
     """The checked checkpoint and, for a full model, a model of its architecture that the weights
     were checked against (not loaded into it yet). An adapter is checked against its base by
-    :func:`minilora.train.load_run` and against the model it resumes by :meth:`RunDir.restore`."""
+    [`minilora.train.load_run`][] and against the model it resumes by [`RunDir.restore`][]."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -226,7 +231,7 @@ def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
     model = None
     if lora_config is None:
         _check_size(path, model_config, weights)  # before a model of that size is built
-        model = GPT(model_config, seed=0)
+        model = architecture.of_config(model_config).model_class(model_config, seed=0)
         check_weights(path, weights, model)
     else:
         _check_adapter(path, lora_config, weights)
@@ -236,24 +241,13 @@ def _read(path: str | Path) -> tuple[Checkpoint, GPT | None]:
                       tokenizer), model
 
 
-def size_mismatch(config: GPTConfig, weights: dict) -> str | None:
-    """Where the sizes in ``config`` (vocab_size, block_size, n_embd, n_layer) disagree with the
-    arrays ``weights`` (GPT-2 names), or None."""
-    c = config.n_embd
-    for name, shape in (("transformer.wte.weight", (config.vocab_size, c)),
-                        ("transformer.wpe.weight", (config.block_size, c))):
-        got = weights.get(name)
-        if got is None or got.shape != shape:
-            held = "none" if got is None else f"{got.shape}"
-            return f"model_config makes {name} {shape}, the weights hold {held}"
-    blocks = {m.group(1) for n in weights if (m := re.match(r"transformer\.h\.(\d+)\.", n))}
-    if blocks != {str(i) for i in range(config.n_layer)}:
-        return (f"model_config has n_layer {config.n_layer}, the weights hold the blocks "
-                f"{sorted(blocks, key=int)[:8]}")
-    return None
+def size_mismatch(config, weights: dict) -> str | None:
+    """Where the sizes in ``config`` disagree with the arrays ``weights`` (by parameter name), or
+    None: see each architecture's ``size_mismatch``."""
+    return architecture.of_config(config).size_mismatch(config, weights)
 
 
-def _check_size(path: Path, config: GPTConfig, weights: dict) -> None:
+def _check_size(path: Path, config, weights: dict) -> None:
     """Pin every size in model_config to the file's own tensors: a hostile config must not make
     the loader allocate more than the file holds (n_embd = 2**40 would)."""
     problem = size_mismatch(config, weights)
@@ -333,7 +327,7 @@ def check_weights(path: Path, weights: dict, model) -> None:
                      {f"model.{k}": (v.shape, v.dtype) for k, v in trained.items()})
 
 
-def read_model(path: str | Path) -> tuple[Checkpoint, GPT | None]:
+def read_model(path: str | Path) -> tuple[Checkpoint, Module | None]:
     """The checked checkpoint and, for a full model, the model holding its weights."""
     ckpt, model = _read(path)
     if model is not None:

@@ -9,22 +9,35 @@ from minilora.configs import (
     choice,
     config_from_dict,
     field_name,
+    flag,
     non_negative_int,
     non_negative_number,
     other_field,
     positive_int,
+    positive_number,
 )
 from minilora.errors import ConfigError
 
-_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed")
-_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters")
+_INTS = ("batch_size", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "seed",
+         "gradient_accumulation_steps")
+_AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "gradient_accumulation_steps")
 _FLOATS = ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
 @dataclass
 class TrainConfig:
     """Defaults are nanoGPT's for tiny Shakespeare on a CPU (config/train_shakespeare_char.py with
-    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``."""
+    the CPU overrides from its README). ``lr_decay_iters`` None means ``max_iters``.
+
+    ``block_size``: the length of the training (and evaluation) sequences; None means the model's
+    own (a GPT's ``block_size``). A Llama has none (rotary positions have no end), so its runs
+    set it.
+
+    ``loraplus_lr_ratio``: LoRA+ (``minilora.lora.loraplus``): PEFT's four groups, B and the 1-D
+    parameters at ``lr * loraplus_lr_ratio``, ``weight_decay`` as PEFT's loraplus_weight_decay.
+
+    ``gradient_accumulation_steps``: micro-batches of ``batch_size`` per optimizer step (nanoGPT's
+    name): the step is the one a batch that many times larger would take, to round-off."""
 
     batch_size: int = 12
     max_iters: int = 2000
@@ -40,6 +53,10 @@ class TrainConfig:
     eval_iters: int = 20
     seed: int = 1337
     on_nonfinite: str = "raise"
+    block_size: int | None = None
+    loraplus_lr_ratio: float | None = None  # LoRA+: B at lr * ratio (PEFT's groups); None: off
+    gradient_accumulation_steps: int = 1
+    activation_checkpointing: bool = False  # recompute each block in backward (same gradients)
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
@@ -64,7 +81,14 @@ class TrainConfig:
                                   f"{other_field(owner, 'warmup_iters')} ({self.warmup_iters}), "
                                   f"got {decay}")
             self.lr_decay_iters = decay
+        if self.block_size is not None:
+            self.block_size = positive_int(owner, "block_size", self.block_size)
         self.on_nonfinite = choice(owner, "on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        if self.loraplus_lr_ratio is not None:
+            self.loraplus_lr_ratio = positive_number(owner, "loraplus_lr_ratio",
+                                                     self.loraplus_lr_ratio)
+        self.activation_checkpointing = flag(owner, "activation_checkpointing",
+                                             self.activation_checkpointing)
 
     @property
     def decay_iters(self) -> int:

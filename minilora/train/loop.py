@@ -1,7 +1,8 @@
 """The training loop used by the CLI, the demo and the examples.
 
 One iteration ``it`` (0-based) is: set the learning rate from the cosine schedule, draw a batch,
-forward, backward, check the numbers are finite, clip, AdamW step. Every ``eval_interval``
+forward, backward (over ``gradient_accumulation_steps`` micro-batches, their gradients added up),
+check the numbers are finite, clip, AdamW step. Every ``eval_interval``
 iterations and at the end, the mean train and validation loss over ``eval_iters`` batches is
 appended to ``metrics.jsonl`` and a checkpoint is written (atomically), holding everything needed
 to continue bit for bit: the weights that train, the optimizer state, the iteration, and the states
@@ -10,6 +11,7 @@ of the three random generators (batches, evaluation batches, dropout).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -21,9 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from minilora import io
+from minilora.data.instruct import IGNORE_INDEX
 from minilora.errors import ConfigError, NonFiniteError
+from minilora.lora.loraplus import create_loraplus_optimizer
 from minilora.optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm, param_groups
 from minilora.runtime import step_threading
+from minilora.train import architecture
 from minilora.train.checkpoint import CHECKPOINT
 from minilora.train.config import TrainConfig
 from minilora.train.evaluate import estimate_loss
@@ -80,7 +85,7 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
           extra_eval: Callable[[object], dict] | None = None,
           on_eval: Callable[[dict], None] | None = None,
           threads: int | None = None, run_files: dict[str, bytes] | None = None) -> TrainResult:
-    """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a :class:`TrainResult`.
+    """Train ``model`` on ``data`` (a dataset with ``get_batch``) and return a [`TrainResult`][].
 
     out_dir: where ``metrics.jsonl`` and ``checkpoint.safetensors`` go (nothing is written if None).
     resume: continue from the checkpoint in ``out_dir``; the result is bit-identical to a run that
@@ -92,8 +97,9 @@ def train(model, data, config: TrainConfig, out_dir: str | Path | None = None, *
     run_files: files (name -> bytes) a new run writes once into ``out_dir`` before its first
         checkpoint, atomically: a BPE tokenizer (see ``tokenizer_file.py``).
     """
-    with step_threading(largest_product(model, config.batch_size * model.config.block_size),
-                        threads):
+    block = architecture.of_model(model).block_size(model.config, config.block_size)
+    with step_threading(largest_product(model, config.batch_size * block), threads), \
+            _checkpointing(model, config.activation_checkpointing):
         training = _Training(model, data, config, out_dir, resume, run_info, run_files)
         return training.run(quiet, extra_eval, on_eval)
 
@@ -110,7 +116,9 @@ class _Training:
 
     def __init__(self, model, data, config: TrainConfig, out_dir, resume: bool,
                  run_info: dict | None, run_files: dict[str, bytes] | None = None):
-        data.check_block_size(model.config.block_size)
+        self.block_size = architecture.of_model(model).block_size(model.config,
+                                                                  config.block_size)
+        data.check_block_size(self.block_size)
         if resume and out_dir is None:
             raise ConfigError("train: resume=True needs out_dir, the run directory to continue")
         if resume and not (Path(out_dir) / CHECKPOINT).is_file():  # before making the dir
@@ -118,8 +126,13 @@ class _Training:
         self.model, self.data, self.config, self.resume = model, data, config, resume
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in self.named]
-        self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
-                               betas=(config.beta1, config.beta2))
+        if config.loraplus_lr_ratio is None:
+            self.optimizer = AdamW(param_groups(self.named, config.weight_decay), lr=config.lr,
+                                   betas=(config.beta1, config.beta2))
+        else:  # LoRA+: PEFT's groups, B at lr * ratio; the schedule keeps the ratios
+            self.optimizer = create_loraplus_optimizer(
+                model, AdamW, lr=config.lr, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                loraplus_weight_decay=config.weight_decay, betas=(config.beta1, config.beta2))
         self.schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_iters,
                                        config.decay_iters)
         self.batch_rng = np.random.default_rng(config.seed)
@@ -127,9 +140,9 @@ class _Training:
         self.run_info = {**(run_info or {}), "train_config": config.to_dict()}
         self.run_dir = RunDir(out_dir) if out_dir is not None else None
         self.run_files = run_files or {}
-        self.tokens_per_step = config.batch_size * model.config.block_size
         self.start, self.elapsed, self.history, self.skipped = 0, 0.0, [], 0
         self.step_times: list[float] = []
+        self.tokens_done = 0  # the tokens the steps of this session read
         self.last = {"train": math.nan, "val": math.nan}
         self.since_eval = [0, 0.0]  # tokens and seconds of training since the last evaluation
 
@@ -151,10 +164,10 @@ class _Training:
                     self._evaluate(it, extra_eval, on_eval)
                 if it == config.max_iters:
                     break
-                loss, dt = self._step(it)
+                loss, dt, tokens = self._step(it)
                 bar.update(1)
                 if show:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens_per_step / dt:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
             bar.close()
         finally:
             if self.run_dir is not None:
@@ -186,7 +199,7 @@ class _Training:
         """Measure both losses, append the metrics record, write the checkpoint."""
         config = self.config
         last = estimate_loss(self.model, self.data, config.batch_size, config.eval_iters,
-                             self.eval_rng)
+                             self.eval_rng, self.block_size)
         if not (math.isfinite(last["train"]) and math.isfinite(last["val"])):
             raise NonFiniteError(
                 f"training stopped at iteration {it}: the evaluation loss is "
@@ -209,19 +222,24 @@ class _Training:
         if on_eval is not None:
             on_eval(record)
 
-    def _step(self, it: int) -> tuple[float, float]:
-        """One optimizer step (or a skipped one): (its loss, its seconds)."""
+    def _step(self, it: int) -> tuple[float, float, int]:
+        """One optimizer step (or a skipped one): (its loss, its seconds, the tokens it read)."""
         config, model = self.config, self.model
         t0 = time.perf_counter()
         self.optimizer.set_lr(self.schedule(it))
-        x, y = self.data.get_batch("train", config.batch_size, model.config.block_size,
-                                   self.batch_rng)
-        _, loss = model(x, y)
-        loss_value = loss.item()
-        finite_loss = math.isfinite(loss_value)
-        if finite_loss or config.on_nonfinite == "raise":
-            loss.backward()  # for a non-finite loss, only to find the parameter it reaches
-        del loss
+        loss_value, finite_loss, tokens = 0.0, True, 0
+        for (x, y), weight in self._micro_batches():
+            tokens += x.size  # padded instruction batches are shorter than block_size
+            _, loss = model(x, y, skip_logits=True)
+            value = loss.item()
+            if not math.isfinite(value):
+                loss_value, finite_loss = value, False
+                if config.on_nonfinite == "raise":
+                    loss.backward()  # only to find the parameter it reaches
+                break
+            loss_value += weight * value
+            loss.backward(weight)  # each backward adds to the gradients
+            del loss
         norm = math.nan
         if finite_loss:
             norm = clip_grad_norm(self.trainable, config.grad_clip) if config.grad_clip > 0 \
@@ -242,13 +260,46 @@ class _Training:
         dt = time.perf_counter() - t0
         self.step_times.append(dt)
         self.elapsed += dt
-        self.since_eval[0] += self.tokens_per_step
+        self.since_eval[0] += tokens
         self.since_eval[1] += dt
-        return loss_value, dt
+        self.tokens_done += tokens
+        return loss_value, dt, tokens
+
+    def _micro_batches(self) -> list[tuple[tuple[np.ndarray, np.ndarray], float]]:
+        """The step's ``gradient_accumulation_steps`` batches, each with its weight in the step's
+        loss: its share of the counted (not ignored) targets. So the weighted sum of the
+        micro-batches' mean losses is the mean over all their targets, the loss of the one batch
+        they make up, also when masks count a different number in each; one batch weighs 1."""
+        config = self.config
+        batches = [self.data.get_batch("train", config.batch_size, self.block_size, self.batch_rng)
+                   for _ in range(config.gradient_accumulation_steps)]
+        counted = [int(np.count_nonzero(y != IGNORE_INDEX)) for _, y in batches]
+        total = sum(counted)
+        if len(batches) == 1 or total == 0:  # nothing counted: the loss says so (NaN)
+            return [(b, 1.0 / len(batches)) for b in batches]
+        return [(b, n / total) for b, n in zip(batches, counted, strict=True) if n]
 
     def _result(self) -> TrainResult:
         ms = 1000 * float(np.median(self.step_times)) if self.step_times else math.nan
+        per_step = self.tokens_done / len(self.step_times) if self.step_times else math.nan
         return TrainResult(iters=self.config.max_iters, train_loss=self.last["train"],
                            val_loss=self.last["val"], elapsed_s=self.elapsed, ms_per_step=ms,
-                           tokens_per_s=self.tokens_per_step / (ms / 1000) if self.step_times
-                           else math.nan, skipped_steps=self.skipped, history=self.history)
+                           tokens_per_s=per_step / (ms / 1000), skipped_steps=self.skipped,
+                           history=self.history)
+
+
+@contextlib.contextmanager
+def _checkpointing(model, enabled: bool):
+    """The run with the model's activation checkpointing on, if ``enabled``; as it was after."""
+    if not enabled:
+        yield
+        return
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"TrainConfig.activation_checkpointing: {type(model).__name__} has no "
+                          "gradient_checkpointing_enable(); train it without")
+    was = model.gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing = was

@@ -25,7 +25,7 @@ class RunDir:
 
     The loop appends an evaluation's metrics record, then writes the checkpoint that holds that
     evaluation (atomically: a temporary file renamed into place). A crash between the two leaves a
-    record newer than the checkpoint, which :meth:`metrics_until` drops on resume; the resumed run
+    record newer than the checkpoint, which [`metrics_until`][] drops on resume; the resumed run
     writes it again, bit for bit the same.
     """
 

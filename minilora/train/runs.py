@@ -1,7 +1,7 @@
 """Whole runs: pretrain a new model, fine-tune a saved one (in full or with LoRA), resume.
 
 These put together what a run needs (the data and its tokenizer, the model, LoRA, the facts saved
-beside the weights) and call :func:`minilora.train.train`. The CLI and the demo both use them.
+beside the weights) and call [`minilora.train.train`][]. The CLI and the demo both use them.
 
 Everything that can be checked is checked before the run directory is touched: a bad setting, a
 missing base, data the base's tokenizer cannot encode or that is shorter than one block, all fail
@@ -19,7 +19,7 @@ import numpy as np
 from minilora.data import Tokenizer, load_dataset
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import LoRAConfig, apply_lora
-from minilora.models import GPT, GPTConfig
+from minilora.train import architecture
 from minilora.train.checkpoint import CHECKPOINT, read_checkpoint
 from minilora.train.config import TrainConfig
 from minilora.train.loop import TrainResult, train
@@ -52,22 +52,25 @@ def _count(n: int) -> str:
 
 
 def _describe_data(dataset) -> str:
+    if hasattr(dataset, "describe"):  # instruction data counts examples, not a text's tokens
+        return dataset.describe()
     return (f"{dataset.name} ({len(dataset.train):,} train / {len(dataset.val):,} val tokens, "
             f"vocabulary {dataset.tokenizer.vocab_size})")
 
 
 def _describe_schedule(config: TrainConfig) -> str:
-    return (f"{config.max_iters} steps of batch {config.batch_size}, lr {config.lr:g} "
+    accum = config.gradient_accumulation_steps
+    batch = f"{config.batch_size}" if accum == 1 else \
+        f"{config.batch_size} x {accum} accumulated"
+    return (f"{config.max_iters} steps of batch {batch}, lr {config.lr:g} "
             f"-> {config.min_lr:g} (warm-up {min(config.warmup_iters, config.max_iters)}), "
             f"seed {config.seed}")
 
 
 def describe_model(model) -> str:
     """``4 layers x 128 (4 heads), block 64: 800,000 parameters`` and, with LoRA, what trains."""
-    c = model.config
-    text = (f"{c.n_layer} layer{'s' if c.n_layer != 1 else ''} x {c.n_embd} "
-            f"({c.n_head} head{'s' if c.n_head != 1 else ''}), block {c.block_size}, {c.dtype}: "
-            f"{_count(model.num_parameters())}")
+    text = f"{architecture.of_model(model).describe(model.config)}: " \
+        f"{_count(model.num_parameters())}"
     trainable = model.num_parameters(trainable_only=True)
     if trainable != model.num_parameters():
         text += f", {trainable:,} trainable ({100 * trainable / model.num_parameters():.2f}%)"
@@ -78,22 +81,25 @@ def pretrain(data: str | os.PathLike, out_dir, model_config: dict, config: Train
              tokenizer: Tokenizer | None = None, quiet: bool = False, threads: int | None = None,
              extra_eval=None, on_eval: Callable[[dict], None] | None = None,
              log: Log | None = None) -> TrainResult:
-    """Train a new GPT on ``data``. ``model_config``: GPTConfig fields but ``vocab_size``, which the
-    tokenizer gives: ``tokenizer`` if given (a ByteTokenizer reads any text later), else the
-    built-in alphabet or the characters of the file.
+    """Train a new model on ``data``. ``model_config``: its config's fields but ``vocab_size``,
+    which the tokenizer gives: ``tokenizer`` if given (a ByteTokenizer reads any text later), else
+    the built-in alphabet or the characters of the file. A GPT (GPTConfig's fields), or a Llama or
+    Qwen2 with ``"model_type": "llama"`` (or ``"qwen2"``) and LlamaConfig's fields; the latter
+    needs ``config.block_size``.
 
     log: called once, before training, with a line saying what is trained on what.
     """
     out = _fresh_dir(out_dir)
     dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
-    cfg = GPTConfig(**{**model_config, "vocab_size": dataset.tokenizer.vocab_size})
-    dataset.check_block_size(cfg.block_size)
-    model = GPT(cfg, seed=config.seed)
+    family = architecture.of_config_dict(model_config)
+    cfg = family.new_config(model_config, dataset.tokenizer.vocab_size)
+    dataset.check_block_size(family.block_size(cfg, config.block_size))
+    model = family.model_class(cfg, seed=config.seed)
     entry, files = tokenizer_entry(dataset.tokenizer)
     info = {"tokenizer": entry, "data": {"source": _source(data), "seed": DATA_SEED}}
     if log is not None:
-        log(f"pretraining a new GPT ({describe_model(model)}) on {_describe_data(dataset)}: "
-            f"{_describe_schedule(config)}")
+        log(f"pretraining a new {family.name} ({describe_model(model)}) on "
+            f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
                  extra_eval=extra_eval, on_eval=on_eval, run_files=files)
 
@@ -121,10 +127,10 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
     """
     out = _fresh_dir(out_dir)
     model, tokenizer = load_base(base_dir, dropout)
+    family = architecture.of_model(model)
     dataset = load_dataset(data, tokenizer=tokenizer, seed=DATA_SEED)
-    dataset.check_block_size(model.config.block_size)
-    if dropout is not None:
-        _set_dropout(model, dropout)
+    dataset.check_block_size(family.block_size(model.config, config.block_size))
+    family.set_dropout(model, dropout)
     entry, files = tokenizer_entry(tokenizer)
     info = {"tokenizer": entry, "data": {"source": _source(data), "seed": DATA_SEED},
             "init_from": str(Path(base_dir).resolve())}
@@ -137,7 +143,8 @@ def finetune(base_dir, data: str | os.PathLike, out_dir, config: TrainConfig,
         apply_lora(model, lora, rng=model.rng)
     if log is not None:
         how = "in full" if lora is None else (
-            f"with LoRA r={lora.r}, alpha {lora.lora_alpha:g} on {_describe_targets(lora)}")
+            f"with {'DoRA' if lora.use_dora else 'LoRA'} r={lora.r}, alpha {lora.lora_alpha:g} on "
+            f"{_describe_targets(lora)}")
         log(f"fine-tuning {base_dir} {how} ({describe_model(model)}) on "
             f"{_describe_data(dataset)}: {_describe_schedule(config)}")
     return train(model, dataset, config, out, quiet=quiet, run_info=info, threads=threads,
@@ -153,22 +160,13 @@ def _describe_targets(lora) -> str:
                      for t in lora.target_modules)
 
 
-def _set_dropout(model: GPT, p: float) -> None:
-    from minilora.nn import Dropout
-
-    model.config = GPTConfig(**{**model.config.to_dict(), "dropout": p})  # checks p
-    for m in model.modules():
-        if isinstance(m, Dropout):
-            m.p = float(p)
-
-
 def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = False,
            threads: int | None = None, extra_eval=None,
            on_eval: Callable[[dict], None] | None = None, log: Log | None = None) -> TrainResult:
     """Continue the run in ``out_dir`` from its checkpoint, with the settings it started with.
 
     max_iters: where the run ends now (a finished run is extended, as in nanoGPT; see
-        :meth:`TrainConfig.extended_to`). base: where a LoRA run's base is now, if it moved
+        [`TrainConfig.extended_to`][]). base: where a LoRA run's base is now, if it moved
         (the run records the new place from its next checkpoint on).
     """
     out = Path(out_dir)
@@ -200,8 +198,9 @@ def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = Fa
     elif base is not None:
         raise ConfigError(f"--base {base}: {out} is a full run, it has no base")
     else:
-        model = GPT(model_config, seed=config.seed)
-    _set_dropout(model, model_config.dropout)
+        model = architecture.of_config(model_config).model_class(model_config, seed=config.seed)
+    family = architecture.of_model(model)
+    family.set_dropout(model, family.dropout(model_config))
     dataset = load_dataset(meta["data"]["source"], tokenizer=ckpt.tokenizer, seed=DATA_SEED)
     model.train()
     if log is not None:

@@ -1,5 +1,5 @@
 """Where a run's model comes from: a run directory (a full model, or an adapter on its base) or a
-Hugging Face model directory (read by :mod:`minilora.hf`), to fine-tune or to carry an adapter.
+Hugging Face model directory (read by [`minilora.hf`][]), to fine-tune or to carry an adapter.
 
 A LoRA run records its base by path (relative to the run) and by the SHA-256 of its weights. The
 base is looked for where the path says, or where ``base=`` (``--base DIR``) says it is now; either
@@ -8,7 +8,6 @@ way it must hold the very weights the adapter was trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from minilora import hf
 from minilora.data import Tokenizer
 from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
 from minilora.lora import apply_lora, load_lora_state_dict
-from minilora.models import GPT
+from minilora.nn import Module
+from minilora.train import architecture
 from minilora.train.checkpoint import (
     CHECKPOINT,
     Checkpoint,
@@ -31,7 +31,7 @@ from minilora.train.checkpoint import (
 class LoadedRun:
     """A model rebuilt from a run directory, with its tokenizer and facts."""
 
-    model: GPT
+    model: Module  # a GPT or a LlamaForCausalLM
     tokenizer: Tokenizer | None
     meta: dict
     base_dir: Path | None = None
@@ -44,16 +44,13 @@ def is_pretrained(path) -> bool:
 
 
 def read_full_model(path, what: str, dtype: str | None = None, dropout: float | None = None,
-                    with_tokenizer: bool = True) -> tuple[GPT, Tokenizer | None]:
+                    with_tokenizer: bool = True) -> tuple[Module, Tokenizer | None]:
     """(model, tokenizer or None) of a full run or a Hugging Face directory (its BPE tokenizer,
     if it has one and ``with_tokenizer``; ``dtype`` and ``dropout`` as
-    :func:`minilora.hf.from_pretrained` takes them). A LoRA run is refused: it is not a model by
+    [`minilora.hf.from_pretrained`][] takes them). A LoRA run is refused: it is not a model by
     itself. what: how errors name ``path``."""
     if is_pretrained(path):
         model = hf.from_pretrained(path, dtype=dtype or "float32", dropout=dropout)
-        if not isinstance(model, GPT):  # runs, checkpoints and the loop are GPT's
-            raise ConfigError(f"{what} {path}: minilora's runs train {GPT.__name__} models, this "
-                              f"directory holds a {type(model).__name__}")
         tokenizer = hf.load_tokenizer(path, model.config.vocab_size) \
             if with_tokenizer and hf.has_tokenizer(path) else None
         return model, tokenizer
@@ -82,14 +79,15 @@ def find_base(ckpt: Checkpoint, base=None) -> Path:
                           "in Python)")
 
 
-def open_base(ckpt: Checkpoint, base=None) -> tuple[GPT, Path]:
+def open_base(ckpt: Checkpoint, base=None) -> tuple[Module, Path]:
     """(the base model, its directory) of a LoRA checkpoint, checked: a full model with the
     architecture and the exact weights (by fingerprint) the adapter was trained on."""
     base_dir = find_base(ckpt, base)
     config = ckpt.model_config
+    family = architecture.of_config(config)
     if is_pretrained(base_dir):
         try:
-            model, _ = read_full_model(base_dir, "base", config.dtype, config.dropout,
+            model, _ = read_full_model(base_dir, "base", config.dtype, family.dropout(config),
                                        with_tokenizer=False)
         except ConfigError as e:
             raise FileFormatError(f"{ckpt.path}: {e}") from None
@@ -98,7 +96,7 @@ def open_base(ckpt: Checkpoint, base=None) -> tuple[GPT, Path]:
         if model is None:
             raise FileFormatError(f"{ckpt.path}: its base {base_dir} is a LoRA run, not a model")
     # dropout is a training setting, not architecture: a LoRA run may train with its own
-    if dataclasses.replace(model.config, dropout=config.dropout) != config:
+    if type(model.config) is not type(config) or not family.same_base(model.config, config):
         raise FileFormatError(f"{ckpt.path}: the base in {base_dir} has a different "
                               f"architecture than the adapter was made for")
     if model_fingerprint(model) != ckpt.meta["base"]["sha256"]:

@@ -168,10 +168,11 @@ def one(tmp_path):
 
 @pytest.mark.parametrize("field, value, shown", [
     ("peft_type", "IA3", "peft_type must be 'LORA'"),
-    ("use_dora", True, "use_dora=True is a PEFT feature minilora does not implement"),
+    ("use_dora", True, "c_attn.lora_magnitude_vector (the config adapts"),
+    ("use_qalora", True, "use_qalora=True is a PEFT feature minilora does not implement"),
     ("layers_to_transform", [0], "layers_to_transform"),
     ("lora_bias", True, "lora_bias"),
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
+    ("init_lora_weights", "pissa_niter_4", "init_lora_weights='pissa_niter_4'"),
     ("task_type", "SEQ_CLS", "task_type"),
     ("inference_mode", "yes", "inference_mode must be of type bool"),
     ("brand_new_field", 3, "unknown field 'brand_new_field'"),

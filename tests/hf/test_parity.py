@@ -236,8 +236,9 @@ def test_loraconfig_reads_peft_own_config_objects():
     assert ours == LoRAConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"],
                               task_type="CAUSAL_LM", use_rslora=True,
                               init_lora_weights="gaussian", rank_pattern={"c_fc": 2})
-    with pytest.raises(ConfigError, match="use_dora"):
-        LoRAConfig.from_peft(peft.LoraConfig(use_dora=True).to_dict())
+    with pytest.raises(ConfigError, match="lora_bias"):
+        LoRAConfig.from_peft(peft.LoraConfig(lora_bias=True).to_dict())
+    assert LoRAConfig.from_peft(peft.LoraConfig(use_dora=True).to_dict()).use_dora
     assert peft.LoraConfig(**{k: v for k, v in ours.to_peft().items()
                               if k not in ("peft_type", "peft_version")}).r == 4
 

@@ -40,7 +40,7 @@ BAD_FIELDS = [  # (field, value, what the message shows: the value's repr unless
     ("lora_dropout", float("nan")), ("lora_dropout", "0.1"),
     ("bias", "some"), ("bias", None),
     ("init_lora_weights", "xavier"), ("init_lora_weights", False), ("init_lora_weights", 1),
-    ("init_lora_weights", "pissa"), ("task_type", "SEQ_CLS"), ("task_type", True),
+    ("init_lora_weights", "pissa_niter_4"), ("task_type", "SEQ_CLS"), ("task_type", True),
     ("fan_in_fan_out", "yes"), ("ensure_weight_tying", 1),
     ("use_rslora", "yes"), ("use_rslora", 1),
     ("target_modules", []), ("target_modules", ""), ("target_modules", [""]),

@@ -86,6 +86,10 @@ CASES = [
     ("layer_norm", "", lambda: ops.layer_norm(f32(2, 3), f32(3), f32(3))),
     ("layer_norm", "numpy float64 eps",
      lambda: ops.layer_norm(f32(2, 3), None, None, eps=np.float64(1e-5))),
+    ("lm_head_cross_entropy", "", lambda: ops.lm_head_cross_entropy(
+        f32(2, 3), f32(3), f32(3), f32(5, 3), np.array([0, 4]))),
+    ("lm_head_cross_entropy", "numpy float64 eps, ignore_index", lambda: ops.lm_head_cross_entropy(
+        f32(2, 3), None, None, f32(5, 3), np.array([-1, 4]), np.float64(1e-5), -1)),
     ("gelu", "", lambda: ops.gelu(f32(2, 3))),
     ("dropout", "", lambda: ops.dropout(f32(2, 3), 0.5, np.random.default_rng(0))),
     ("dropout", "numpy float64 p",
@@ -118,6 +122,14 @@ CASES = [
                              9, (RNG.random((3, 4)) > 0.5) * 2.0)),
     ("lora_embedding", "numpy float64 scaling",
      lambda: ops.lora_embedding(np.array([[0, 2, 2]]), f32(2, 5), f32(4, 2), np.float64(2.0))),
+    ("dora_linear", "bias", lambda: ops.dora_linear(f32(2, 3, 4), f32(5, 4), f32(5), f32(2, 4),
+                                                    f32(5, 2), f32(5), 2.0)),
+    ("dora_linear", "numpy float64 scaling and float64 mask, the path alone",
+     lambda: ops.dora_linear(f32(3, 4), f32(5, 4), None, f32(2, 4), f32(5, 2), f32(5),
+                             np.float64(0.5), (RNG.random((3, 4)) > 0.5) * 2.0, with_base=False)),
+    ("dora_linear", "float64 mask and bias",
+     lambda: ops.dora_linear(f32(3, 4), f32(5, 4), f32(5), f32(2, 4), f32(5, 2), f32(5), 4.0,
+                             (RNG.random((3, 4)) > 0.5) * 2.0)),
 ]
 
 

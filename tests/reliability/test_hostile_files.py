@@ -199,7 +199,9 @@ BAD_FACTS = {  # the issue's list: wrong types for iter, rng, configs, tokenizer
     "train_config lr a string": ("train_config", {"lr": "fast"}),
     "train_config unknown field": ("train_config", {"epochs": 3}),
     "tokenizer chars a number": ("tokenizer", {"type": "char", "chars": 7}),
-    "tokenizer of another size": ("tokenizer", {"type": "char", "chars": "abc"}),
+    # fewer ids than the model's are fine (a padded vocabulary); more can never be embedded
+    "tokenizer larger than the vocabulary": ("tokenizer", {"type": "char", "chars": "".join(
+        chr(0x100 + i) for i in range(1000))}),
     "tokenizer of unknown type": ("tokenizer", {"type": "bpe"}),
     "optimizer not an object": ("optimizer", "AdamW"),
     "optimizer of unknown type": ("optimizer", {"type": "Lion", "param_groups": []}),

@@ -40,16 +40,16 @@ class FaultyGPT(GPT):
         self.grad_faults, self.value_faults = grad_faults or {}, value_faults or {}
         self.crash_at, self.it, self.on_fault = crash_at, first_iter, on_fault
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, **kwargs):
         if not (self.training and targets is not None):
-            return super().forward(idx, targets)
+            return super().forward(idx, targets, **kwargs)
         it, self.it = self.it, self.it + 1
         if it == self.crash_at:
             raise Crash(f"crash at iteration {it}")
         params = dict(self.named_parameters())
         if it in self.value_faults:
             params[self.value_faults[it]].data.reshape(-1)[0] = np.nan
-        logits, loss = super().forward(idx, targets)
+        logits, loss = super().forward(idx, targets, **kwargs)
         for name, bad in self.grad_faults.get(it, ()):
             loss = loss + poison(params[name], bad)
         if self.on_fault is not None and (it in self.grad_faults or it in self.value_faults):
@@ -128,10 +128,10 @@ def test_skipping_non_finite_steps_counts_them_and_leaves_the_weights_alone(data
     before_after = {}
     real_forward = m.forward
 
-    def forward(idx, targets=None):  # the weights as steps 3 and 4 begin
+    def forward(idx, targets=None, **kwargs):  # the weights as steps 3 and 4 begin
         if m.training and targets is not None and m.it in (3, 4):
             before_after[m.it] = {k: v.copy() for k, v in m.state_dict().items()}
-        return real_forward(idx, targets)
+        return real_forward(idx, targets, **kwargs)
     m.forward = forward
     result = train(m, data, TrainConfig(**CONFIG, on_nonfinite="skip"), tmp_path / "run",
                    quiet=True, threads=1)
@@ -163,8 +163,8 @@ def test_a_non_finite_evaluation_writes_no_checkpoint_and_no_metrics(data, tmp_p
     m = model(data)
     real_forward = m.forward
 
-    def forward(idx, targets=None):  # the evaluation at iteration 8 sees a NaN loss
-        result = real_forward(idx, targets)
+    def forward(idx, targets=None, **kwargs):  # the evaluation at iteration 8 sees a NaN loss
+        result = real_forward(idx, targets, **kwargs)
         if targets is not None and not m.training and m.it == 8:
             return result[0], result[1] * np.nan
         return result

@@ -52,8 +52,8 @@ class FlakyGPT(GPT):
         super().__init__(*args, **kwargs)
         self.steps = 0
 
-    def forward(self, idx, targets=None):
-        out = super().forward(idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        out = super().forward(idx, targets, **kwargs)
         if targets is None or not self.training:  # evaluation is never poisoned
             return out
         step, self.steps = self.steps, self.steps + 1

@@ -193,3 +193,27 @@ def test_merged_model_gives_the_unmerged_logits(corpus, base_run, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
     # float32 round-off of W + s B A over in = 16..64 terms: a few ulps of logits of size ~1
     np.testing.assert_allclose(merged, unmerged, rtol=0, atol=1e-5)
+
+
+def test_a_run_whose_vocabulary_is_padded_past_its_tokenizer_loads_back(tmp_path):
+    """A model with more ids than its tokenizer (nanoGPT pads GPT-2's 50,257 to 50,304; a Hugging
+    Face directory may too) saves and loads, and a tokenizer with more ids than the model is
+    still refused."""
+    from minilora.data import ByteTokenizer, CharTokenizer
+    from minilora.models import GPT, GPTConfig
+    from minilora.train import write_checkpoint
+    from minilora.train.tokenizer_file import tokenizer_entry
+
+    model = GPT(GPTConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
+    for name, tokenizer in (("padded", ByteTokenizer()), ("short", CharTokenizer("ab"))):
+        (tmp_path / name).mkdir()
+        write_checkpoint(tmp_path / name / CHECKPOINT, model,
+                         {"tokenizer": tokenizer_entry(tokenizer)[0]})
+        assert load_run(tmp_path / name).tokenizer == tokenizer
+    small = GPT(GPTConfig(vocab_size=200, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
+    (tmp_path / "over").mkdir()
+    write_checkpoint(tmp_path / "over" / CHECKPOINT, small,
+                     {"tokenizer": tokenizer_entry(ByteTokenizer())[0]})
+    with pytest.raises(FileFormatError, match="the tokenizer has 256 tokens, more than the "
+                                              "model's vocabulary of 200"):
+        load_run(tmp_path / "over")

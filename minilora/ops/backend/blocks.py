@@ -1,8 +1,8 @@
 """How the fast kernels cut their work: blocks fixed by the array's shape, shared by the threads.
 
-A kernel hands :func:`for_blocks` a function of ``(start, stop)``; the blocks run on the engine's
+A kernel hands [`for_blocks`][] a function of ``(start, stop)``; the blocks run on the engine's
 threads (``runtime.run_split``), one thread outside ``runtime.parallel``. The blocks never depend on
-the number of threads, so per-block partial sums added in block order (:func:`sum_in_order`) give
+the number of threads, so per-block partial sums added in block order ([`sum_in_order`][]) give
 the same bits on 1 thread or 8.
 """
 

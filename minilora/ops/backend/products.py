@@ -1,9 +1,9 @@
 """Matrix products: how each one runs, and how they are counted.
 
-Every product the engine computes goes through this module. :func:`mm` computes a whole product:
+Every product the engine computes goes through this module. [`mm`][] computes a whole product:
 plain ``np.matmul``, or, inside ``runtime.parallel``, fixed blocks shared by the engine's threads
 (NumPy releases the GIL inside BLAS). ``matmul`` is the product a fused kernel computes on one of
-its blocks. :func:`record_products` collects the shapes of both: how the benchmark counts a step's
+its blocks. [`record_products`][] collects the shapes of both: how the benchmark counts a step's
 FLOPs, and how the tests see that a frozen weight costs no product.
 """
 
