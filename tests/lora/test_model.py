@@ -199,6 +199,8 @@ def test_a_tied_module_trains_in_place_keeping_the_tie_only_with_ensure_weight_t
     apply_lora(model, LoRAConfig(modules_to_save=["lm_head"], ensure_weight_tying=True))
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.requires_grad
+    saved = [k for k in lora_state_dict(model) if "lora_" not in k]
+    assert saved == ["transformer.wte.weight"]  # the tied weight once, under its first name
 
 
 def test_an_adapted_eval_model_stays_in_eval_mode():
