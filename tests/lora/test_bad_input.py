@@ -349,6 +349,11 @@ def test_an_unknown_bias_mode_is_named():
 def test_parameter_accounting_needs_positive_integers():
     with pytest.raises(ConfigError, match="r must be a positive integer, got 0"):
         LoRALayerCount("W", 4096, 4096, 0)
+    with pytest.raises(ConfigError, match=r"^LoRALayerCount\.in_features must be a positive "):
+        LoRALayerCount("W", 0, 4096, 4)
+    with pytest.raises(ConfigError, match=r"^LoRALayerCount\.slice_rows must be a positive "
+                                          r"integer, got 0$"):
+        LoRALayerCount("W", 8, 8, 2, slice_rows=(4, 0))
 
 
 def test_every_error_here_is_a_minilora_error():
