@@ -17,10 +17,12 @@ colours, ``css/pygments.css``, from the Pygments installed.
 from __future__ import annotations
 
 import ast
+import json
 import posixpath
 import re
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, InclusionLevel
 
 CODE_LINK = re.compile(r"\[(?P<text>[^\]]+)\]\(\.\./(?P<path>[^)#\s]+)(?:#(?P<name>[^)\s]+))?\)")
@@ -71,7 +73,7 @@ def _code_page(path: str, lines: set[int], repo: str) -> str:
     code = highlight((ROOT / path).read_text(encoding="utf-8"),
                      get_lexer_for_filename(path), formatter)
     where = f" ([in the repository]({repo}/blob/main/{path}))" if repo else ""
-    return (f"---\ntitle: {path}\nsearch:\n  exclude: true\n---\n\n# `{path}`\n\n"
+    return (f"---\ntitle: {path}\n---\n\n# `{path}`\n\n"
             f"The file as of this site's build{where}; the highlighted lines are the ones the docs "
             f"link to.\n\n{code}\n")
 
@@ -100,3 +102,13 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return f"[{m.group('text')}]({target}{f'#L-{line}' if line else ''})"
 
     return CODE_LINK.sub(rewrite, markdown)
+
+
+@event_priority(-100)  # after the search plugin has written its index
+def on_post_build(config):
+    """Drop the code pages from the search index: a search finds the docs, not each test."""
+    index = Path(config["site_dir"]) / "search" / "search_index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["docs"] = [d for d in data["docs"] if not d["location"].startswith(f"{CODE_DIR}/")]
+        index.write_text(json.dumps(data), encoding="utf-8")

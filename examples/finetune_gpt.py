@@ -1,6 +1,6 @@
 """The library end to end: pretrain a GPT, adapt it with LoRA, save the adapter, merge, generate.
 
-    python examples/finetune_gpt.py                # 4 minutes on 2 busy CPU cores
+    python examples/finetune_gpt.py                # minutes: docs/performance.md says how long
     python examples/finetune_gpt.py --small        # a few seconds (also: MINILORA_EXAMPLE_SMALL=1)
 
 1. Data: ``builtin:world`` to pretrain on, ``builtin:majority`` to adapt to. No download.

@@ -1,6 +1,6 @@
 """What do the adapters learn? The LoRA paper's subspace analysis, on a small GPT.
 
-    python examples/subspace_similarity.py --base runs/base --out runs/subspace   # 3 minutes
+    python examples/subspace_similarity.py --base runs/base --out runs/subspace   # 1-3 minutes
     python examples/subspace_similarity.py --small                                # a few seconds
 
 Section 7 of the LoRA paper (Hu et al. 2021) asks two questions, and this example asks them again
@@ -30,7 +30,7 @@ the mean and sample standard deviation over the sets, the heatmaps the mean. ``-
 default) keeps s = 2 at both ranks; ``--alpha 16`` fixes alpha as the paper did. Output: a heatmap
 PNG, a markdown table and a JSON file in ``--out``.
 
-    python examples/subspace_similarity.py --base runs/base --seeds 0,1,2,3,4   # the docs', 15 min
+    python examples/subspace_similarity.py --base runs/base --seeds 0,1,2,3,4   # the docs', ~15 min
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""LoRA and its variants at one rank: PiSSA, OLoRA and LoRA+ on the built-in task, over seeds.
+"""LoRA and its variants at one rank: PiSSA, OLoRA, LoRA+, DoRA on the built-in task, over seeds.
 
-    python examples/variants.py --out runs/variants             # 4 variants x 3 seeds, + a base
+    python examples/variants.py --out runs/variants             # 5 variants x 3 seeds, + a base
     python examples/variants.py --base runs/base --seeds 0,1,2   # from your own base
     python examples/variants.py --small                          # a few seconds (CI)
 
@@ -34,6 +34,7 @@ VARIANTS = {
     "pissa": {"init_lora_weights": "pissa"},
     "olora": {"init_lora_weights": "olora"},
     "loraplus": {"loraplus_lr_ratio": 16},
+    "dora": {"use_dora": True},
 }
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 

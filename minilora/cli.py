@@ -17,7 +17,7 @@ DESCRIPTION = """\
 LoRA from first principles: pretrain a small GPT on the CPU, fine-tune it with LoRA or in full,
 merge the adapter back, and compare.
 
-main job:   minilora demo            (a few minutes on 2 cores; --quick: a smaller, faster run)
+main job:   minilora demo            (1-2.5 minutes on 2 cores; --quick: a smaller, faster run)
 help:       minilora COMMAND --help  (every command has examples)
 
 Hugging Face and PEFT: --init-from, --model and merge read a Hugging Face model directory,
@@ -297,9 +297,10 @@ def _add_demo(sub) -> None:
         LoRA at ranks 1, 4 and 16 (alpha = 2r, on c_attn and c_proj), print one table (trainable
         parameters, validation loss, exact match, ms per step, peak memory), merge the best
         adapter, check merged and unmerged logits agree and time inference, print samples, and
-        save runs, metrics, results.json and a plot of the loss curves in --out.""", """\
+        save runs, metrics, results.json and (with matplotlib) a plot of the loss curves in
+        --out.""", """\
         examples:
-          minilora demo                          # the full run: a few minutes on 2 cores
+          minilora demo                          # the full run: 1-2.5 minutes on 2 cores
           minilora demo --quick --out /tmp/demo  # a smaller model, fewer steps""")
     p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
     p.add_argument("--out", default=OUT_DIR, metavar="DIR",

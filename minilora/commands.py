@@ -152,6 +152,7 @@ def _new_run_settings(args):
         family = None if args.init_from is None else architecture.of_directory(args.init_from)
         if family is not None:
             family.check_train_block(config.block_size)
+            family.check_dropout(args.dropout)
         if args.init_from is None:
             model = _given(args, (*_MODEL_FLAGS, "dropout"))  # GPTConfig's defaults fill in
             if args.no_bias:

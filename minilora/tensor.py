@@ -44,7 +44,7 @@ def no_grad() -> Iterator[None]:
 @contextlib.contextmanager
 def enable_grad() -> Iterator[None]:
     """Context manager under which ops record the graph again in this thread, even inside
-    :func:`no_grad` (as PyTorch's ``enable_grad``): how activation checkpointing recomputes a
+    [`no_grad`][] (as PyTorch's ``enable_grad``): how activation checkpointing recomputes a
     block in the backward pass."""
     previous, _grad_mode.enabled = _grad_mode.enabled, True
     try:

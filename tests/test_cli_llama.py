@@ -131,7 +131,7 @@ MISTAKES = {
                                   "--out", "x2", "--block-size", "33"],
                                  "exceeds the model's max_position_embeddings (32)"),
     "dropout-on-a-llama": (["train", "--data", "corpus.txt", "--init-from", "llama", "--out", "x3",
-                            "--dropout", "0.1", *BLOCK], "has no dropout"),
+                            "--dropout", "0.1", *BLOCK], "Llama and Qwen2 have no dropout"),
     "eval-without-block-size": (["eval", "--model", "llama", "--data", "corpus.txt"],
                                 "--block-size is needed"),
     "gpt-roles-on-a-llama": (["train", "--data", "corpus.txt", "--init-from", "llama", "--out",

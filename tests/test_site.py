@@ -10,6 +10,7 @@ strict build resolves or fails on; Sphinx roles would show as raw text.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -126,3 +127,10 @@ def test_each_link_to_the_code_arrives_at_the_name_it_names(site, doc):
         if name:
             assert re.match(rf"\s*(?:async )?(?:def|class) {name.split('.')[-1]}\b",
                             code_line(site, path, int(line))), (doc, path, name, line)
+
+
+def test_search_finds_the_docs_not_the_code_pages(site):
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    locations = [entry["location"] for entry in index["docs"]]
+    assert "theory/" in locations and (site / "code" / "tests").is_dir()
+    assert not [loc for loc in locations if loc.startswith("code/")]

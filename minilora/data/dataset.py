@@ -117,7 +117,7 @@ class TextDataset:
 def load_dataset(source: str | os.PathLike, tokenizer: Tokenizer | None = None, seed: int = 0,
                  val_fraction: float = 0.1) -> TextDataset | InstructDataset:
     """What ``--data`` names: ``builtin:NAME`` (generated from ``seed``), a JSON Lines file of
-    prompt-completion examples (a name ending in ``.jsonl``: :mod:`minilora.data.instruct`) or a
+    prompt-completion examples (a name ending in ``.jsonl``: [`minilora.data.instruct`][]) or a
     UTF-8 text file.
 
     A built-in corpus is encoded with the built-in alphabet unless a tokenizer is given (a base

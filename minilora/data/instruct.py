@@ -17,7 +17,7 @@ encoded apart, so the boundary falls between two tokens as it does when ``genera
 prompt (a BPE merge across it would otherwise hide the completion's first token).
 
 Lines that are empty or hold only white space are skipped; keys other than the two are ignored
-(as TRL drops other columns). Anything else wrong is a :class:`DataError` naming the file and the
+(as TRL drops other columns). Anything else wrong is a [`DataError`][] naming the file and the
 line (1-based).
 """
 
@@ -121,7 +121,7 @@ class InstructDataset:
     last ``val_fraction`` of the examples, at least one, held out), batches padded to their
     longest row with the prompts' targets ignored.
 
-    examples: (line number, prompt, completion) as :func:`read_jsonl` gives them;
+    examples: (line number, prompt, completion) as [`read_jsonl`][] gives them;
     tokenizer: default a CharTokenizer of every character of the examples; name: the file.
     """
 
@@ -155,7 +155,7 @@ class InstructDataset:
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
                   val_fraction: float = 0.1) -> InstructDataset:
-        """The examples of the JSON Lines file ``path`` (see :func:`read_jsonl`)."""
+        """The examples of the JSON Lines file ``path`` (see [`read_jsonl`][])."""
         return cls(read_jsonl(path), tokenizer, val_fraction, name=str(path))
 
     def split(self, split: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Activation checkpointing: run a module without keeping its activations, and recompute them
 in the backward pass (PyTorch's ``torch.utils.checkpoint``, reentrant form).
 
-The forward pass runs ``function`` under :func:`~minilora.tensor.no_grad`, so nothing inside it
+The forward pass runs ``function`` under [`no_grad`][minilora.tensor.no_grad], so nothing inside it
 is saved for backward: only the inputs are kept. When the backward pass reaches it, the function
 runs again with the graph recorded, and its own backward pass gives the inputs' gradients and
 accumulates its parameters'. The random generators the function draws from (dropout's) are set
@@ -38,7 +38,7 @@ def checkpoint(function: Callable[..., Tensor], *inputs: Tensor,
     inputs: the Tensors it takes (their gradients are returned to the graph); parameters: those it
     reads on its own, the module's (their ``.grad`` is accumulated when it runs again; they make the
     output need a gradient even when no input does, as block 0's input in LoRA); rngs: the
-    generators it draws from, replayed. For a Module, :func:`checkpoint_module` finds both.
+    generators it draws from, replayed. For a Module, [`checkpoint_module`][] finds both.
     """
     rngs = list(rngs)
     parameters = [p for p in parameters if p.requires_grad]
@@ -66,5 +66,5 @@ def checkpoint(function: Callable[..., Tensor], *inputs: Tensor,
 
 
 def checkpoint_module(module: Module, *inputs: Tensor) -> Tensor:
-    """:func:`checkpoint` of ``module(*inputs)``, with its parameters and generators."""
+    """[`checkpoint`][] of ``module(*inputs)``, with its parameters and generators."""
     return checkpoint(module, *inputs, parameters=module.parameters(), rngs=generators(module))

@@ -65,6 +65,11 @@ class GPTArchitecture:
     def dropout(self, config) -> float | None:
         return config.dropout
 
+    def check_dropout(self, p: float | None) -> None:
+        """A dropout rate for the run: GPTConfig's rule."""
+        if p is not None:
+            GPTConfig(vocab_size=1, dropout=p)
+
     def set_dropout(self, model, p: float | None) -> None:
         """Replace every dropout rate of ``model`` by ``p`` (None: keep them)."""
         from minilora.nn import Dropout
@@ -145,11 +150,15 @@ class LlamaArchitecture:
     def dropout(self, config) -> float | None:
         return None
 
-    def set_dropout(self, model, p: float | None) -> None:
+    def check_dropout(self, p: float | None) -> None:
+        """A dropout rate for the run: none but 0 (a Llama has no dropout layers)."""
         if p not in (None, 0, 0.0):
-            raise ConfigError(f"dropout {p!r}: minilora's {model.config.model_type} model has no "
-                              "dropout (as transformers' Llama, whose attention_dropout minilora "
-                              "refuses)")
+            raise ConfigError(f"dropout {p!r}: minilora's Llama and Qwen2 have no dropout (nor "
+                              "does transformers' Llama, but for attention_dropout, which "
+                              "minilora refuses)")
+
+    def set_dropout(self, model, p: float | None) -> None:
+        self.check_dropout(p)
 
     def same_base(self, a, b) -> bool:
         return a == b

@@ -86,6 +86,10 @@ CASES = [
     ("layer_norm", "", lambda: ops.layer_norm(f32(2, 3), f32(3), f32(3))),
     ("layer_norm", "numpy float64 eps",
      lambda: ops.layer_norm(f32(2, 3), None, None, eps=np.float64(1e-5))),
+    ("lm_head_cross_entropy", "", lambda: ops.lm_head_cross_entropy(
+        f32(2, 3), f32(3), f32(3), f32(5, 3), np.array([0, 4]))),
+    ("lm_head_cross_entropy", "numpy float64 eps, ignore_index", lambda: ops.lm_head_cross_entropy(
+        f32(2, 3), None, None, f32(5, 3), np.array([-1, 4]), np.float64(1e-5), -1)),
     ("gelu", "", lambda: ops.gelu(f32(2, 3))),
     ("dropout", "", lambda: ops.dropout(f32(2, 3), 0.5, np.random.default_rng(0))),
     ("dropout", "numpy float64 p",

@@ -1,6 +1,6 @@
 """The fast layer norm: ``minilora.ops.normalization.layer_norm``'s equation in row blocks on the
-engine's threads. Its two halves on plain arrays (:func:`normalize_rows`,
-:func:`normalize_rows_backward`) also serve the fused final layer norm of ``lm_head``."""
+engine's threads. Its two halves on plain arrays ([`normalize_rows`][],
+[`normalize_rows_backward`][]) also serve the fused final layer norm of ``lm_head``."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def normalize_rows(x2: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, e
 
 def normalize_rows_backward(g2: np.ndarray, xhat: np.ndarray, rstd: np.ndarray,
                             w: np.ndarray | None, need_x: bool, need_w: bool, need_b: bool):
-    """(dx, dweight, dbias) of :func:`normalize_rows` for the output gradient g2 (N, C); None
+    """(dx, dweight, dbias) of [`normalize_rows`][] for the output gradient g2 (N, C); None
     for each one not needed. ``w`` is the weight (None: none, or dx not needed)."""
     n, c = g2.shape
     ones = np.ones(c, dtype=g2.dtype)
