@@ -9,6 +9,7 @@ from minilora.lora import (
     LoRAConfig,
     LoRALayerCount,
     LoRALinear,
+    add_adapter,
     apply_lora,
     get_nb_trainable_parameters,
     lora_parameter_counts,
@@ -16,7 +17,7 @@ from minilora.lora import (
     trainable_parameters_report,
 )
 from minilora.models import GPT, GPTConfig
-from minilora.nn import Linear
+from minilora.nn import Linear, Module
 
 
 def test_seed_example_3x3_with_r1_trains_6_parameters_against_9():
@@ -64,3 +65,18 @@ def test_tied_weights_are_counted_once():
     model = GPT(config, seed=0)
     trainable, total = get_nb_trainable_parameters(model)
     assert trainable == total == 32_416 - 2_816  # lm_head.weight is transformer.wte.weight
+
+
+def test_the_counts_of_a_named_adapter_are_its_own():
+    config = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    model = apply_lora(GPT(config, seed=0), LoRAConfig(r=2, target_modules=["c_attn"]))
+    add_adapter(model, "big", LoRAConfig(r=6, target_modules=["c_attn"]))
+    assert {(c.adapter_name, c.r) for c in lora_parameter_counts(model)} == {("default", 2)}
+    big = lora_parameter_counts(model, "big")
+    assert {(c.adapter_name, c.r) for c in big} == {("big", 6)} and len(big) == 2
+    assert sum(c.lora_params for c in big) == 2 * 6 * (32 + 96)
+
+
+def test_the_report_of_a_model_without_parameters_says_zero_percent():
+    assert trainable_parameters_report(Module()) == \
+        "trainable params: 0 || all params: 0 || trainable%: 0.0000"

@@ -313,6 +313,33 @@ def test_lora_operations_on_a_model_without_lora_layers_say_so(operation):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("name, operation", [
+    ("lora_state_dict", lora_state_dict),
+    ("load_lora_state_dict", lambda m: load_lora_state_dict(m, {})),
+])
+def test_a_model_without_lora_layers_is_named_by_the_function_refusing_it(name, operation):
+    with pytest.raises(TargetModuleError, match=f"^{name}: the model has no LoRA layers"):
+        operation(ToyGPT())
+
+
+def test_saving_an_adapter_the_model_does_not_hold_names_it_and_the_held_ones():
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"]))
+    with pytest.raises(ConfigError, match=r"^lora_state_dict: no adapter named \['nope'\] "
+                                          r"\(the model's adapters: \['default'\]\)$"):
+        lora_state_dict(model, "nope")
+
+
+def test_loading_refuses_a_merged_model_and_a_state_that_is_not_a_mapping_saying_why():
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"]))
+    state = lora_state_dict(model)
+    with pytest.raises(StateDictError, match=r"^load_lora_state_dict: expected a mapping name -> "
+                                             r"array, got list$"):
+        load_lora_state_dict(model, list(state))
+    merge_adapter(model)
+    with pytest.raises(ConfigError, match=r"are merged; unmerge_adapter\(model\) first$"):
+        load_lora_state_dict(model, state)
+
+
 def test_an_unknown_bias_mode_is_named():
     model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"]))
     with pytest.raises(ConfigError, match=r"bias must be one of .*got 'some'"):
@@ -322,6 +349,11 @@ def test_an_unknown_bias_mode_is_named():
 def test_parameter_accounting_needs_positive_integers():
     with pytest.raises(ConfigError, match="r must be a positive integer, got 0"):
         LoRALayerCount("W", 4096, 4096, 0)
+    with pytest.raises(ConfigError, match=r"^LoRALayerCount\.in_features must be a positive "):
+        LoRALayerCount("W", 0, 4096, 4)
+    with pytest.raises(ConfigError, match=r"^LoRALayerCount\.slice_rows must be a positive "
+                                          r"integer, got 0$"):
+        LoRALayerCount("W", 8, 8, 2, slice_rows=(4, 0))
 
 
 def test_every_error_here_is_a_minilora_error():

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from minilora import TargetModuleError, Tensor
+from minilora import StateDictError, TargetModuleError, Tensor
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -199,6 +199,25 @@ def test_a_tied_module_trains_in_place_keeping_the_tie_only_with_ensure_weight_t
     apply_lora(model, LoRAConfig(modules_to_save=["lm_head"], ensure_weight_tying=True))
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.requires_grad
+    saved = [k for k in lora_state_dict(model) if "lora_" not in k]
+    assert saved == ["transformer.wte.weight"]  # the tied weight once, under its first name
+
+
+def test_modules_to_save_saves_every_parameter_under_the_module_named():
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"], modules_to_save=["h.0.mlp"]))
+    saved = sorted(k for k in lora_state_dict(model) if "lora_" not in k)
+    assert saved == [f"transformer.h.0.mlp.{m}.{p}" for m in ("c_fc", "c_proj")
+                     for p in ("bias", "weight")]
+
+
+def test_an_integer_adapter_loads_as_the_models_floats_and_a_boolean_one_is_refused():
+    model = apply_lora(ToyGPT(), LoRAConfig(target_modules=["c_attn"]))
+    shapes = {k: v.shape for k, v in lora_state_dict(model).items()}
+    load_lora_state_dict(model, {k: np.ones(s, dtype=np.int64) for k, s in shapes.items()})
+    assert all(v.dtype == np.float64 and (v == 1).all() for v in lora_state_dict(model).values())
+    with pytest.raises(StateDictError, match=r"'transformer\.h\.0\.attn\.c_attn\.lora_A' has "
+                                             r"non-numeric dtype bool"):
+        load_lora_state_dict(model, {k: np.ones(s, dtype=bool) for k, s in shapes.items()})
 
 
 def test_an_adapted_eval_model_stays_in_eval_mode():
