@@ -1,6 +1,6 @@
 """Merged LoRA costs nothing at inference: time the base, the unmerged adapter and the merged model.
 
-    python examples/merge_no_latency.py             # under a minute (docs/performance.md)
+    python examples/merge_no_latency.py             # seconds to a minute (docs/performance.md)
     python examples/merge_no_latency.py --small     # a few seconds
 
 An unmerged LoRA layer computes ``x W^T + b + s (x A^T) B^T``: two extra products per layer. After

@@ -1,7 +1,7 @@
 """How much rank does fine-tuning need? LoRA at r = 1 ... 64 against full fine-tuning.
 
     minilora train --data builtin:world --out runs/base --max-iters 600     # a base, once
-    python examples/rank_sweep.py --base runs/base --out runs/rank_sweep    # 8 runs, minutes
+    python examples/rank_sweep.py --base runs/base --out runs/rank_sweep    # 8 runs, ~15 min
     python examples/rank_sweep.py --base runs/base --seeds 0,1,2,3,4 --alpha 2r,16   # the docs'
     python examples/rank_sweep.py --small                                   # a few seconds
 

@@ -439,6 +439,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--min-seconds", type=_number, default=3.0,
                    help="time more steps until the full ones add up to this (default: 3)")
     p.add_argument("--compare", choices=("torch",), help="also time the same model in PyTorch")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="also time the LoRA step with activation checkpointing, in turn")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--threads", type=_positive_int)
 

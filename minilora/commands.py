@@ -280,13 +280,15 @@ def cmd_generate(args) -> int:
     try:
         idx = source.tokenizer.encode(prompt)
     except DataError as e:
-        raise DataError(f"--prompt: {e}") from None
+        raise DataError(f"--prompt: {e} (the tokenizer of {args.model})") from None
     streamer = TextStreamer(source.tokenizer, file=sys.stdout)  # each token as it comes
+    vocab = source.tokenizer.vocab_size  # a padded vocabulary has ids no tokenizer can write
     try:
         with parallel(args.threads):
             source.model.generate(idx[None, :], args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
-                                  rng=args.seed, streamer=streamer)
+                                  rng=args.seed, streamer=streamer,
+                                  vocab_size=min(vocab, source.model.config.vocab_size))
     except KeyboardInterrupt:  # keep what was printed, end the line; main says "interrupted"
         streamer.end()
         raise

@@ -43,6 +43,10 @@ class DataError(MiniLoRAError, ValueError):
     """Training data that cannot be used: empty, not UTF-8, shorter than one block."""
 
 
+class VocabularyError(DataError):
+    """Text holding characters that a character tokenizer's vocabulary does not have."""
+
+
 class NonFiniteError(MiniLoRAError, FloatingPointError):
     """A NaN or infinity in the loss or the gradients during training."""
 

@@ -72,3 +72,16 @@ def test_peak_memory_measures_each_side_in_a_child_of_its_own(tmp_path, capsys):
         assert r["ru_maxrss_kib"] >= r["vmhwm_kib"] >= r["after_build_kib"] > 0
         assert r["after_imports_kib"] > 0 and r["step_s"] > 0
     assert "peak = ru_maxrss of each child from os.wait4" in capsys.readouterr().out
+
+
+def test_bench_times_lora_with_activation_checkpointing_in_turn(monkeypatch):
+    """--activation-checkpointing adds a row: more products (the blocks' forward again), fewer
+    activations kept for backward."""
+    monkeypatch.setitem(bench.CONFIGS, "C", TINY_C)
+    results = bench.run(("C",), steps=1, warmup=0, min_seconds=0, checkpointing=True)
+    lora, ckpt = results["configs"]["C"]["lora"], results["configs"]["C"]["lora+ckpt"]
+    assert ckpt["flops"] > lora["flops"]
+    assert ckpt["memory"]["activations"] < lora["memory"]["activations"]
+    assert "LoRA with activation checkpointing / LoRA" in bench.report(results)
+    args = cli.build_parser().parse_args(["bench", "--config", "C", "--activation-checkpointing"])
+    assert args.activation_checkpointing

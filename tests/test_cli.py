@@ -259,6 +259,21 @@ def _tensors_equal(a: Path, b: Path) -> bool:
     return sorted(x) == sorted(y) and all(x[k].tobytes() == y[k].tobytes() for k in x)
 
 
+def test_a_pissa_loraplus_run_resumed_equals_the_run_that_never_stopped(work, capsys):
+    """Resuming factors the base again (the same W_res, bit for bit) and keeps LoRA+'s groups."""
+    how = ["--init-from", str(work / "base"), "--lora-r", "2", "--init-lora-weights", "pissa",
+           "--loraplus-lr-ratio", "8", "--data", "builtin:majority", "--eval-interval", "4",
+           "--eval-iters", "2", "--batch-size", "4", "--threads", "1", "--quiet"]
+    for args in (["--out", str(work / "pl-whole"), "--max-iters", "8", *how],
+                 ["--out", str(work / "pl-cut"), "--max-iters", "4", "--lr-decay-iters", "8",
+                  *how],
+                 ["--out", str(work / "pl-cut"), "--resume", "--max-iters", "8", "--quiet",
+                  "--threads", "1"]):
+        code, _, err = _in_this_process(["train", *args], capsys)
+        assert code == 0, err
+    assert _tensors_equal(work / "pl-whole", work / "pl-cut")
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_extending_a_finished_run_equals_a_run_that_had_the_steps_from_the_start(kind, work,
                                                                                  capsys):

@@ -32,7 +32,8 @@ from minilora.train.memory import measure_step
 
 
 def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
-            min_seconds: float = 3.0, peer: TorchPeer | None = None) -> dict:
+            min_seconds: float = 3.0, peer: TorchPeer | None = None,
+            checkpointing: bool = False) -> dict:
     """Time and size one config's training step in minilora, full and LoRA (and the peer's).
 
     At least ``steps`` timed steps each, and more until the full steps add up to ``min_seconds``
@@ -42,10 +43,14 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
     and the PyTorch ``peer``, if given: after each pair of our steps, NumPy does the same
     products, then the peer times a pair of steps of its own while we wait.
     Returns {"full": ..., "lora": ...}, each with "ms", "numpy_limit_ms" and, with a peer,
-    "torch_ms" (medians).
+    "torch_ms" (medians). ``checkpointing`` adds "lora+ckpt", the LoRA step with activation
+    checkpointing, timed in turn with the others (the peer has none).
     """
     threads = threads or os.cpu_count() or 1
-    runs = {method: build(cfg, method == "lora") for method in ("full", "lora")}
+    methods = ("full", "lora", "lora+ckpt") if checkpointing else ("full", "lora")
+    runs = {method: build(cfg, method != "full") for method in methods}
+    if checkpointing:
+        runs["lora+ckpt"][0].gradient_checkpointing_enable()
     times: dict[str, list[float]] = {method: [] for method in runs}
     peer_times: dict[str, list[float]] = {method: [] for method in runs}
     limit_times: dict[str, list[float]] = {method: [] for method in runs}
@@ -85,14 +90,16 @@ def measure(cfg: BenchConfig, steps: int, warmup: int, threads: int | None,
         ms = median_ms(times[method])
         m.update(ms=ms, tokens_per_s=tokens / ms * 1000, gflops_per_s=m["flops"] / ms / 1e6,
                  numpy_limit_ms=median_ms(limit_times[method]))
-        if peer is not None:
+        if peer is not None and peer_times[method]:
             m["torch_ms"] = median_ms(peer_times[method])
     return out
 
 
 def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = None,
-        compare: str | None = None, min_seconds: float = 3.0) -> dict:
-    """Measure each named config (full and LoRA) and, if asked, the PyTorch peer."""
+        compare: str | None = None, min_seconds: float = 3.0,
+        checkpointing: bool = False) -> dict:
+    """Measure each named config (full and LoRA, and LoRA with activation checkpointing if
+    ``checkpointing``) and, if asked, the PyTorch peer."""
     threads = threads or os.cpu_count() or 1
     peer, note = torch_peer_path() if compare == "torch" else (None, "")
     results = {"machine": machine(), "threads": threads, "steps": steps, "min_seconds": min_seconds,
@@ -106,9 +113,11 @@ def run(names=("A",), steps: int = 5, warmup: int = 2, threads: int | None = Non
         with contextlib.ExitStack() as stack:
             torch_peer = None if peer is None else \
                 stack.enter_context(TorchPeer(peer, cfg, warmup, threads))
-            measured = measure(cfg, steps, warmup, threads, min_seconds, torch_peer)
+            measured = measure(cfg, steps, warmup, threads, min_seconds, torch_peer,
+                               checkpointing)
         for method, m in measured.items():
-            m["analytic_flops"] = analytic_flops(cfg, method == "lora")
+            if method != "lora+ckpt":  # the formula counts no recomputed forward pass
+                m["analytic_flops"] = analytic_flops(cfg, method == "lora")
             entry[method] = m
         results["configs"][name] = entry
     return results

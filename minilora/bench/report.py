@@ -28,7 +28,7 @@ def report(results: dict) -> str:
             "torch ms", "minilora/torch", "peak MiB")
     rows = []
     for name, entry in results["configs"].items():
-        for method in ("full", "lora"):
+        for method in _methods(entry):
             r = entry[method]
             torch_ms = r.get("torch_ms")
             rows.append((name, method, f"{r['ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
@@ -47,10 +47,15 @@ def report(results: dict) -> str:
         lines.append(f"  config {name}: step time {lora['ms'] / full['ms']:.2f} (matmul FLOPs "
                      f"alone {lora['flops'] / full['flops']:.2f}{torch_part}); peak memory "
                      f"{lora['memory']['peak'] / full['memory']['peak']:.2f}")
+        if "lora+ckpt" in entry:
+            ckpt = entry["lora+ckpt"]
+            lines.append(f"  config {name}, LoRA with activation checkpointing / LoRA: step time "
+                         f"{ckpt['ms'] / lora['ms']:.2f}; peak memory "
+                         f"{ckpt['memory']['peak'] / lora['memory']['peak']:.2f}")
     lines += ["", "memory of one step, MiB (parameters | gradients | optimizer state | "
               "activations saved for backward | peak):"]
     for name, entry in results["configs"].items():
-        for method in ("full", "lora"):
+        for method in _methods(entry):
             mem = entry[method]["memory"]
             lines.append(f"  {name} {method:<4}  {_mib(mem['parameters'])} | "
                          f"{_mib(mem['gradients'])} | {_mib(mem['optimizer_state'])} | "
@@ -58,6 +63,10 @@ def report(results: dict) -> str:
     if results.get("torch_note"):
         lines += ["", f"PyTorch comparison skipped: {results['torch_note']}"]
     return "\n".join(lines)
+
+
+def _methods(entry: dict) -> list[str]:
+    return [m for m in ("full", "lora", "lora+ckpt") if m in entry]
 
 
 def _table(head, rows) -> list[str]:
@@ -70,7 +79,8 @@ def _table(head, rows) -> list[str]:
 def main(args) -> int:
     """Entry point of ``minilora bench`` (args from the CLI parser)."""
     results = run(tuple(args.config or ("A",)), args.steps, args.warmup, args.threads,
-                  args.compare, args.min_seconds)
+                  args.compare, args.min_seconds,
+                  getattr(args, "activation_checkpointing", False))
     print(report(results))
     if args.json:
         from minilora.io import save_json

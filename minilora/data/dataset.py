@@ -66,7 +66,7 @@ class TextDataset:
         try:
             data = self.tokenizer.encode(text)
         except DataError as e:
-            raise DataError(f"{name}: {e}") from None
+            raise type(e)(f"{name}: {e}") from None  # the same kind, now naming the text
         n_train = int(len(data) * (1.0 - val_fraction))
         self.train, self.val = data[:n_train], data[n_train:]  # (N_train,), (N_val,) int64
 

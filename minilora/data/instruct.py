@@ -150,7 +150,7 @@ class InstructDataset:
         try:
             return self.tokenizer.encode(text)
         except DataError as e:
-            raise DataError(f"{self.name}: line {n}: {key}: {e}") from None
+            raise type(e)(f"{self.name}: line {n}: {key}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, tokenizer: Tokenizer | None = None,

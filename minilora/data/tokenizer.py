@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from minilora.data.bpe import BPETokenizer
-from minilora.errors import ConfigError, DataError, FileFormatError
+from minilora.errors import ConfigError, DataError, FileFormatError, VocabularyError
 
 
 def _ids(ids, vocab_size: int, owner: str) -> np.ndarray:
@@ -73,7 +73,7 @@ class CharTokenizer:
         ids[inside] = self._table[codes[inside]]
         bad = np.flatnonzero(ids < 0)
         if bad.size:
-            raise DataError(self._unknown(codes, bad))
+            raise VocabularyError(self._unknown(codes, bad))
         return ids
 
     def _unknown(self, codes: np.ndarray, bad: np.ndarray, shown: int = 8) -> str:

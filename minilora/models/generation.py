@@ -45,7 +45,7 @@ class KVCache:
 @no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              rng: np.random.Generator | int | None = None, stop_token: int | None = None,
-             window: int | None = None, streamer=None) -> np.ndarray:
+             window: int | None = None, streamer=None, vocab_size: int | None = None) -> np.ndarray:
     """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
     temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
@@ -56,7 +56,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     afresh (their positions moved). Runs in eval mode and restores the previous mode after.
     streamer: as in ``transformers``, an object whose ``put(ids)`` is called with the prompt
     (B, T), then with each new token (B,), and whose ``end()`` is called once the sequence is
-    done ([`TextStreamer`][] prints the text as it comes).
+    done ([`TextStreamer`][] prints the text as it comes). vocab_size: sample only ids below it,
+    for a tokenizer smaller than the model's vocabulary (nanoGPT pads GPT-2's 50,257 to 50,304);
+    None: every id.
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or temperature < 0:
@@ -64,6 +66,8 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if top_k is not None:
         top_k = positive_int("generate", "top_k", top_k)
     max_new_tokens = non_negative_int("generate", "max_new_tokens", max_new_tokens)
+    if vocab_size is not None:
+        vocab_size = positive_int("generate", "vocab_size", vocab_size)
     idx = np.array(np.asarray(idx.data if isinstance(idx, Tensor) else idx), dtype=np.int64)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ShapeError(f"generate: idx must have shape (B, T) with T >= 1, got {idx.shape}")
@@ -74,7 +78,7 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         if streamer is not None:
             streamer.put(idx)
         out = _extend(model, idx, max_new_tokens, temperature, top_k, rng, stop_token, window,
-                      streamer)
+                      streamer, vocab_size)
         if streamer is not None:
             streamer.end()
         return out
@@ -84,12 +88,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 
 def _extend(model, idx: np.ndarray, max_new_tokens: int, temperature: float, top_k: int | None,
             rng: np.random.Generator, stop_token: int | None, window: int | None,
-            streamer=None) -> np.ndarray:
+            streamer=None, vocab_size: int | None = None) -> np.ndarray:
     prompt = idx.shape[1]
     cache: KVCache | None = model.new_cache()
     feed = idx if window is None else idx[:, -window:]  # what the next forward pass reads
     for _ in range(max_new_tokens):
-        nxt = next_token(model.next_logits(feed, cache), temperature, top_k, rng)  # (B,)
+        logits = model.next_logits(feed, cache)[:, :vocab_size]  # (B, V): ids a tokenizer has
+        nxt = next_token(logits, temperature, top_k, rng)  # (B,)
         idx = np.concatenate([idx, nxt[:, None]], axis=1)
         if streamer is not None:
             streamer.put(nxt)

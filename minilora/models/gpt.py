@@ -315,7 +315,8 @@ class GPT(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
-                 stop_token: int | None = None, streamer=None) -> np.ndarray:
+                 stop_token: int | None = None, streamer=None,
+                 vocab_size: int | None = None) -> np.ndarray:
         """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n), n <= max_new_tokens.
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
@@ -325,7 +326,7 @@ class GPT(nn.Module):
         slides and each step reads the last ``block_size`` tokens afresh (their positions moved).
         Builds no graph; runs in eval mode and restores the previous mode after. streamer: as
         ``transformers``' ([`TextStreamer`][minilora.models.generation.TextStreamer] prints as it
-        goes).
+        goes). vocab_size: sample only ids below it (a tokenizer smaller than the vocabulary).
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
-                        window=self.config.block_size, streamer=streamer)
+                        window=self.config.block_size, streamer=streamer, vocab_size=vocab_size)

@@ -420,16 +420,18 @@ class LlamaForCausalLM(nn.Module):
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | int | None = None,
-                 stop_token: int | None = None, streamer=None) -> np.ndarray:
+                 stop_token: int | None = None, streamer=None,
+                 vocab_size: int | None = None) -> np.ndarray:
         """Extend idx (B, T) by up to ``max_new_tokens`` tokens -> (B, T + n); ``stop_token``:
-        stop once every row has produced it; ``streamer``: as ``transformers``'.
+        stop once every row has produced it; ``streamer``: as ``transformers``'; ``vocab_size``:
+        sample only ids below it (a tokenizer smaller than the vocabulary).
 
         temperature 0 picks the most likely token (greedy); top_k keeps the k most likely.
         Keys and values are cached, so each new token costs one position's forward pass.
         Runs in eval mode and restores the previous mode after.
         """
         return generate(self, idx, max_new_tokens, temperature, top_k, rng, stop_token,
-                        streamer=streamer)
+                        streamer=streamer, vocab_size=vocab_size)
 
     def new_cache(self) -> KVCache:
         """An empty key/value cache for [`generate`][minilora.models.generation.generate]."""

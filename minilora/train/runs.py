@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from minilora.data import Tokenizer, load_dataset
-from minilora.errors import ConfigError, FileFormatError, MiniLoRAError
+from minilora.errors import ConfigError, FileFormatError, MiniLoRAError, VocabularyError
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.train import architecture
 from minilora.train.checkpoint import CHECKPOINT, read_checkpoint
@@ -201,7 +201,11 @@ def resume(out_dir, *, max_iters: int | None = None, base=None, quiet: bool = Fa
         model = architecture.of_config(model_config).model_class(model_config, seed=config.seed)
     family = architecture.of_model(model)
     family.set_dropout(model, family.dropout(model_config))
-    dataset = load_dataset(meta["data"]["source"], tokenizer=ckpt.tokenizer, seed=DATA_SEED)
+    try:
+        dataset = load_dataset(meta["data"]["source"], tokenizer=ckpt.tokenizer, seed=DATA_SEED)
+    except VocabularyError as e:  # the checkpoint's tokenizer, or the data, is not the run's
+        raise FileFormatError(f"{out / CHECKPOINT}: its tokenizer cannot read the run's data: "
+                              f"{e}") from None
     model.train()
     if log is not None:
         ends = "" if config.max_iters == ckpt.train_config.max_iters else \

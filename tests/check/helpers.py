@@ -50,7 +50,8 @@ def merge(base: dict, deltas: dict, dtype: str, breaks: dict[str, str] | None = 
 
     base: file key -> W; deltas: file key -> s B A, both in the file's layout. breaks: file key ->
     a key of BREAKS; "into another layer" adds the layer's delta to the first unbroken layer of
-    the same shape instead (whose key is returned as its partner).
+    the same shape that no other break took (its key is returned as the partner): one stray
+    delta per layer, so that each can be told apart.
     """
     breaks, out, partners = breaks or {}, dict(base), {}
     for key, delta in deltas.items():
@@ -70,7 +71,7 @@ def merge(base: dict, deltas: dict, dtype: str, breaks: dict[str, str] | None = 
             out[key] = W + math.sqrt(r) * delta
         elif kind == "into another layer":
             partner = next(k for k, d in deltas.items() if k != key and k not in breaks
-                           and d.shape == delta.shape)
+                           and k not in partners.values() and d.shape == delta.shape)
             partners[key] = partner
             out[key] = W
     for key, partner in partners.items():
@@ -81,15 +82,17 @@ def merge(base: dict, deltas: dict, dtype: str, breaks: dict[str, str] | None = 
 @st.composite
 def broken_layers(draw, shapes: dict[str, tuple]) -> dict[str, str]:
     """One to three of the layers (file key -> shape) and a break for each; a transposed delta
-    needs a square layer, a delta merged into another layer an unbroken partner of its shape."""
+    needs a square layer, a delta merged into another layer an unbroken partner of its shape
+    that no other such break takes."""
     keys = sorted(shapes)
     chosen = draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True))
     breaks = {key: draw(st.sampled_from(sorted(BREAKS))) for key in chosen}
     for key, kind in breaks.items():
         if kind == "transposed":
             assume(shapes[key][0] == shapes[key][1])
-        if kind == "into another layer":
-            assume(any(k not in breaks and shapes[k] == shapes[key] for k in keys))
+    strays = [shapes[k] for k, kind in breaks.items() if kind == "into another layer"]
+    for shape in set(strays):
+        assume(sum(k not in breaks and shapes[k] == shape for k in keys) >= strays.count(shape))
     return breaks
 
 

@@ -128,6 +128,23 @@ def test_sampling_follows_the_seed():
     assert not np.array_equal(a, model.generate(prompt, 8, temperature=0.9, top_k=5, rng=8))
 
 
+def test_vocab_size_samples_only_ids_a_smaller_tokenizer_has():
+    """A vocabulary padded past its tokenizer (nanoGPT's 50,304 for GPT-2's 50,257): the padding's
+    ids are never sampled, and the ids below are drawn as from the sliced logits."""
+    model = _gpt(30)
+    prompt = np.zeros((4, 2), np.int64)
+    free = model.generate(prompt, 40, temperature=2.0, rng=3)[:, 2:]
+    assert (free >= 7).any()  # the check below can fail
+    limited = model.generate(prompt, 40, temperature=2.0, rng=3, vocab_size=7)[:, 2:]
+    assert limited.max() < 7
+    greedy = model.generate(prompt, 12, temperature=0, vocab_size=7)[:, 2:]
+    seq = prompt
+    for step in range(12):
+        best = model(seq)[0].data[:, -1, :7].argmax(axis=-1)
+        np.testing.assert_array_equal(greedy[:, step], best)
+        seq = np.concatenate([seq, best[:, None]], axis=1)
+
+
 def test_greedy_completions_are_generate_decoded_prompt_by_prompt(tokenizer):
     """Prompts of several lengths, batched by length, each as generate gives it alone."""
     model = _gpt(tokenizer.vocab_size)

@@ -171,6 +171,25 @@ def test_any_json_fact_changed_is_refused_or_loads_cleanly(root, kind, loader, d
                   root / kind)
 
 
+@pytest.mark.parametrize("loader", sorted(files.LOADERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tokenizer_smaller_than_the_vocabulary_loads_or_is_refused_naming_the_run(root, kind,
+                                                                                     loader):
+    """Fewer tokens than the model's vocabulary is allowed (a padded vocabulary), so such a
+    checkpoint loads; resuming on data its tokenizer cannot read is refused naming the checkpoint,
+    and generate samples only ids the tokenizer can write."""
+    _, meta = files.parts(root / kind)
+    for chars in ("ab", "a\n"):
+        forged = json.loads(json.dumps(meta))
+        forged["tokenizer"]["chars"] = chars
+        run = files.forge(root / kind, hostile(root), meta=forged)
+        message = files.refused(loader, run, root / kind)
+        if loader == "resume":
+            assert message and "its tokenizer cannot read the run's data" in message
+        if loader == "cli" and chars == "a\n":
+            assert message is None  # generate wrote its tokens: none outside the tokenizer
+
+
 @examples(20)
 @given(kind=st.sampled_from(KINDS), data=st.data())
 def test_resume_refuses_wrong_json_facts_with_a_file_format_error(root, kind, data):

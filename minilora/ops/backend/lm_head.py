@@ -96,11 +96,10 @@ def _loss_and_grads(x2, lnw, lnb, w, t, rows, eps, need):
             np.exp(zb, out=zb)
             total = zb.sum(axis=1)
             nll[lo + a:lo + b][ar] = np.log(total[ar]) - picked
-            if any_grad:
-                zb /= total[:, None]
-                zb[ar, tb[ar]] -= 1.0
+            if any_grad:  # (P - Y) / n, P = exp / total in the same pass as the 1 / n
+                zb *= (inv_count / total)[:, None]
+                zb[ar, tb[ar]] -= inv_count
                 zb[~kept] = 0.0  # ignored positions get no gradient
-                zb *= inv_count
 
         for_blocks(softmax_block, hi - lo, rows_per_block(hi - lo, vocab))
         if need_h:
