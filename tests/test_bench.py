@@ -9,6 +9,7 @@ import pytest
 from minilora import bench
 from minilora.errors import BenchmarkError
 from minilora.ops import backend
+from tests.extras import need
 
 SMALL = {"A": dataclasses.replace(bench.CONFIGS["A"], n_layer=2, batch_size=2, block_size=16),
          "B": dataclasses.replace(bench.CONFIGS["B"], n_layer=2, batch_size=1)}  # T=256: row blocks
@@ -48,7 +49,7 @@ def test_bench_command_runs_and_prints_its_tables():
 
 
 def test_the_torch_peer_steps_in_alternation_with_minilora():
-    pytest.importorskip("torch")
+    need("torch")
     results = bench.run(("A",), steps=2, warmup=1, compare="torch", min_seconds=0)
     entry = results["configs"]["A"]
     assert entry["full"]["torch_ms"] > 0 and entry["lora"]["torch_ms"] > 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.extras import need
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # name -> (extra arguments, what the output must contain, files the run must write)
@@ -50,9 +52,14 @@ def test_every_example_has_a_case():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
 
 
+# name -> the optional modules it imports (the test skips naming their extra without them)
+NEEDS = {"llama_from_files.py": ("tokenizers",)}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_example_runs_at_small_size(name, tmp_path):
     args, expected, files = CASES[name]
+    need(*NEEDS.get(name, ()))
     env = {**os.environ, "MINILORA_EXAMPLE_SMALL": "1", "MPLBACKEND": "Agg",
            "OPENBLAS_NUM_THREADS": "1"}  # small products: BLAS threads would only contend
     done = subprocess.run([sys.executable, str(EXAMPLES / name), "--small", *args], cwd=tmp_path,

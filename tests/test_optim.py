@@ -19,6 +19,7 @@ from minilora.optim import (
     cosine_lr,
     param_groups,
 )
+from tests.extras import need
 
 
 def make_params(seed=0, dtype=np.float32):
@@ -126,7 +127,7 @@ def test_sgd_weight_decay_is_added_to_the_gradient():
 # ---- torch parity (optional) --------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "nesterov"])
 def test_matches_torch_optim(kind):
-    torch = pytest.importorskip("torch")
+    (torch,) = need("torch")
     named = make_params()
     tparams = [torch.nn.Parameter(torch.tensor(p.data.copy())) for _, p in named]
     if kind == "adamw":
