@@ -347,14 +347,22 @@ class AdamW(Optimizer):
 
         def update(lo, hi):  # elementwise, so blocks on any threads give the same bits
             pb, gb, mb, vb = (a[lo:hi] for a in flat)
+            t, denom = np.empty((2, hi - lo), p.dtype)  # two temporaries, reused in place
             if wd != 0.0:
                 pb *= 1.0 - lr * wd
-            mb += (1.0 - beta1) * (gb - mb)
+            np.subtract(gb, mb, out=t)
+            t *= 1.0 - beta1
+            mb += t
             vb *= beta2
-            vb += (1.0 - beta2) * gb * gb
-            denom = np.sqrt(vb) / correction
+            np.multiply(gb, 1.0 - beta2, out=t)  # rounded as (1 - beta2) * g * g: this order
+            t *= gb
+            vb += t
+            np.sqrt(vb, out=denom)
+            denom /= correction
             denom += eps
-            pb += (-step_size * mb) / denom
+            np.multiply(mb, -step_size, out=t)
+            t /= denom
+            pb += t
 
         for_blocks(update, p.size, rows_per_block(p.size, 1))
 

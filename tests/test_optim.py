@@ -70,6 +70,36 @@ def test_adamw_matches_the_papers_equations_over_several_steps():
         np.testing.assert_allclose(p.data, want, rtol=1e-12, atol=1e-14)
 
 
+def whole_array_adamw_step(p, g, m, v, t, lr, betas, eps, wd):
+    """One float32 step of AdamW's docstring equations on whole arrays, in plain NumPy."""
+    p = p * np.float32(1.0 - lr * wd)
+    m = m + (1.0 - betas[0]) * (g - m)
+    v = v * betas[1] + (1.0 - betas[1]) * g * g
+    denom = np.sqrt(v) / (1.0 - betas[1] ** t) ** 0.5 + eps
+    return p + (-(lr / (1.0 - betas[0] ** t)) * m) / denom, m, v
+
+
+def test_adamw_in_place_blocks_round_as_the_whole_array_equations_on_any_threads():
+    from minilora import runtime
+
+    rng = np.random.default_rng(3)
+    n = 5 * (1 << 17) + 7  # several blocks of the in-place update, a short last one
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    want, m, v = start.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for t, g in enumerate(grads, 1):
+        want, m, v = whole_array_adamw_step(want, g, m, v, t, 1e-2, (0.9, 0.99), 1e-8, 0.1)
+    for threads in (1, 2):
+        p = Parameter(start.copy())
+        opt = AdamW([p], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        with runtime.parallel(threads):
+            for g in grads:
+                p.grad = g
+                opt.step()
+        np.testing.assert_array_equal(p.data, want)
+        np.testing.assert_array_equal(next(iter(opt.state.values()))["exp_avg_sq"], v)
+
+
 def test_adamw_in_float32_stays_float32_and_close_to_float64():
     named = make_params()
     start = {n: p.data.copy() for n, p in named}
