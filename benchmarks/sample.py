@@ -10,7 +10,8 @@ not on the weights. ``--init-from DIR`` samples from a Hugging Face GPT-2 direct
 each new token costs one position through the cache; the figure is the new tokens (times the
 batch) over the time after the prefill, the best of ``--rounds`` rounds. ``--uncached`` also
 times the same generation reading the whole sequence at every token, as a generation without a
-cache does. Threads as ``minilora generate`` uses them. ``--small``: a tiny model, for the tests.
+cache does. Threads as ``minilora generate`` chooses them (``runtime.step_threading`` for a
+step of ``--batch`` tokens). ``--small``: a tiny model, for the tests.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from minilora.models import GPT, GPTConfig
-from minilora.runtime import parallel
+from minilora.runtime import step_threading
+from minilora.train.loop import largest_product
 
 GPT2_SMALL = {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12,
               "n_embd": 768}
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
           f"{args.batch}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new (greedy), "
           f"best of {args.rounds}")
     results = {}
-    with parallel(args.threads):
+    with step_threading(largest_product(model, args.batch), args.threads):  # as generate's
         results["cached"] = measure(model, prompt, args.new_tokens, args.rounds, True)
         if args.uncached:
             results["uncached"] = measure(model, prompt, args.new_tokens, args.rounds, False)

@@ -269,7 +269,8 @@ def unescape(text: str) -> str:
 
 def cmd_generate(args) -> int:
     from minilora.models import TextStreamer
-    from minilora.runtime import parallel
+    from minilora.runtime import step_threading
+    from minilora.train.loop import largest_product
 
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature:g}")
@@ -284,7 +285,8 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(source.tokenizer, file=sys.stdout)  # each token as it comes
     vocab = source.tokenizer.vocab_size  # a padded vocabulary has ids no tokenizer can write
     try:
-        with parallel(args.threads):
+        # each new token is one row through every weight: a step of batch 1, as training chooses
+        with step_threading(largest_product(source.model, 1), args.threads):
             source.model.generate(idx[None, :], args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
                                   rng=args.seed, streamer=streamer,

@@ -179,6 +179,29 @@ def test_generate_continues_the_prompt_and_reads_escapes(work):
     assert merged == out
 
 
+def test_generate_hands_a_small_models_decoding_to_blas_threads(work, capsys, monkeypatch):
+    """A new token is one row through every weight, products too small for the engine to split
+    with profit: generate threads them as training threads a step of batch 1 (BLAS's own)."""
+    from threadpoolctl import threadpool_info
+
+    from minilora import runtime
+    from minilora.models import GPT
+
+    seen, next_logits = [], GPT.next_logits
+
+    def spy(self, idx, cache=None):
+        blas = max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+        seen.append((runtime.splits_products(), runtime.threads(), blas))
+        return next_logits(self, idx, cache)
+
+    monkeypatch.setattr(GPT, "next_logits", spy)
+    monkeypatch.chdir(work)
+    code, out, err = _in_this_process(["generate", "--model", "base", "--prompt", "the cat",
+                                       "--max-new-tokens", "3", "--threads", "2"], capsys)
+    assert code == 0 and out.startswith("the cat"), err
+    assert seen and all(s == (False, 1, 2) for s in seen), seen
+
+
 def test_unescape_keeps_anything_that_is_not_an_escape():
     from minilora.commands import unescape
 
